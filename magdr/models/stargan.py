@@ -25,10 +25,17 @@ CELEBA_ATTRIBUTES = ["Black_Hair", "Blond_Hair", "Brown_Hair", "Male", "Young"]
 
 
 class InstanceNorm(nn.InstanceNorm2d):
-    """Affine InstanceNorm with running-stat buffers that always uses per-image statistics."""
+    """InstanceNorm that always uses per-image statistics and never updates its buffers.
 
-    def __init__(self, num_features: int) -> None:
-        super().__init__(num_features, affine=True, track_running_stats=True)
+    ``affine`` and ``track_running_stats`` only decide which parameters and buffers exist, so
+    that a checkpoint's keys load strictly (StarGAN: both True; GANimation: affine; CycleGAN:
+    neither, or running stats in checkpoints saved by some old versions).
+    """
+
+    def __init__(
+        self, num_features: int, affine: bool = True, track_running_stats: bool = True
+    ) -> None:
+        super().__init__(num_features, affine=affine, track_running_stats=track_running_stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return F.instance_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
@@ -139,12 +146,17 @@ class StarGAN(Generator):
                 feats.append(h)
         return feats
 
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor], **kw: object) -> StarGAN:
-        """Build a StarGAN whose widths and depth are inferred from the checkpoint's shapes."""
+    @staticmethod
+    def config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, int]:
+        """``conv_dim``, ``c_dim`` and ``repeat_num`` inferred from a checkpoint's shapes."""
         first = sd["main.0.weight"]
         conv_dim, c_dim = first.shape[0], first.shape[1] - 3
         repeat_num = len({k.split(".")[1] for k in sd if k.count(".") >= 3 and ".main." in k})
-        G = cls(conv_dim=conv_dim, c_dim=c_dim, repeat_num=repeat_num, **kw)  # type: ignore[arg-type]
+        return {"conv_dim": conv_dim, "c_dim": c_dim, "repeat_num": repeat_num}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], **kw: object) -> StarGAN:
+        """Build a StarGAN whose widths and depth are inferred from the checkpoint's shapes."""
+        G = cls(**cls.config_from_state_dict(sd), **kw)  # type: ignore[arg-type]
         G.load_state_dict(sd, strict=True)
         return G
