@@ -40,7 +40,7 @@ def check_shape(x: object, dims: Sequence[str], name: str = "x") -> None:
 
 
 def check_images(x: object, name: str = "x") -> None:
-    """Check a batch of RGB images ``[B,3,H,W]``, floating point (range is the caller's contract)."""
+    """Check a batch of RGB images ``[B,3,H,W]``, floating point, range per the caller."""
     check_shape(x, ["B", "3", "H", "W"], name)
     assert isinstance(x, torch.Tensor)
     if not x.is_floating_point():
