@@ -141,8 +141,8 @@ class TestCropFaces:
         (x, y, side, _) = crop_rects([box])[0]
         assert x < 0 and y < 0
         crop = _to_uint8(crop_faces(frame, [box], size=int(side))[0])[0]
-        assert (crop[: -y, :, 0] == 0).all()  # rows above the frame repeat row 0
-        assert (crop[:, : -x, 1] == 0).all()  # columns left of it repeat column 0
+        assert (crop[:-y, :, 0] == 0).all()  # rows above the frame repeat row 0
+        assert (crop[:, :-x, 1] == 0).all()  # columns left of it repeat column 0
         assert np.array_equal(crop[-y:, -x:], frame[: side + y, : side + x])
 
 
