@@ -1,0 +1,234 @@
+"""MagDR's detectors (paper §3.2.2): distortion (Eq. 4–6), consistency (Eq. 7), S_final (Eq. 9).
+
+The functions are pure and batched; :class:`Detector` runs them for a generator G, a face
+parser and a :class:`magdr.profile.Profile`, with G called once on the stacked batch of the
+inputs and their K transforms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from magdr.check import check_images, check_shape
+from magdr.faces.regions import REGIONS, target_mask
+from magdr.metrics import DISTANCES, distance_vector
+from magdr.profile import Profile
+from magdr.transforms import apply, bpda_apply
+
+
+def region_distances(
+    x: torch.Tensor, y: torch.Tensor, regions: torch.Tensor, names: list[str] | tuple[str, ...]
+) -> torch.Tensor:
+    """Per-region distance vectors d̄_i = D(M_i∘x, M_i∘G(x, c)) / S_i (Eq. 4).
+
+    Args:
+        x: inputs :math:`(B, 3, H, W)`.
+        y: outputs G(x, c), same shape.
+        regions: soft region masks M_i, :math:`(B, N, H, W)`.
+        names: the distances of the vector D.
+
+    Returns:
+        :math:`(B, N, M)`, ``M = len(names)``.
+    """
+    check_images(x)
+    check_images(y, "y")
+    n = regions.shape[1]
+    return torch.stack(
+        [distance_vector(x, y, regions[:, i : i + 1], names) for i in range(n)], dim=1
+    )
+
+
+def region_presence(regions: torch.Tensor, min_area: float) -> torch.Tensor:
+    """Which regions cover at least ``min_area`` of the image, :math:`(B, N)` bool.
+
+    An absent region's normalised distance (Eq. 4 divides by its area S_i) is noise.
+    """
+    return regions.mean(dim=(2, 3)) >= min_area
+
+
+def distortion_flags(
+    d: torch.Tensor, d_c: torch.Tensor, targets: torch.Tensor, present: torch.Tensor
+) -> torch.Tensor:
+    """Region flags V_i (Eq. 5): 1 where a non-target region changed at least as much as M_c.
+
+    Args:
+        d: region distances d̄_i, :math:`(B, N, M)`.
+        d_c: distances of the target region M_c, :math:`(B, M)`.
+        targets: :math:`(B, N)` 0/1, the target regions (never flagged).
+        present: :math:`(B, N)` bool, regions large enough to judge.
+
+    Returns:
+        :math:`(B, N)` bool; ``V_i = max_m(d̄_i,m − d_c,m) ≥ 0``.
+
+    Example:
+        >>> d = torch.tensor([[[0.1], [0.5], [0.2]]])  # 3 regions, 1 distance
+        >>> distortion_flags(d, torch.tensor([[0.3]]), torch.tensor([[0., 0., 1.]]),
+        ...                  torch.ones(1, 3, dtype=torch.bool))
+        tensor([[False,  True, False]])
+    """
+    v = (d - d_c[:, None, :]).amax(dim=2) >= 0
+    return v & present & (targets < 0.5)
+
+
+def distortion_score(
+    d: torch.Tensor,
+    targets: torch.Tensor,
+    present: torch.Tensor,
+    w: torch.Tensor,
+    mu: torch.Tensor,
+    sigma: torch.Tensor,
+) -> torch.Tensor:
+    """Distortion score S_dist = Σ_{i≠c} w∘sigmoid(d̄_i) (Eq. 6), :math:`(B,)`.
+
+    Each distance is first standardised with the clean statistics ``(d̄ − μ)/σ`` of the profile
+    (raw L1, L2, L∞ and 1−SSIM live on scales an order of magnitude apart), and the sum over
+    regions is divided by the number of non-target regions present, so S_dist does not depend
+    on how many regions a face shows. Items with no non-target region score 0.
+
+    Args:
+        d: region distances d̄_i, :math:`(B, N, M)`.
+        targets: :math:`(B, N)` 0/1 target regions (left out of the sum).
+        present: :math:`(B, N)` bool, regions large enough to judge.
+        w: the weights of Eq. 6, :math:`(M,)`.
+        mu: clean mean of each distance, :math:`(M,)`.
+        sigma: clean spread of each distance, :math:`(M,)`.
+    """
+    z = torch.sigmoid((d - mu) / sigma.clamp_min(1e-8))  # [B, N, M]
+    per_region = (z * w).sum(dim=2)  # [B, N]
+    keep = (present & (targets < 0.5)).to(d)
+    return (per_region * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+
+def consistency_score(y: torch.Tensor, y_k: torch.Tensor, distance: str = "l2") -> torch.Tensor:
+    """Consistency score S_cons = σ_k of d^k = D(G(x̂, c), G(f_k(x̂), c)) (Eq. 7), :math:`(B,)`.
+
+    Args:
+        y: outputs G(x̂, c), :math:`(B, 3, H, W)`.
+        y_k: outputs for the K transformed inputs, :math:`(B, K, 3, H, W)`.
+        distance: the distance D (a key of ``magdr.metrics.DISTANCES``).
+
+    Returns:
+        the population standard deviation over the K distances (σ = sqrt(E[(d^k − μ)²])).
+    """
+    b, k = y_k.shape[:2]
+    fn = DISTANCES[distance]
+    d = fn(y.repeat_interleave(k, 0), y_k.flatten(0, 1)).view(b, k)
+    return d.std(dim=1, unbiased=False) if k > 1 else d[:, 0]
+
+
+def final_score(s_dist: torch.Tensor, s_cons: torch.Tensor, lam: float) -> torch.Tensor:
+    """S_final = λ·S_dist + S_cons (Eq. 9)."""
+    return lam * s_dist + s_cons
+
+
+def outputs_under_transforms(
+    G: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    c: torch.Tensor | None,
+    transforms: list[dict[str, Any]],
+    differentiable: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """G(x, c) and G(f_k(x), c) for the K transforms, from ONE call of G on the stacked batch.
+
+    Returns:
+        ``y`` :math:`(B, 3, H, W)` and ``y_k`` :math:`(B, K, 3, H, W)`.
+    """
+    f = bpda_apply if differentiable else apply
+    xs = [x] + [f(t["name"], x, **t.get("params", {})) for t in transforms]
+    cs = None if c is None else c.repeat(len(xs), 1)
+    out = G(torch.cat(xs, 0), cs)
+    b = x.shape[0]
+    y = out[:b]
+    y_k = out[b:].view(len(transforms), b, *out.shape[1:]).transpose(0, 1)
+    return y, y_k
+
+
+@dataclass
+class Detection:
+    """What the detectors found for a batch; every field is batched.
+
+    Attributes:
+        score: S_final (Eq. 9), :math:`(B,)`.
+        s_dist: S_dist (Eq. 6); s_cons: S_cons (Eq. 7).
+        disrupted: ``score > threshold``, bool :math:`(B,)`.
+        flags: V_i (Eq. 5), bool :math:`(B, N)` over ``REGIONS``.
+        distances: d̄_i (Eq. 4), :math:`(B, N, M)`.
+        output: G(x̂, c), :math:`(B, 3, H, W)`.
+    """
+
+    score: torch.Tensor
+    s_dist: torch.Tensor
+    s_cons: torch.Tensor
+    disrupted: torch.Tensor
+    flags: torch.Tensor
+    distances: torch.Tensor
+    output: torch.Tensor
+
+
+class Detector(nn.Module):
+    """MagDR's two sub-detectors and S_final for one generator and profile.
+
+    Args:
+        G: the generator (a :class:`magdr.models.base.Generator`).
+        profile: thresholds, λ, w, the K consistency transforms.
+
+    The face regions are an input (``regions`` :math:`(B, N, H, W)` from the parser), so that
+    Rec-Net can score many candidates of one face against the regions parsed once.
+    """
+
+    def __init__(self, G: nn.Module, profile: Profile) -> None:
+        super().__init__()
+        self.G = G
+        self.profile = profile
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        p = self.profile
+        return tuple(
+            torch.tensor(v, dtype=like.dtype, device=like.device) for v in (p.w, p.mu, p.sigma)
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor | None,
+        regions: torch.Tensor,
+        targets: torch.Tensor,
+        transforms: list[dict[str, Any]] | None = None,
+        differentiable: bool = False,
+    ) -> Detection:
+        """Detect disrupted inputs.
+
+        Args:
+            x: inputs x̂, :math:`(B, 3, H, W)` in [-1, 1].
+            c: conditions :math:`(B, c_dim)` or ``None``.
+            regions: :math:`(B, N, H, W)` soft region masks of x̂.
+            targets: :math:`(B, N)` 0/1 target regions (``G.target_regions(c)``).
+            transforms: the consistency transforms; the profile's K by default.
+            differentiable: BPDA through the transforms (for adaptive attacks).
+        """
+        check_images(x)
+        check_shape(regions, [str(x.shape[0]), str(len(REGIONS)), "H", "W"], "regions")
+        p = self.profile
+        y, y_k = outputs_under_transforms(self.G, x, c, transforms or p.consistency, differentiable)
+        d = region_distances(x, y, regions, p.distances)
+        m_c = target_mask(regions, targets)
+        d_c = distance_vector(x, y, m_c, p.distances)
+        present = region_presence(regions, p.min_region_area)
+        w, mu, sigma = self._stats(x)
+        s_dist = distortion_score(d, targets, present, w, mu, sigma)
+        s_cons = consistency_score(y, y_k, p.cons_distance)
+        score = final_score(s_dist, s_cons, p.lam)
+        return Detection(
+            score=score,
+            s_dist=s_dist,
+            s_cons=s_cons,
+            disrupted=score > p.threshold,
+            flags=distortion_flags(d, d_c, targets, present),
+            distances=d,
+            output=y,
+        )

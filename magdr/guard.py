@@ -1,0 +1,269 @@
+"""The Guard: detect disrupted inputs of G and reconstruct them (paper Fig. 2, DESIGN §1/§3).
+
+Per batch of faces x̂ and conditions c::
+
+    y = G(x̂, c)                       (with the K transformed inputs, one stacked call)
+    M = regions(parser(x̂))            19 soft classes -> N attribute regions
+    S_final = λ·S_dist + S_cons        Eq. 4-7, 9  -> disrupted?
+    if disrupted: x* = RecNet(x̂)       Algorithm 1, per region patch; y* = G(x*, c); check again
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from magdr.check import check_images
+from magdr.detect import Detection, Detector
+from magdr.faces.regions import REGIONS, group_regions
+from magdr.profile import Profile, load_profile
+from magdr.reconstruct import infer
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → the first CUDA device when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class GuardResult:
+    """The guard's verdict for a batch; tensors are batched on the input's device.
+
+    Attributes:
+        disrupted: bool :math:`(B,)`, S_final of the input above the threshold.
+        score: S_final of the input (Eq. 9), :math:`(B,)`.
+        s_dist: S_dist (Eq. 6), :math:`(B,)`.
+        s_cons: S_cons (Eq. 7), :math:`(B,)`.
+        output: :math:`(B, 3, H, W)`, G(purified, c); equals G(x, c) where not disrupted.
+        purified: :math:`(B, 3, H, W)`, the input given to G for ``output``.
+        chains: per item, the transforms applied (``name``, ``params``, ``region``, ``layer``).
+        threshold: the profile's threshold on S_final.
+        score_after: S_final of ``purified`` :math:`(B,)` (== ``score`` where not disrupted).
+        flags: V_i (Eq. 5), bool :math:`(B, N)` over ``magdr.faces.regions.REGIONS``.
+    """
+
+    disrupted: torch.Tensor
+    score: torch.Tensor
+    s_dist: torch.Tensor
+    s_cons: torch.Tensor
+    output: torch.Tensor
+    purified: torch.Tensor
+    chains: list[list[dict[str, Any]]]
+    threshold: float
+    score_after: torch.Tensor
+    flags: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.score.shape[0])
+
+    @staticmethod
+    def cat(parts: list[GuardResult]) -> GuardResult:
+        """Concatenate results of consecutive sub-batches."""
+        out: dict[str, Any] = {}
+        for f in fields(GuardResult):
+            vals = [getattr(p, f.name) for p in parts]
+            if f.name == "chains":
+                out[f.name] = [ch for v in vals for ch in v]
+            elif f.name == "threshold":
+                out[f.name] = vals[0]
+            else:
+                out[f.name] = torch.cat(vals)
+        return GuardResult(**out)
+
+
+class Guard(nn.Module):
+    """MagDR around a generator: ``guard(x, c) -> GuardResult`` (DESIGN §3).
+
+    Args:
+        G: the generator to guard (``magdr.load_generator``).
+        parser: a face parser, ``"default"``, ``"landmarks"`` or a checkpoint path.
+        profile: a :class:`Profile`, ``"default"`` (shipped beside the default weights) or a path.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda:N"``.
+        max_batch: items per forward pass; larger batches are split.
+
+    Example:
+        >>> import magdr  # doctest: +SKIP
+        >>> guard = magdr.Guard(magdr.load_generator("default"))  # doctest: +SKIP
+        >>> c = magdr.condition(guard.G, {"Blond_Hair": 1}, batch=len(x))  # doctest: +SKIP
+        >>> r = guard(x, c)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        G: nn.Module,
+        parser: nn.Module | str | None = "default",
+        profile: Profile | str | None = "default",
+        device: str | torch.device = "auto",
+        max_batch: int = 64,
+    ) -> None:
+        super().__init__()
+        self.device = resolve_device(device)
+        self.G = G.to(self.device).eval()
+        if parser is None or isinstance(parser, str):
+            from magdr.faces.parsing import load_parser
+
+            parser = load_parser(parser or "default", device=self.device)
+        self.parser = parser.to(self.device).eval()
+        self.profile = load_profile(profile)
+        self.detector = Detector(self.G, self.profile)
+        self.max_batch = max_batch
+
+    # ---- pieces -------------------------------------------------------------------------
+    def regions(self, x: torch.Tensor) -> torch.Tensor:
+        """Soft attribute regions M_i of faces x, :math:`(B, N, H, W)`."""
+        return group_regions(self.parser(x))
+
+    def _targets(self, c: torch.Tensor | None, b: int) -> torch.Tensor:
+        return self.G.target_regions(c, batch=b).to(self.device)
+
+    def _patches(self, regions: torch.Tensor) -> torch.Tensor:
+        idx = [[REGIONS.index(r) for r in patch] for patch in self.profile.recnet.patches]
+        return torch.stack([regions[:, i].sum(1) for i in idx], dim=1)
+
+    def detect(self, x: torch.Tensor, c: torch.Tensor | None = None) -> Detection:
+        """Run only the detectors (no reconstruction)."""
+        x, c = self._prepare(x, c)
+        with torch.inference_mode():
+            return self.detector(x, c, self.regions(x), self._targets(c, x.shape[0]))
+
+    def score(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """S_final (Eq. 9) of x, differentiable w.r.t. x (BPDA through the transforms).
+
+        For adaptive attacks (Eq. 3): call it with gradients enabled. The face regions are
+        taken as constants (parsed without gradient), as the guard parses the given input.
+        """
+        x, c = self._prepare(x, c, detach=False)
+        with torch.no_grad():
+            regions = self.regions(x.detach())
+        return self.detector(x, c, regions, self._targets(c, x.shape[0]), differentiable=True).score
+
+    def _prepare(
+        self, x: torch.Tensor, c: torch.Tensor | None, detach: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        check_images(x)
+        size = getattr(self.G, "image_size", None)
+        if size and tuple(x.shape[2:]) != (size, size):
+            raise ValueError(
+                f"x: expected faces of {size}x{size} (G.image_size), got {list(x.shape[2:])}"
+            )
+        x = x.to(self.device, torch.float32)
+        if detach:
+            x = x.detach()
+        c_dim = getattr(self.G, "c_dim", 0)
+        if c_dim:
+            if c is None or c.shape != (x.shape[0], c_dim):
+                got = None if c is None else list(c.shape)
+                raise ValueError(f"c: expected shape [{x.shape[0]},{c_dim}], got {got}")
+            c = c.to(self.device, torch.float32)
+        else:
+            c = None
+        return x, c
+
+    def _score_candidates(
+        self,
+        xc: torch.Tensor,
+        idx: torch.Tensor,
+        c: torch.Tensor | None,
+        regions: torch.Tensor,
+        targets: torch.Tensor,
+        transforms: list[dict[str, Any]],
+    ) -> torch.Tensor:
+        """S_final of Rec-Net candidates ``xc``, each scored against item ``idx``'s regions."""
+        cc = None if c is None else c[idx]
+        return self.detector(xc, cc, regions[idx], targets[idx], transforms).score
+
+    # ---- the guard ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> GuardResult:
+        """Guard a batch: detect, reconstruct the disrupted items, re-run G on them.
+
+        Args:
+            x: faces x̂, :math:`(B, 3, S, S)` in [-1, 1], S = ``G.image_size``.
+            c: conditions :math:`(B, c_dim)` (``magdr.condition``); ``None`` if G has none.
+        """
+        home = x.device
+        x, c = self._prepare(x, c)
+        with torch.inference_mode():
+            parts = [
+                self._guard_split(
+                    x[i : i + self.max_batch], None if c is None else c[i : i + self.max_batch]
+                )
+                for i in range(0, x.shape[0], self.max_batch)
+            ]
+        r = GuardResult.cat(parts)
+        for f in fields(GuardResult):
+            v = getattr(r, f.name)
+            if isinstance(v, torch.Tensor):
+                setattr(r, f.name, v.to(home))
+        return r
+
+    def _guard_split(self, x: torch.Tensor, c: torch.Tensor | None) -> GuardResult:
+        """Guard a sub-batch; on out-of-memory split it in halves and retry (never drop)."""
+        try:
+            return self._guard(x, c)
+        except torch.OutOfMemoryError:
+            b = x.shape[0]
+            if b == 1:
+                raise
+            log.warning("out of memory on a batch of %d faces: splitting and retrying", b)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            h = b // 2
+            return GuardResult.cat(
+                [
+                    self._guard_split(x[:h], None if c is None else c[:h]),
+                    self._guard_split(x[h:], None if c is None else c[h:]),
+                ]
+            )
+
+    def _guard(self, x: torch.Tensor, c: torch.Tensor | None) -> GuardResult:
+        p = self.profile
+        b = x.shape[0]
+        regions = self.regions(x)
+        targets = self._targets(c, b)
+        det = self.detector(x, c, regions, targets)
+        purified, output, score_after = x.clone(), det.output.clone(), det.score.clone()
+        chains: list[list[dict[str, Any]]] = [[] for _ in range(b)]
+        patches = self._patches(regions)
+        names = ["+".join(patch) for patch in p.recnet.patches]
+        search_transforms = p.consistency[: max(1, p.recnet.score_transforms)]
+        todo = det.disrupted.nonzero().flatten()
+        for _ in range(p.recnet.max_rounds):
+            if todo.numel() == 0:
+                break
+            sub_c = None if c is None else c[todo]
+            sub_regions, sub_targets = regions[todo], targets[todo]
+
+            score_fn = partial(
+                self._score_candidates, c=sub_c, regions=sub_regions, targets=sub_targets,
+                transforms=search_transforms,
+            )  # fmt: skip
+            x_star, sub_chains, _ = infer(
+                purified[todo], score_fn, patches[todo], p.recnet.q_layers(), names,
+                top_categories=p.recnet.top_categories, min_area=p.min_region_area,
+            )  # fmt: skip
+            again = self.detector(x_star, sub_c, sub_regions, sub_targets)
+            purified[todo], output[todo], score_after[todo] = x_star, again.output, again.score
+            for j, i in enumerate(todo.tolist()):
+                chains[i].extend(sub_chains[j])
+            todo = todo[again.disrupted]
+        return GuardResult(
+            disrupted=det.disrupted,
+            score=det.score,
+            s_dist=det.s_dist,
+            s_cons=det.s_cons,
+            output=output,
+            purified=purified,
+            chains=chains,
+            threshold=float(p.threshold),
+            score_after=score_after,
+            flags=det.flags,
+        )
