@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from magdr.faces.regions import TARGETS
 from magdr.models.base import Generator
 from magdr.models.cyclegan import CycleGAN
 from magdr.models.ganimation import GANimation, drop_debug_aliases
@@ -163,6 +164,9 @@ def _apply_meta(G: Generator, meta: dict[str, Any], path: Path) -> None:
                 f"{path}: metadata {key} has {len(getattr(G, key))} entries, the weights take "
                 f"c_dim={G.c_dim}"
             )
+    bad = {a: t for a, t in G.attribute_targets.items() if t not in TARGETS}
+    if bad:
+        raise CheckpointError(f"{path}: attribute_targets {bad}: expected keys of {list(TARGETS)}")
     if "attributes" in meta and "attribute_targets" not in meta and G.task == "edit":
         G.attribute_targets = {
             a: ("hair" if a.endswith("_Hair") else "face+hair") for a in G.attributes

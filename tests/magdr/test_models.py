@@ -574,6 +574,9 @@ class TestRegistry:
         (tmp_path / "default_G.json").write_text(json.dumps({"attributes": attrs[:3]}))
         with pytest.raises(CheckpointError, match="attributes has 3 entries"):
             load_generator("default")
+        (tmp_path / "default_G.json").write_text(json.dumps({"attribute_targets": {"Male": "x"}}))
+        with pytest.raises(CheckpointError, match="attribute_targets"):
+            magdr.load_generator("default")
 
 
 # --------------------------------------------------------------------------------------------
