@@ -281,12 +281,15 @@ class ParseNetParser(FaceParser):
         from magdr.faces.parsenet import ParseNet
 
         try:
-            width = sd["enc.0.0.weight"].shape[0]
-            depth = len({k.split(".")[1] for k in sd if k.startswith("enc.")})
-            net = ParseNet(width=width, depth=depth, num_classes=sd["head.weight"].shape[0])
+            net = ParseNet.from_state_dict(dict(sd))
         except (KeyError, IndexError) as e:
-            raise CheckpointError(f"{source}: not a ParseNet layout ({e})") from None
-        return cls(_load_strict(net, sd, source, f"ParseNet(width={width}, depth={depth})"))
+            raise CheckpointError(f"{source}: not a ParseNet layout (no {e})") from None
+        except RuntimeError as e:  # load_state_dict(strict=True) lists the bad keys
+            msg = " ".join(str(e).split())
+            raise CheckpointError(
+                f"{source}: keys do not match the ParseNet layout: {msg}"
+            ) from None
+        return cls(net)
 
 
 # --------------------------------------------------------------------------------------------

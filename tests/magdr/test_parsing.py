@@ -158,7 +158,10 @@ class TestParseNetParser:
 
     def test_strict_keys(self, parsenet_sd):
         sd = {**parsenet_sd, "extra.weight": torch.zeros(1)}
-        with pytest.raises(CheckpointError, match=r"unexpected 1 \(extra\.weight\)"):
+        with pytest.raises(CheckpointError, match=r"ParseNet layout.*Unexpected.*extra\.weight"):
+            ParseNetParser.from_state_dict(sd)
+        del sd["head.weight"]
+        with pytest.raises(CheckpointError, match="not a ParseNet layout"):
             ParseNetParser.from_state_dict(sd)
 
 
