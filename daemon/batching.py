@@ -1,0 +1,136 @@
+"""Cross-frame, cross-stream batcher: a batch goes when it is full or when a timeout passes.
+
+Callers submit items of F rows (the faces of one frame) with :meth:`Batcher.submit` and get a
+:class:`concurrent.futures.Future`; one worker thread concatenates items in arrival order until
+``batch_size`` rows are collected or ``timeout_s`` has passed since the oldest waiting item, calls
+``fn`` once, and splits its results back per item. An item larger than ``batch_size`` goes alone.
+Order is FIFO, so results of one stream come back in the order its frames went in.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import torch
+
+log = structlog.get_logger()
+
+#: ``fn(x, c) -> (rows, per_row)``: x ``(N, 3, S, S)``, c ``(N, c_dim)``; rows ``(N, ...)``.
+BatchFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[Any]]]
+
+
+@dataclass
+class _Item:
+    x: torch.Tensor
+    c: torch.Tensor
+    future: Future = field(default_factory=Future)
+    t: float = field(default_factory=time.monotonic)
+
+
+_STOP = object()
+
+
+class Batcher:
+    """Run ``fn`` on batches gathered across frames and streams.
+
+    Args:
+        fn: the batch function (the guard adapter).
+        batch_size: rows per call (faces).
+        timeout_s: longest wait of the oldest item before a partial batch goes.
+        on_batch: called with ``(rows, seconds)`` after every call (metrics).
+        beat: called on every loop turn (the watchdog's progress signal).
+    """
+
+    def __init__(self, fn: BatchFn, batch_size: int, timeout_s: float,
+                 on_batch: Callable[[int, float], None] | None = None,
+                 beat: Callable[[], None] | None = None) -> None:
+        self.fn, self.batch_size, self.timeout_s = fn, batch_size, timeout_s
+        self.on_batch, self.beat = on_batch, beat
+        self._q: queue.Queue[Any] = queue.Queue()
+        self._carry: _Item | None = None
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._closed = False
+
+    def start(self) -> None:  # noqa: D102
+        self._thread.start()
+
+    def submit(self, x: torch.Tensor, c: torch.Tensor) -> Future:
+        """Queue F rows ``x`` ``(F, ...)`` with conditions ``c`` ``(F, c_dim)``."""
+        if self._closed:
+            raise RuntimeError("batcher is closed")
+        item = _Item(x, c)
+        self._q.put(item)
+        return item.future
+
+    def pending(self) -> int:
+        """Items waiting (queue depth)."""
+        return self._q.qsize() + (self._carry is not None)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish every item already submitted, then stop the worker (drain)."""
+        self._closed = True
+        self._q.put(_STOP)
+        self._thread.join(timeout)
+
+    def _next(self, timeout: float) -> Any:
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
+        return self._q.get(timeout=timeout)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            if self.beat:
+                self.beat()
+            try:
+                first = self._next(0.5)
+            except queue.Empty:
+                continue
+            if first is _STOP:
+                break
+            items, rows = [first], first.x.shape[0]
+            while rows < self.batch_size:
+                left = first.t + self.timeout_s - time.monotonic()
+                try:
+                    item = self._next(max(left, 0.0)) if left > 0 else self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True  # finish this batch, then stop
+                    break
+                if rows + item.x.shape[0] > self.batch_size:
+                    self._carry = item
+                    break
+                items.append(item)
+                rows += item.x.shape[0]
+            self._call(items)
+        if self._carry is not None:  # a carried item never waits on a stop
+            self._call([self._carry])
+            self._carry = None
+
+    def _call(self, items: list[_Item]) -> None:
+        t0 = time.monotonic()
+        try:
+            x, c = torch.cat([i.x for i in items]), torch.cat([i.c for i in items])
+            rows, per_row = self.fn(x, c)
+        except Exception as e:  # a failing batch fails its frames, never the daemon
+            log.exception("guard batch failed", faces=sum(i.x.shape[0] for i in items))
+            for i in items:
+                i.future.set_exception(e)
+            return
+        dt = time.monotonic() - t0
+        if self.on_batch:
+            self.on_batch(rows.shape[0], dt)
+        start = 0
+        for i in items:
+            n = i.x.shape[0]
+            i.future.set_result((rows[start:start + n], per_row[start:start + n]))
+            start += n

@@ -1,0 +1,423 @@
+"""``magdr-guard``: the command line of DESIGN §8.
+
+::
+
+    magdr-guard run --config FILE [--validate-config]
+    magdr-guard process INPUT... --out DIR [--config FILE] [--no-guard]
+    magdr-guard demo [--out DIR]
+    magdr-guard calibrate ...
+    magdr-guard attack INPUT... --out DIR [--method pgd|ifgsm|cw|adaptive] [--eps 0.05]
+    magdr-guard --validate-config [FILE]    magdr-guard --version
+
+Human output of ``process``/``demo`` goes through :func:`daemon.logging.say`; everything else is
+structlog (JSON lines when not on a TTY).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon import __version__
+from daemon import logging as dlog
+from daemon.config import (
+    SYSTEM_CONFIG,
+    Config,
+    ConfigError,
+    DaemonConfig,
+    FolderSinkConfig,
+    FolderSourceConfig,
+    load_config,
+)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_CLIP = ASSETS / "demo.mp4"
+
+
+def _base_config(args: argparse.Namespace) -> Config:
+    """The config for one-shot commands: ``--config`` or the documented defaults, + overrides."""
+    cfg = load_config(args.config) if getattr(args, "config", None) else Config()
+    if getattr(args, "generator", None):
+        cfg.model.generator = str(Path(args.generator).resolve()) if Path(
+            args.generator).exists() else args.generator
+    if getattr(args, "no_guard", False):
+        cfg.guard.enabled = False
+    if getattr(args, "device", None):
+        cfg.model.device = args.device
+    if getattr(args, "faces", None):
+        cfg.guard.faces = args.faces
+    if getattr(args, "parser", None):
+        cfg.model.parser = args.parser
+    if getattr(args, "profile", None):
+        cfg.model.profile = args.profile
+    return cfg
+
+
+def _quiet_logs(args: argparse.Namespace, cfg: Config | None = None) -> None:
+    level = "info" if getattr(args, "verbose", False) else "warning"
+    dlog.configure(level, cfg.logging.format if cfg else "auto", stream=sys.stderr)
+
+
+# ---- run ------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    """The daemon."""
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        dlog.say(f"magdr-guard: config error: {e}", file=sys.stderr)
+        return 2
+    if args.validate_config:
+        dlog.say(f"{args.config}: OK")
+        return 0
+    dlog.configure(cfg.logging.level, cfg.logging.format)
+    from daemon.service import Service
+
+    return Service(cfg).run()
+
+
+def cmd_validate(path: str) -> int:  # noqa: D103
+    try:
+        load_config(path)
+    except ConfigError as e:
+        dlog.say(f"magdr-guard: config error: {e}", file=sys.stderr)
+        return 2
+    dlog.say(f"{path}: OK")
+    return 0
+
+
+# ---- process --------------------------------------------------------------------------------
+def _unique_stem(stem: str, used: set[str]) -> str:
+    name, n = stem, 0
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}"
+    used.add(name)
+    return name
+
+
+def process_paths(cfg: Config, inputs: Sequence[Path], out: Path, bars: bool = True
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Guard files into ``out`` like a folder sink; failures to ``out/failed``.
+
+    Returns:
+        ``(summaries, failures)``.
+    """
+    import json
+
+    from tqdm import tqdm
+
+    from daemon import media
+    from daemon.metrics import Metrics
+    from daemon.pipeline import process_file
+    from daemon.service import build_pipeline
+
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob(".*.part"):
+        tmp.unlink()
+    sink = next((s for s in cfg.sinks if s.kind == "folder"), FolderSinkConfig(path=str(out)))
+    metrics = Metrics()
+    _, batcher, pipeline = build_pipeline(cfg, metrics)
+    summaries, failures, used = [], [], set()
+    try:
+        for src in inputs:
+            name = _unique_stem(src.stem, used)
+            total = 0
+            try:
+                total = media.probe(src).frames if src.is_file() else 0
+            except media.MediaError:
+                pass
+            bar = tqdm(total=total or None, desc=src.name, unit="frame", disable=not bars,
+                       file=sys.stderr, leave=True)
+            try:
+                with dlog.bound(file=src.name):
+                    s = process_file(src, name, out, pipeline, codec=sink.codec, crf=sink.crf,
+                                     max_pixels=cfg.guard.max_frame_pixels,
+                                     window=2 * cfg.guard.batch_size,
+                                     progress=lambda n, b=bar: b.update(n - b.n))
+                summaries.append(s)
+            except Exception as e:
+                reason = getattr(e, "reason", "error")
+                err = {"v": 1, "input": src.name, "reason": reason,
+                       "error": f"{e}" if reason != "error" else f"{type(e).__name__}: {e}"}
+                (out / "failed").mkdir(exist_ok=True)
+                media.write_bytes(out / "failed" / f"{name}.error.json",
+                                  (json.dumps(err, indent=2) + "\n").encode())
+                failures.append(err)
+            finally:
+                bar.close()
+    finally:
+        batcher.close()
+    return summaries, failures
+
+
+def _report(summaries: list[dict[str, Any]], failures: list[dict[str, Any]], out: Path) -> None:
+    for s in summaries:
+        score = "-" if s["max_score"] is None else f"{s['max_score']:.3f}"
+        thr = "-" if s["threshold"] is None else f"{s['threshold']:.3f}"
+        dlog.say(f"  {s['input']}: {s['frames']} frames, {s['faces']} faces, "
+                 f"{s['disrupted_faces']} disrupted (max score {score}, threshold {thr}), "
+                 f"{s['fps']} frames/s -> {out / s['outputs']['media']}")
+    for f in failures:
+        dlog.say(f"  {f['input']}: FAILED ({f['reason']}): {f['error']} "
+                 f"-> {out / 'failed'}")
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    """One-shot: guard files, same outputs as a folder sink."""
+    try:
+        cfg = _base_config(args)
+    except ConfigError as e:
+        dlog.say(f"magdr-guard: config error: {e}", file=sys.stderr)
+        return 2
+    _quiet_logs(args, cfg)
+    out = Path(args.out)
+    summaries, failures = process_paths(cfg, [Path(p) for p in args.inputs], out,
+                                        bars=not args.no_progress)
+    _report(summaries, failures, out)
+    return 1 if failures else 0
+
+
+# ---- attack ---------------------------------------------------------------------------------
+def attack_file(cfg: Config, src: Path, dst: Path, method: str = "pgd", eps: float = 0.05,
+                steps: int = 10, seed: int = 0) -> int:
+    """Write a disrupted copy of ``src``: every located face attacked against G (red team).
+
+    Videos are written losslessly (libx264rgb, CRF 0, Matroska) so the perturbation survives;
+    images as PNG. Returns the number of faces attacked.
+    """
+    import cv2
+    import numpy as np
+    import torch
+
+    from daemon import media
+    from daemon.engine import Engine
+    from magdr import attacks
+
+    cfg.guard.enabled = False  # only G is needed to attack it
+    engine = Engine(cfg)
+    G = engine.G
+    gen = torch.Generator(device=engine.device).manual_seed(seed)
+    fns = {
+        "pgd": lambda x, c: attacks.pgd(G, x, c, eps=eps, step=eps / 5, steps=steps,
+                                        generator=gen),
+        "ifgsm": lambda x, c: attacks.ifgsm(G, x, c, eps=eps, step=eps / 5, steps=steps),
+        "cw": lambda x, c: attacks.cw_l2(G, x, c, steps=max(steps, 10)),
+        "adaptive": lambda x, c: attacks.adaptive_pgd(G, x, c, eps=eps, step=eps / 5,
+                                                      steps=steps, generator=gen),
+    }
+    attack = fns[method]
+    info = media.probe(src)
+    n_faces = 0
+
+    def perturb(image: np.ndarray) -> np.ndarray:
+        nonlocal n_faces
+        crops = engine.find_faces(image)
+        if not crops.boxes:
+            return image
+        x = crops.x.to(engine.device)
+        c = engine.default_cond.to(engine.device)[None].expand(x.shape[0], -1)
+        delta = (attack(x, c).detach() - x).cpu().permute(0, 2, 3, 1).numpy() * 127.5
+        n_faces += x.shape[0]
+        out = image.astype(np.float32)
+        h, w = image.shape[:2]
+        for d, (x0, y0, rw, rh) in zip(delta, crops.rects, strict=True):
+            big = cv2.resize(d, (int(rw), int(rh)), interpolation=cv2.INTER_LINEAR)
+            fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x0 + rw, w), min(y0 + rh, h)
+            if fx1 > fx0 and fy1 > fy0:
+                out[fy0:fy1, fx0:fx1] += big[fy0 - y0:fy1 - y0, fx0 - x0:fx1 - x0]
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+    if media.is_image(src):
+        frame = next(media.decode(src, cfg.guard.max_frame_pixels))
+        media.write_image(dst, perturb(frame.image))
+        return n_faces
+    with media.audio_source(src) as audio:
+        writer = media.VideoWriter(dst, info, codec="libx264rgb", crf=0, audio=audio)
+        ok = False
+        try:
+            for frame in media.decode(src, cfg.guard.max_frame_pixels, writer.mux_audio):
+                writer.write(perturb(frame.image), frame.pts)
+            ok = True
+        finally:
+            writer.close(commit=ok)
+    return n_faces
+
+
+def attack_name(src: Path) -> str:
+    """``clip.mp4`` -> ``clip.adv.mkv`` (lossless container), ``face.jpg`` -> ``face.adv.png``."""
+    return f"{src.stem}.adv{'.png' if src.suffix.lower() in ('.jpg', '.jpeg', '.png') else '.mkv'}"
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    """Disrupted copies for red-team tests."""
+    try:
+        cfg = _base_config(args)
+    except ConfigError as e:
+        dlog.say(f"magdr-guard: config error: {e}", file=sys.stderr)
+        return 2
+    _quiet_logs(args, cfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rc = 0
+    for p in map(Path, args.inputs):
+        dst = out / attack_name(p)
+        try:
+            n = attack_file(cfg, p, dst, args.method, args.eps, args.steps, args.seed)
+            dlog.say(f"  {p.name}: {n} faces attacked ({args.method}, eps {args.eps}) -> {dst}")
+        except Exception as e:
+            dlog.say(f"  {p.name}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+            rc = 1
+    return rc
+
+
+# ---- calibrate ------------------------------------------------------------------------------
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Thin wrapper over ``magdr.calibrate``."""
+    try:
+        from magdr import calibrate
+    except ImportError as e:
+        dlog.say(f"magdr-guard calibrate: the calibration module is not available ({e})",
+                 file=sys.stderr)
+        return 2
+    main = getattr(calibrate, "main", None)
+    if main is None:
+        dlog.say("magdr-guard calibrate: magdr.calibrate has no command-line entry (main) yet",
+                 file=sys.stderr)
+        return 2
+    return int(main(args.rest) or 0)
+
+
+# ---- demo -----------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The bundled clip and a disrupted copy through the real daemon path."""
+    try:
+        cfg = _base_config(args)
+    except ConfigError as e:
+        dlog.say(f"magdr-guard: config error: {e}", file=sys.stderr)
+        return 2
+    _quiet_logs(args, cfg)
+    out = Path(args.out or tempfile.mkdtemp(prefix="magdr-demo-")).resolve()
+    inbox, outbox, state = out / "inbox", out / "outbox", out / "state"
+    staging = out / "staging"
+    for d in (staging, inbox):
+        d.mkdir(parents=True, exist_ok=True)
+    clip = Path(args.clip) if args.clip else DEMO_CLIP
+    dlog.say(f"magdr-guard demo: {clip.name} and a PGD-disrupted copy through "
+             f"inbox -> guard -> outbox in {out}")
+    adv = staging / attack_name(clip)
+    t0 = time.monotonic()
+    n = attack_file(_base_config(args), clip, adv, "pgd", args.eps, args.steps)
+    dlog.say(f"  attacked {n} faces in {time.monotonic() - t0:.1f} s -> {adv.name}")
+    shutil.copy2(clip, staging / clip.name)
+    cfg.sources = [FolderSourceConfig(path=str(inbox), stable_s=0.2)]
+    cfg.sinks = [FolderSinkConfig(path=str(outbox))]
+    cfg.daemon = DaemonConfig(work_dir=str(state), rescan_s=1.0, watchdog=False)
+    names = [clip.name, adv.name]
+    from daemon.notify import Notifier
+    from daemon.service import Service
+
+    svc = Service(cfg, Notifier(env={}))
+    t0 = time.monotonic()
+    try:
+        svc.start()
+        for nm in names:  # moved in, like a well-behaved uploader
+            (staging / nm).rename(inbox / nm)
+        stems = [Path(nm).stem for nm in names]
+        while not svc.stop_event.wait(0.2):
+            finished = [s for s in stems if (outbox / f"{s}.summary.json").exists()
+                        or (out / "failed" / f"{s}.error.json").exists()]
+            if len(finished) == len(stems) or time.monotonic() - t0 > args.timeout:
+                break
+    finally:
+        svc.stop()
+    import json
+
+    summaries = [json.loads((outbox / f"{Path(nm).stem}.summary.json").read_text())
+                 for nm in names if (outbox / f"{Path(nm).stem}.summary.json").exists()]
+    failures = [json.loads(p.read_text()) for p in sorted((out / "failed").glob("*.error.json"))]
+    dlog.say(f"  guarded in {time.monotonic() - t0:.1f} s:")
+    _report(summaries, failures, outbox)
+    dlog.say(f"  outputs: {outbox}  (NAME.mp4/.mkv cleaned video, NAME.verdicts.jsonl per frame, "
+             "NAME.summary.json)")
+    return 0 if len(summaries) == len(names) else 1
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config ([model] and [guard] are used)")
+    p.add_argument("--generator", help="checkpoint path or 'default' (overrides [model])")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--faces", choices=["detect", "frame"], help="overrides [guard] faces")
+    p.add_argument("--parser", help="overrides [model] parser")
+    p.add_argument("--profile", help="overrides [model] profile")
+    p.add_argument("-v", "--verbose", action="store_true", help="info-level logs on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:  # noqa: D103
+    ap = argparse.ArgumentParser(prog="magdr-guard", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"magdr-guard {__version__}")
+    ap.add_argument("--validate-config", nargs="?", const=str(SYSTEM_CONFIG), metavar="FILE",
+                    help="check a config file and exit (2 and the key path on error)")
+    sub = ap.add_subparsers(dest="cmd")
+
+    p = sub.add_parser("run", help="the daemon (systemd runs this)")
+    p.add_argument("--config", default=str(SYSTEM_CONFIG))
+    p.add_argument("--validate-config", action="store_true", help="check the config and exit")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("process", help="guard files once, with a progress bar per file")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--no-guard", action="store_true", help="plain G, no detection")
+    p.add_argument("--no-progress", action="store_true")
+    _model_args(p)
+    p.set_defaults(fn=cmd_process)
+
+    p = sub.add_parser("demo", help="fresh-machine demo on the bundled clip")
+    p.add_argument("--out", metavar="DIR", help="where to put inbox/outbox (default: a temp dir)")
+    p.add_argument("--clip", help=argparse.SUPPRESS)
+    p.add_argument("--eps", type=float, default=0.05)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--no-guard", action="store_true", help=argparse.SUPPRESS)
+    _model_args(p)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("calibrate", help="fit thresholds and the Rec-Net profile",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_calibrate)
+
+    p = sub.add_parser("attack", help="disrupted copies, for red-team tests")
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--method", choices=["pgd", "ifgsm", "cw", "adaptive"], default="pgd")
+    p.add_argument("--eps", type=float, default=0.05)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    _model_args(p)
+    p.set_defaults(fn=cmd_attack)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``magdr-guard`` console script."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.cmd is None:
+        if args.validate_config:
+            return cmd_validate(args.validate_config)
+        ap.print_help(sys.stderr)
+        return 2
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The models behind the daemon: G, the Guard, face location, and the one guard adapter.
+
+Everything the daemon asks of the ``magdr`` library goes through this module, so a change in the
+library's API is one place to follow: :meth:`Engine.guard_faces` is the adapter around
+``magdr.Guard`` (or plain G with ``[guard] enabled = false``), and :meth:`Engine.find_faces` /
+:meth:`Engine.paste` around ``magdr.faces.locate``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+import structlog
+import torch
+
+from daemon.config import Config
+
+log = structlog.get_logger()
+
+
+@dataclass
+class FaceResult:
+    """The guard's word on one face (one entry of the verdict's ``faces``)."""
+
+    box: list[int]
+    disrupted: bool
+    score: float | None
+    s_dist: float | None
+    s_cons: float | None
+    chain: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Crops:
+    """Faces cut out of one frame: ``x`` ``(F, 3, S, S)`` in [-1, 1], ``rects`` ``(F, 4)``."""
+
+    x: torch.Tensor
+    rects: np.ndarray
+    boxes: list[list[int]]
+
+
+def _jsonable(v: Any) -> Any:
+    """Chains hold tensors/numpy scalars here and there; the verdict is JSON."""
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return _jsonable(v.tolist())
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Engine:
+    """Loads the models once and guards batches of face crops.
+
+    Args:
+        cfg: the validated configuration (``[model]`` and ``[guard]`` are used).
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        import magdr  # here, not at import time: the CLI's --help and --version stay fast
+
+        self.cfg = cfg
+        m, g = cfg.model, cfg.guard
+        self.device = resolve_device(m.device)
+        t0 = time.monotonic()
+        self.G = magdr.load_generator(m.generator, kind=m.kind or None, device=self.device)
+        self.size = m.image_size or int(self.G.image_size)
+        self.model_name = str(getattr(self.G, "meta", {}).get("name") or (
+            "default" if m.generator == "default" else m.generator.rsplit("/", 1)[-1]))
+        self.guard: Any = None
+        self.profile_name = "off"
+        self.threshold: float | None = None
+        if g.enabled:
+            self.guard = magdr.Guard(
+                self.G,
+                parser=None if m.parser == "none" else m.parser,
+                profile=None if m.profile == "none" else m.profile,
+                device=self.device,
+            )
+            self.profile_name = str(getattr(self.guard.profile, "name", "") or m.profile)
+            self.threshold = float(getattr(self.guard.profile, "threshold", float("nan")))
+        self._conds: dict[tuple[tuple[str, float], ...], torch.Tensor] = {}
+        self.default_cond = self.condition(m.condition)  # unknown attributes fail at start-up
+        log.info("models loaded", model=self.model_name, profile=self.profile_name,
+                 device=str(self.device), face_size=self.size, guard=g.enabled,
+                 seconds=round(time.monotonic() - t0, 2))
+
+    # ---- conditions ---------------------------------------------------------------------
+    def condition(self, values: dict[str, float] | None) -> torch.Tensor:
+        """Condition vector ``(c_dim,)`` for ``values`` (None -> the configured edit)."""
+        import magdr
+
+        if values is None:
+            return self.default_cond
+        key = tuple(sorted(values.items()))
+        if key not in self._conds:
+            if len(self._conds) > 256:  # senders could vary conditions without end
+                self._conds.clear()
+            self._conds[key] = magdr.condition(self.G, values, batch=1)[0].cpu()
+        return self._conds[key]
+
+    # ---- faces --------------------------------------------------------------------------
+    def find_faces(self, image: np.ndarray) -> Crops:
+        """Locate and crop the faces of one RGB frame (``[guard] faces``)."""
+        g = self.cfg.guard
+        if g.faces == "frame":
+            h, w = image.shape[:2]
+            interp = cv2.INTER_AREA if min(h, w) > self.size else cv2.INTER_LINEAR
+            small = cv2.resize(image, (self.size, self.size), interpolation=interp)
+            x = torch.from_numpy(small).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+            return Crops(x, np.array([[0, 0, w, h]], np.int64), [[0, 0, w, h]])
+        from magdr.faces.locate import crop_faces, locate_faces
+
+        boxes = locate_faces(image, min_size=g.min_face, max_faces=g.max_faces)
+        if not boxes:
+            return Crops(torch.empty(0, 3, self.size, self.size), np.zeros((0, 4), np.int64), [])
+        x, rects = crop_faces(image, boxes, self.size)
+        return Crops(x, rects, [b.as_list() for b in boxes])
+
+    def paste(self, image: np.ndarray, faces: torch.Tensor, crops: Crops) -> np.ndarray:
+        """Put guarded faces ``(F, 3, S, S)`` back into (a copy of) the frame."""
+        if len(crops.boxes) == 0:
+            return image
+        if self.cfg.guard.faces == "frame":
+            h, w = image.shape[:2]
+            pix = ((faces[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            interp = cv2.INTER_AREA if min(h, w) < self.size else cv2.INTER_LINEAR
+            return cv2.resize(np.ascontiguousarray(pix), (w, h), interpolation=interp)
+        from magdr.faces.locate import paste_faces
+
+        return paste_faces(image, faces, crops.rects)
+
+    # ---- the adapter --------------------------------------------------------------------
+    @torch.no_grad()
+    def guard_faces(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+        """Guard a batch of faces; the only place the daemon calls ``magdr.Guard``.
+
+        Args:
+            x: faces :math:`(B, 3, S, S)` in [-1, 1] (CPU).
+            c: conditions :math:`(B, c_dim)`.
+
+        Returns:
+            ``(faces, verdicts)``: the faces to paste back :math:`(B, 3, S, S)` on the CPU
+            (``output`` = y*, or ``purified`` = x* with ``publish_purified``), and per face
+            ``{"disrupted", "score", "s_dist", "s_cons", "chain"}``.
+        """
+        x, c = x.to(self.device), c.to(self.device)
+        if self.guard is None:
+            y = self.G(x, c)
+            return y.float().cpu(), [
+                {"disrupted": False, "score": None, "s_dist": None, "s_cons": None, "chain": []}
+                for _ in range(x.shape[0])
+            ]
+        r = self.guard(x, c)
+        faces = r.purified if self.cfg.guard.publish_purified else r.output
+        verdicts = [
+            {
+                "disrupted": bool(r.disrupted[i]),
+                "score": _jsonable(float(r.score[i])),
+                "s_dist": _jsonable(float(r.s_dist[i])),
+                "s_cons": _jsonable(float(r.s_cons[i])),
+                "chain": _jsonable(r.chains[i]),
+            }
+            for i in range(x.shape[0])
+        ]
+        self.threshold = float(r.threshold)
+        return faces.float().cpu(), verdicts

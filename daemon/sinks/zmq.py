@@ -1,0 +1,59 @@
+"""ZeroMQ PUB sink: ``verdict.<stream>`` JSON and ``clean.<stream>`` frames (DESIGN §6).
+
+A PUB socket is not thread-safe and results arrive from several threads, so sends take a lock.
+PUB never blocks: past ``hwm`` a slow subscriber loses messages (ZeroMQ's own policy).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+import zmq
+
+from daemon import wire
+from daemon.config import ZmqSinkConfig
+from daemon.pipeline import Guarded
+from daemon.sources.zmq import apply_curve
+
+log = structlog.get_logger()
+
+
+class ZmqSink:
+    """Publish verdicts (and cleaned frames) of every guarded frame.
+
+    Args:
+        cfg: ``[[sinks]] kind = "zmq"``.
+        ctx: the service's ZeroMQ context.
+    """
+
+    def __init__(self, cfg: ZmqSinkConfig, ctx: zmq.Context) -> None:
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self.sock = ctx.socket(zmq.PUB)
+        self.sock.setsockopt(zmq.SNDHWM, cfg.hwm)
+        self.sock.setsockopt(zmq.LINGER, 500)
+        apply_curve(self.sock, cfg.curve_secret_key, cfg.curve_server_key, cfg.bind)
+        (self.sock.bind if cfg.bind else self.sock.connect)(cfg.endpoint)
+        self.sent = 0
+        log.info("zmq sink ready", endpoint=cfg.endpoint, bind=cfg.bind)
+
+    def publish(self, g: Guarded) -> None:
+        """Send ``verdict.<stream>`` and, when configured, ``clean.<stream>``."""
+        v = g.verdict
+        parts = [wire.encode_verdict(v)]
+        if self.cfg.frames:
+            parts.append(wire.encode_frame(v["stream"], v["seq"], g.image, self.cfg.format,
+                                           pts=g.pts, time_base=g.time_base, topic="clean.",
+                                           jpeg_quality=self.cfg.jpeg_quality))
+        with self._lock:
+            for msg in parts:
+                try:
+                    self.sock.send_multipart(msg, flags=zmq.NOBLOCK)
+                except zmq.Again:  # PUB drops rather than blocks; counted by the caller's HWM
+                    pass
+            self.sent += 1
+
+    def close(self) -> None:  # noqa: D102
+        with self._lock:
+            self.sock.close()
