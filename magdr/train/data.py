@@ -1,0 +1,254 @@
+"""Training data: CelebA (fixed split) and Face Synthetics, cached as 128×128 uint8 tensors.
+
+Data lives in ``$MAGDR_DATA`` (default ``../shared/data`` beside the checkout; see its README for
+terms). The split is fixed: CelebA ``000001``–``008000`` train, ``008001``–``009000`` validation;
+Face Synthetics ``000000``–``000069`` train, ``000070``–``000079`` validation.
+
+CelebA faces are framed as StarGAN frames them: a centred square crop of the aligned face
+(89×89 of the 89×109 halves shipped here, as 178×178 of 178×218 in StarGAN) resized to 128.
+Face Synthetics faces are warped into that same framing with a similarity transform fitted to
+their eye and mouth landmarks, so the parser sees synthetic and real faces framed alike.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from magdr.faces.regions import BISENET_CLASSES
+
+SIZE = 128
+CELEBA_TRAIN = range(1, 8001)
+CELEBA_VAL = range(8001, 9001)
+FS_TRAIN = range(0, 70)
+FS_VAL = range(70, 80)
+STARGAN_ATTRS = ["Black_Hair", "Blond_Hair", "Brown_Hair", "Male", "Young"]
+IGNORE = 255
+
+_B = {name: i for i, name in enumerate(BISENET_CLASSES)}
+#: Face Synthetics class -> BiSeNet class (the one mapping table). FS "right" parts lie on the
+#: image's right; BiSeNet ``l_*``/``r_*`` are taken as image-left/-right here (MagDR merges the
+#: two sides into one region, so only consistency matters). Beard is skin as in CelebAMask-HQ;
+#: facewear has no BiSeNet class and is ignored.
+FS_TO_BISENET: dict[int, int] = {
+    0: _B["background"], 1: _B["skin"], 2: _B["nose"], 3: _B["r_eye"], 4: _B["l_eye"],
+    5: _B["r_brow"], 6: _B["l_brow"], 7: _B["r_ear"], 8: _B["l_ear"], 9: _B["mouth"],
+    10: _B["u_lip"], 11: _B["l_lip"], 12: _B["neck"], 13: _B["hair"], 14: _B["skin"],
+    15: _B["cloth"], 16: _B["eye_g"], 17: _B["hat"], 18: IGNORE, 255: IGNORE,
+}  # fmt: skip
+_FS_LUT = np.full(256, IGNORE, np.uint8)
+for _k, _v in FS_TO_BISENET.items():
+    _FS_LUT[_k] = _v
+
+#: Left/right class swap applied with a horizontal flip.
+FLIP_CLASSES = np.arange(256, dtype=np.uint8)
+for _a, _b in [("l_brow", "r_brow"), ("l_eye", "r_eye"), ("l_ear", "r_ear")]:
+    FLIP_CLASSES[_B[_a]], FLIP_CLASSES[_B[_b]] = _B[_b], _B[_a]
+
+
+def data_root(path: str | os.PathLike[str] | None = None) -> Path:
+    """The face data folder: ``path``, else ``$MAGDR_DATA``, else ``../shared/data``."""
+    if path is None:
+        path = os.environ.get("MAGDR_DATA") or Path(__file__).resolve().parents[3] / "shared/data"
+    root = Path(path)
+    if not (root / "celeba").is_dir() and not (root / "facesynthetics").is_dir():
+        raise FileNotFoundError(
+            f"face data not found in {root}: set MAGDR_DATA to the folder holding celeba/ and "
+            "facesynthetics/ (see the data README)"
+        )
+    return root
+
+
+def cache_dir() -> Path:
+    """Where the uint8 caches go (gitignored ``runs/cache`` in the checkout)."""
+    d = Path(os.environ.get("MAGDR_CACHE", Path(__file__).resolve().parents[2] / "runs/cache"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _celeba_crop(img: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+    h, w = img.shape[:2]
+    s = min(h, w)
+    y0, x0 = (h - s) // 2, (w - s) // 2
+    crop = img[y0 : y0 + s, x0 : x0 + s]
+    return cv2.resize(crop, (SIZE, SIZE), interpolation=cv2.INTER_CUBIC), x0, y0, s
+
+
+def load_attributes(root: Path, names: list[str] = STARGAN_ATTRS) -> np.ndarray:
+    """CelebA attributes of images 1..9000 as ``[9000, len(names)]`` float32 in {0, 1}."""
+    lines = (root / "celeba/list_attr_celeba.txt").read_text().splitlines()
+    header = lines[1].split()
+    idx = [header.index(n) for n in names]
+    rows = [ln.split() for ln in lines[2:] if ln.strip()]
+    out = np.array([[float(r[1 + i] == "1") for i in idx] for r in rows], np.float32)
+    return out[:9000]
+
+
+def load_celeba(root: Path | None = None) -> dict[str, np.ndarray]:
+    """CelebA 1..9000 as a cached dict.
+
+    Returns:
+        ``images`` ``[9000,128,128,3]`` uint8 RGB, ``attrs`` ``[9000,5]`` {0,1} (StarGAN's five),
+        ``landmarks`` ``[9000,68,2]`` float32 in the 128 frame, ``detected`` ``[9000]`` bool.
+        Index ``i`` is image ``i + 1``.
+    """
+    root = data_root(root)
+    path = cache_dir() / "celeba128.npz"
+    if path.exists():
+        z = np.load(path)
+        return {k: z[k] for k in z.files}
+    imgs = np.zeros((9000, SIZE, SIZE, 3), np.uint8)
+    lm = np.load(root / "celeba/landmarks68.npz")
+    pts = lm["points"].astype(np.float32).copy()
+    for i in range(9000):
+        img = cv2.imread(str(root / f"celeba/images/{i + 1:06d}.jpg"))[:, :, ::-1]
+        imgs[i], x0, y0, s = _celeba_crop(img)
+        pts[i] = (pts[i] - [x0, y0]) * (SIZE / s)
+    out = {
+        "images": imgs,
+        "attrs": load_attributes(root),
+        "landmarks": pts,
+        "detected": lm["detected"].astype(bool),
+    }
+    np.savez(path, **out)
+    return out
+
+
+def _anchor(pts: np.ndarray) -> np.ndarray:
+    """Eye centres and mouth centre of 68 iBUG landmarks, ``[3,2]``."""
+    return np.stack([pts[36:42].mean(0), pts[42:48].mean(0), pts[48:60].mean(0)])
+
+
+def celeba_mean_anchor(celeba: dict[str, np.ndarray]) -> np.ndarray:
+    """Mean eye/mouth anchor of the detected CelebA train faces in the 128 frame."""
+    sel = celeba["detected"][: len(CELEBA_TRAIN)]
+    return np.stack([_anchor(p) for p in celeba["landmarks"][: len(CELEBA_TRAIN)][sel]]).mean(0)
+
+
+def load_facesynthetics(root: Path | None = None) -> dict[str, np.ndarray]:
+    """The 80 Face Synthetics faces at 512.
+
+    Returns:
+        ``images`` uint8 RGB, ``labels`` uint8 in BiSeNet order (255 ignore), ``anchor``
+        ``[80,3,2]`` eye/mouth landmarks.
+    """
+    root = data_root(root) / "facesynthetics"
+    imgs, labs, anchors = [], [], []
+    for i in range(80):
+        imgs.append(cv2.imread(str(root / f"{i:06d}.png"))[:, :, ::-1].copy())
+        labs.append(_FS_LUT[cv2.imread(str(root / f"{i:06d}_seg.png"), cv2.IMREAD_UNCHANGED)])
+        anchors.append(_anchor(np.loadtxt(root / f"{i:06d}_ldmks.txt")[:68]))
+    return {"images": np.stack(imgs), "labels": np.stack(labs), "anchor": np.stack(anchors)}
+
+
+def _eye_mouth_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """2×3 similarity taking the eye-midpoint -> mouth axis of ``src`` onto that of ``dst``.
+
+    The eye-mouth axis, unlike the eye distance, barely shrinks with head yaw, so profile faces
+    keep a sane scale.
+    """
+    def axis(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mid = (a[0] + a[1]) / 2
+        return mid, a[2] - mid
+
+    (ms, vs), (md, vd) = axis(src), axis(dst)
+    scale = np.linalg.norm(vd) / max(np.linalg.norm(vs), 1e-6)
+    ang = np.arctan2(vd[1], vd[0]) - np.arctan2(vs[1], vs[0])
+    r = scale * np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+    return np.concatenate([r, (md - r @ ms)[:, None]], 1).astype(np.float32)
+
+
+def fs_warp(
+    img: np.ndarray,
+    lab: np.ndarray,
+    src_anchor: np.ndarray,
+    dst_anchor: np.ndarray,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Warp a Face Synthetics image/label pair into the 128 CelebA framing.
+
+    With ``rng``, the target anchor is jittered (scale ±12%, rotation ±12°, shift ±6 px) for
+    augmentation; without it the warp is the plain fit (validation).
+    """
+    dst = dst_anchor.astype(np.float32).copy()
+    if rng is not None:
+        c = dst.mean(0)
+        a = np.deg2rad(rng.uniform(-12, 12))
+        s = rng.uniform(0.88, 1.12)
+        rot = s * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]], np.float32)
+        dst = (dst - c) @ rot.T + c + rng.uniform(-6, 6, 2).astype(np.float32)
+    m = _eye_mouth_similarity(src_anchor.astype(np.float32), dst)
+    # Downscale in two steps so fine texture is averaged, not aliased.
+    im = cv2.warpAffine(img, m, (SIZE, SIZE), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT)
+    lb = cv2.warpAffine(
+        lab, m, (SIZE, SIZE), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+        borderValue=IGNORE,
+    )  # fmt: skip
+    return im, lb
+
+
+def landmark_labels(pts: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """Pseudo-labels for a real face from its 68 landmarks (BiSeNet order, 255 elsewhere).
+
+    Skin (the jaw/brow hull, eroded), brows, eyes, nose, upper/lower lip and mouth interior are
+    drawn; a 1-px ring around every part and everything outside the hull are ignored, since
+    landmarks say nothing reliable about hair, neck or background.
+    """
+    p = np.round(pts * 4).astype(np.int32)  # 2 fractional bits for cv2's shift
+    lab = np.full((size, size), IGNORE, np.uint8)
+    hull = cv2.convexHull(np.concatenate([p[0:17], p[17:27]]))
+    skin = np.zeros((size, size), np.uint8)
+    cv2.fillPoly(skin, [hull], 1, cv2.LINE_8, 2)
+    skin = cv2.erode(skin, np.ones((5, 5), np.uint8))
+    lab[skin > 0] = _B["skin"]
+    parts = np.zeros((size, size), np.uint8)
+
+    def fill(poly: np.ndarray, cls: int) -> None:
+        m = np.zeros((size, size), np.uint8)
+        cv2.fillPoly(m, [poly], 1, cv2.LINE_8, 2)
+        lab[m > 0] = cls
+        parts[m > 0] = 1
+
+    def line(poly: np.ndarray, cls: int, thick: int) -> None:
+        m = np.zeros((size, size), np.uint8)
+        cv2.polylines(m, [poly], False, 1, thick, cv2.LINE_8, 2)
+        lab[m > 0] = cls
+        parts[m > 0] = 1
+
+    line(p[17:22], _B["l_brow"], 3)
+    line(p[22:27], _B["r_brow"], 3)
+    fill(cv2.convexHull(p[28:36]), _B["nose"])
+    fill(p[36:42], _B["l_eye"])
+    fill(p[42:48], _B["r_eye"])
+    fill(np.concatenate([p[48:55], p[64:59:-1]]), _B["u_lip"])
+    fill(np.concatenate([p[54:60], p[48:49], p[60:61], p[67:63:-1]]), _B["l_lip"])
+    fill(p[60:68], _B["mouth"])
+    ring = cv2.dilate(parts, np.ones((3, 3), np.uint8)) - parts
+    lab[(ring > 0) & (lab == _B["skin"])] = IGNORE
+    return lab
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """``[B,H,W,3]`` uint8 -> ``[B,3,H,W]`` float32 in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def fake_faces(n: int = 4, size: int = SIZE, seed: int = 0) -> dict[str, np.ndarray]:
+    """Tiny fabricated CelebA-like data for ``--smoke`` runs when the real data is absent."""
+    rng = np.random.default_rng(seed)
+    imgs = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    base = np.array([[40, 50], [50, 52], [60, 55], [70, 60], [80, 52], [88, 50]], np.float32) * (
+        size / SIZE
+    )
+    pts = np.zeros((n, 68, 2), np.float32)
+    for i in range(n):
+        ang = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+        pts[i] = np.stack([64 + 30 * np.cos(ang), 64 + 36 * np.sin(ang)], 1) * (size / SIZE)
+        pts[i, :6] = base
+    attrs = rng.integers(0, 2, (n, 5)).astype(np.float32)
+    return {"images": imgs, "attrs": attrs, "landmarks": pts, "detected": np.ones(n, bool)}
+

@@ -1,0 +1,400 @@
+"""Train the default StarGAN generator (``magdr/models/weights/default_G.pt``) on a small CPU.
+
+Plain StarGAN (WGAN-GP + domain classification + cycle reconstruction from scratch) needs
+hundreds of thousands of GPU iterations; on 2 CPU cores it is hopeless (DESIGN §4). This recipe
+reaches a usable editor in about an hour of CPU with the same generator, in two stages:
+
+Stage 1 — pseudo-paired supervision (``--stage1-steps``). For a face x with real labels r and a
+condition c, the target y is
+
+- x itself when c keeps the hair (hair part of c equal to r, or all zero) — an identity
+  auto-encoder, which gives G the faithful reconstruction MagDR's distortion checks rely on;
+- x with its hair recoloured when c asks for another hair colour: the parser's soft hair mask
+  selects the hair, and the hair pixels' YCbCr mean/std are moved to the mean statistics of the
+  train faces labelled with that colour (Reinhard-style colour transfer; the texture, i.e. the
+  luminance *deviations*, is kept), blended with the soft mask so nothing outside the hair moves.
+
+Loss: ``λ_rec · mean(W · |G(x, c) − y|)`` with W = 1 (2 inside the hair when it is recoloured).
+Male and Young take 0.5 ("keep the face's own value", DESIGN §8's ``condition`` default) or the
+real label, both meaning "keep".
+
+Stage 2 — StarGAN fine-tune. Male/Young are also flipped (c = 1 − r). StarGAN's objective is
+added: WGAN-GP adversarial loss with a StarGAN discriminator (src + cls heads), domain
+classification (D's cls head, plus a frozen auxiliary attribute classifier trained on the train
+split, :mod:`magdr.train.classifier` ``aux``, so the edit direction is known from step one) and
+cycle reconstruction ``|G(G(x, c), r) − x|``. For flipped samples the pixel loss inside the face
+and hair is down-weighted to ``--w-inside`` so G may change them; outside (neck, background) it
+stays an identity loss.
+
+Usage::
+
+    nice -n 10 python -m magdr.train.stargan                # CPU
+    python -m magdr.train.stargan --resume
+    python -m magdr.train.stargan --smoke                   # 2 steps on 4 images, temp dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from magdr.faces.parsenet import ParseNet
+from magdr.faces.regions import BISENET_CLASSES, CLASS_TO_REGION, TARGETS
+from magdr.models.stargan import StarGAN
+from magdr.train import data as D
+from magdr.train.common import (
+    LossLog,
+    load_ckpt,
+    log,
+    save_ckpt,
+    seed_all,
+    setup_logging,
+    tensor_state_dict,
+)
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "models/weights"
+NEUTRAL = [0.0, 0.0, 0.0, 0.5, 0.5]
+
+_YCC = torch.tensor(
+    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]
+)
+
+
+def to_ycc(x: torch.Tensor) -> torch.Tensor:
+    """[-1,1] RGB ``[B,3,H,W]`` -> YCbCr (Y in [0,1], chroma in [-0.5,0.5])."""
+    return torch.einsum("ij,bjhw->bihw", _YCC.to(x), (x + 1) / 2)
+
+
+def from_ycc(y: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_ycc`, back to [-1,1] RGB (not clamped)."""
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(_YCC).to(y), y) * 2 - 1
+
+
+def _masked_stats(yc: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    area = w.sum((2, 3)).clamp(min=1.0)
+    mu = (yc * w).sum((2, 3)) / area
+    sd = (((yc - mu[:, :, None, None]) ** 2 * w).sum((2, 3)) / area + 1e-6).sqrt()
+    return mu, sd
+
+
+def hair_colour_stats(
+    images: np.ndarray, hair: np.ndarray, attrs: np.ndarray, min_area: float = 0.03
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean YCbCr mean/std of the hair of train faces labelled with exactly one hair colour.
+
+    Returns:
+        ``mu`` and ``sd``, each ``[3 colours, 3 channels]`` (Black, Blond, Brown).
+    """
+    mus, sds = torch.zeros(3, 3), torch.zeros(3, 3)
+    for k in range(3):
+        sel = np.nonzero((attrs[:, k] == 1) & (attrs[:, :3].sum(1) == 1))[0]
+        sel = sel[hair[sel].astype(np.float32).mean((1, 2)) / 255 > min_area][:600]
+        x = D.to_tensor(images[sel])
+        w = torch.from_numpy(hair[sel]).float()[:, None] / 255
+        mu, sd = _masked_stats(to_ycc(x), w)
+        mus[k], sds[k] = mu.mean(0), sd.mean(0)
+    return mus, sds
+
+
+def recolour_hair(
+    x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, mus: torch.Tensor, sds: torch.Tensor
+) -> torch.Tensor:
+    """Pseudo-target of the hair-colour edit: x with its hair moved to colour ``k``'s statistics.
+
+    Args:
+        x: faces :math:`(B,3,H,W)` in [-1,1].
+        m: soft hair masks :math:`(B,1,H,W)` in [0,1].
+        k: target colour index per face :math:`(B,)` (0 black, 1 blond, 2 brown).
+        mus: target means from :func:`hair_colour_stats`.
+        sds: target standard deviations from :func:`hair_colour_stats`.
+    """
+    yc = to_ycc(x)
+    mu, sd = _masked_stats(yc, m)
+    ratio = (sds[k] / sd).clamp(0.5, 2.0)
+    out = (yc - mu[:, :, None, None]) * ratio[:, :, None, None] + mus[k][:, :, None, None]
+    rgb = from_ycc(out).clamp(-1, 1)
+    return x * (1 - m) + rgb * m
+
+
+class Discriminator(nn.Module):
+    """StarGAN's PatchGAN discriminator with a source head and a domain-classification head."""
+
+    def __init__(self, image_size: int = 128, conv_dim: int = 16, c_dim: int = 5,
+                 repeat_num: int = 6, max_dim: int = 128) -> None:  # fmt: skip
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin, d = 3, conv_dim
+        for _ in range(repeat_num):
+            layers += [nn.Conv2d(cin, d, 4, 2, 1), nn.LeakyReLU(0.01)]
+            cin, d = d, min(d * 2, max_dim)
+        self.main = nn.Sequential(*layers)
+        k = image_size // 2**repeat_num
+        self.conv1 = nn.Conv2d(cin, 1, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(cin, c_dim, k, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
+        h = self.main(x)
+        return self.conv1(h), self.conv2(h).flatten(1)
+
+
+def region_probs(parser: ParseNet, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Soft hair and face+hair (Male/Young target) masks, ``[B,2,H,W]`` uint8 (0..255)."""
+    hair_i = BISENET_CLASSES.index("hair")
+    fh = [i for i, c in enumerate(BISENET_CLASSES) if CLASS_TO_REGION[c] in TARGETS["face+hair"]]
+    out = np.zeros((len(images), 2, *images.shape[1:3]), np.uint8)
+    parser.eval()
+    with torch.no_grad():
+        for s in tqdm(range(0, len(images), batch), desc="parsing faces"):
+            p = parser(D.to_tensor(images[s : s + batch])).softmax(1)
+            m = torch.stack([p[:, hair_i], p[:, fh].sum(1)], 1)
+            out[s : s + batch] = (m * 255).round().byte().numpy()
+    return out
+
+
+def cached_region_probs(parser_path: Path, images: np.ndarray) -> np.ndarray:
+    """:func:`region_probs` of the 9000 CelebA faces, cached per parser file content."""
+    digest = hashlib.sha1(parser_path.read_bytes()).hexdigest()[:12]
+    path = D.cache_dir() / f"regions_{digest}_{len(images)}.npy"
+    if path.exists():
+        return np.load(path)
+    sd = torch.load(parser_path, map_location="cpu", weights_only=True)
+    out = region_probs(ParseNet.from_state_dict(sd), images)
+    np.save(path, out)
+    return out
+
+
+def sample_conditions(
+    real: np.ndarray, rng: np.random.Generator, flip_prob: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Random conditions for a batch with real labels ``real`` ``[B,5]``.
+
+    Returns:
+        c ``[B,5]`` (what G is given), cls target ``[B,5]`` (what its output should show),
+        hair target index ``[B]`` (-1 = keep the hair), flipped ``[B]`` bool (Male/Young flipped).
+    """
+    b = len(real)
+    c = np.zeros((b, 5), np.float32)
+    t = real.copy()
+    k = np.full(b, -1)
+    u = rng.random(b)
+    keep_real, keep_zero = u < 0.15, (u >= 0.15) & (u < 0.3)
+    c[keep_real, :3] = real[keep_real, :3]
+    for i in np.nonzero(~keep_real & ~keep_zero)[0]:
+        kk = rng.integers(3)
+        c[i, kk] = 1
+        t[i, :3] = c[i, :3]
+        already = real[i, kk] == 1 and real[i, :3].sum() == 1
+        k[i] = -1 if already else kk
+    flipped = np.zeros(b, bool)
+    for j in (3, 4):
+        v = rng.random(b)
+        c[:, j] = np.where(v < 0.5, 0.5, real[:, j])
+        fl = v >= 1 - flip_prob
+        c[fl, j] = 1 - real[fl, j]
+        t[fl, j] = c[fl, j]
+        flipped |= fl
+    return c, t, k, flipped
+
+
+def gradient_penalty(d: Discriminator, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP: ``(‖∇ D(x̂)‖₂ − 1)²`` on random interpolates (StarGAN's ``gradient_penalty``)."""
+    a = torch.rand(real.shape[0], 1, 1, 1)
+    xh = (a * real + (1 - a) * fake).requires_grad_(True)
+    src, _ = d(xh)
+    (g,) = torch.autograd.grad(src.sum(), xh, create_graph=True)
+    return ((g.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--stage1-steps", type=int, default=3500)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--conv-dim", type=int, default=16)
+    ap.add_argument("--repeat-num", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="G's stage-1 learning rate")
+    ap.add_argument("--lr2", type=float, default=2e-4, help="G's and D's stage-2 learning rate")
+    ap.add_argument("--lambda-rec", type=float, default=10.0)
+    ap.add_argument("--lambda-cls", type=float, default=1.0)
+    ap.add_argument("--lambda-aux", type=float, default=1.0)
+    ap.add_argument("--lambda-adv", type=float, default=1.0)
+    ap.add_argument("--lambda-cyc", type=float, default=10.0)
+    ap.add_argument("--lambda-gp", type=float, default=10.0)
+    ap.add_argument("--flip-prob", type=float, default=0.3, help="stage 2 Male/Young flips")
+    ap.add_argument("--w-inside", type=float, default=0.1)
+    ap.add_argument("--parser", type=Path, default=WEIGHTS / "parser.pt")
+    ap.add_argument("--aux", type=Path, default=D.cache_dir().parent / "classifier/aux.pt")
+    ap.add_argument("--ae-only", action="store_true",
+                    help="warm start: identity auto-encoder only (no parser, no edits)")
+    ap.add_argument("--init", type=Path, default=None, help="G weights to start from")
+    ap.add_argument("--n-train", type=int, default=len(D.CELEBA_TRAIN),
+                    help="use the first N train faces")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ckpt-every", type=int, default=250)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--run-dir", type=Path, default=None, help="default runs/stargan")
+    ap.add_argument("--out", type=Path, default=WEIGHTS / "default_G.pt")
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="2 steps on 4 images into a temp dir")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from magdr.train.classifier import AttrNet  # noqa: PLC0415
+
+    if a.smoke:
+        a.run_dir = a.run_dir or Path(tempfile.mkdtemp(prefix="magdr-stargan-"))
+        a.steps = a.steps if "--steps" in (argv or []) else 2
+        a.stage1_steps, a.batch, a.conv_dim, a.repeat_num = 1, 2, 4, 1
+        a.out, a.ckpt_every, a.log_every = a.run_dir / "G.pt", 1, 1
+    a.run_dir = a.run_dir or Path("runs/stargan")
+    if a.ae_only:
+        a.stage1_steps = a.steps
+    setup_logging(a.run_dir)
+    rng = seed_all(a.seed)
+    if a.smoke:
+        cel = D.fake_faces(4, 32)
+        cel["attrs"][:, :3] = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
+        regions = rng.integers(0, 256, (4, 2, 32, 32)).astype(np.uint8)
+        train = np.arange(4)
+        aux = AttrNet(width=4).eval()
+    else:
+        cel = D.load_celeba(a.data)
+        train = np.arange(min(a.n_train, len(D.CELEBA_TRAIN)))
+        if a.ae_only:
+            regions = np.zeros((len(cel["images"]), 2, D.SIZE, D.SIZE), np.uint8)
+        else:
+            regions = cached_region_probs(a.parser, cel["images"][train])
+        if a.stage1_steps < a.steps:
+            sd = torch.load(a.aux, map_location="cpu", weights_only=True)
+            aux = AttrNet.from_state_dict(sd).eval()
+        else:
+            aux = AttrNet(width=4).eval()  # stage 2 never runs: no teacher needed
+    for p in aux.parameters():
+        p.requires_grad_(False)
+    images, attrs = cel["images"], cel["attrs"]
+    min_area = 0.0 if a.smoke else 0.03
+    mus, sds = hair_colour_stats(images[train], regions[train, 0], attrs[train], min_area)
+    log.info("hair YCbCr means (black, blond, brown): %s", mus.numpy().round(3).tolist())
+
+    size = images.shape[1]
+    G = StarGAN(conv_dim=a.conv_dim, c_dim=5, repeat_num=a.repeat_num, image_size=size)
+    Dnet = Discriminator(image_size=size, conv_dim=16, repeat_num=6 if size >= 64 else 4)
+    opt_g = torch.optim.Adam(G.parameters(), lr=a.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(Dnet.parameters(), lr=a.lr2, betas=(0.5, 0.999))
+    ckpt = a.run_dir / "ckpt.pt"
+    start = 0
+    if a.resume and ckpt.exists():
+        start = load_ckpt(ckpt, rng, G=G, D=Dnet, opt_g=opt_g, opt_d=opt_d)
+        log.info("resumed at step %d", start)
+    elif a.init is not None:
+        G.load_state_dict(torch.load(a.init, map_location="cpu", weights_only=True))
+        log.info("initialised G from %s", a.init)
+    losses = LossLog(a.run_dir)
+    G.train()
+    Dnet.train()
+    bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="stargan")
+    for step in bar:
+        stage2 = step >= a.stage1_steps
+        # Stage 1: constant lr then linear decay to 10%; stage 2: lr2 constant.
+        if stage2:
+            lr = a.lr2
+        else:
+            frac = step / max(a.stage1_steps, 1)
+            lr = a.lr * (1.0 if frac < 0.6 else 1.0 - 0.9 * (frac - 0.6) / 0.4)
+        for g in opt_g.param_groups:
+            g["lr"] = lr
+        idx = rng.choice(train, a.batch)
+        x = D.to_tensor(images[idx])
+        reg = torch.from_numpy(regions[idx]).float() / 255
+        real = attrs[idx]
+        flip = rng.random(a.batch) < 0.5
+        x = torch.where(torch.from_numpy(flip)[:, None, None, None], x.flip(3), x)
+        reg = torch.where(torch.from_numpy(flip)[:, None, None, None], reg.flip(3), reg)
+        hair, facehair = reg[:, :1], reg[:, 1:]
+        c_np, t_np, k_np, fl_np = sample_conditions(real, rng, a.flip_prob if stage2 else 0.0)
+        if a.ae_only:  # keep-conditions only: the hair part of c is the real labels or zeros
+            c_np[k_np >= 0, :3] = real[k_np >= 0, :3]
+            k_np[:] = -1
+        c, t = torch.from_numpy(c_np), torch.from_numpy(t_np)
+        k = torch.from_numpy(np.maximum(k_np, 0))
+        rec = torch.from_numpy(k_np >= 0)[:, None, None, None].float()
+        with torch.no_grad():
+            y = torch.where(rec > 0, recolour_hair(x, hair, k, mus, sds), x)
+        w = 1 + rec * hair
+        fl = torch.from_numpy(fl_np)[:, None, None, None].float()
+        w = w * (1 - fl * (1 - a.w_inside) * facehair)
+        logs: dict[str, float] = {}
+
+        if stage2:  # --- D step (WGAN-GP + domain classification on real faces) ---
+            with torch.no_grad():
+                fake = G(x, c)
+            src_r, cls_r = Dnet(x)
+            src_f, _ = Dnet(fake)
+            d_cls = F.binary_cross_entropy_with_logits(cls_r, torch.from_numpy(real))
+            gp = gradient_penalty(Dnet, x, fake)
+            d_loss = -src_r.mean() + src_f.mean() + a.lambda_cls * d_cls + a.lambda_gp * gp
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            logs.update(d_w=(src_r.mean() - src_f.mean()).item(), d_cls=d_cls.item(), gp=gp.item())
+
+        # --- G step ---
+        fake = G(x, c)
+        l_pix = (w * (fake - y).abs()).mean()
+        g_loss = a.lambda_rec * l_pix
+        logs["pix"] = l_pix.item()
+        if stage2:
+            src_f, cls_f = Dnet(fake)
+            g_adv = -src_f.mean()
+            g_cls = F.binary_cross_entropy_with_logits(cls_f, t)
+            g_aux = F.binary_cross_entropy_with_logits(aux(fake), t)
+            back = G(fake, torch.from_numpy(real))
+            g_cyc = (back - x).abs().mean()
+            g_loss = g_loss + a.lambda_adv * g_adv + a.lambda_cls * g_cls
+            g_loss = g_loss + a.lambda_aux * g_aux + a.lambda_cyc * g_cyc
+            logs.update(g_adv=g_adv.item(), g_cls=g_cls.item(), g_aux=g_aux.item())
+            logs["cyc"] = g_cyc.item()
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+        bar.set_postfix(pix=f"{logs['pix']:.4f}", stage=2 if stage2 else 1)
+        if (step + 1) % a.log_every == 0 or step + 1 == a.steps:
+            losses.write(step + 1, {"lr": lr, **logs})
+        if (step + 1) % a.ckpt_every == 0 or step + 1 == a.steps:
+            save_ckpt(ckpt, step + 1, rng, G=G, D=Dnet, opt_g=opt_g, opt_d=opt_d)
+            save_generator(G, a.run_dir / f"G_{step + 1:06d}.pt")
+    return save_generator(G, a.out)
+
+
+def save_generator(G: StarGAN, path: Path) -> Path:
+    """Write G's plain state dict and the ``.json`` metadata the registry reads beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tensor_state_dict(G), path)
+    meta = {
+        "kind": "stargan",
+        "image_size": G.image_size,
+        "attributes": list(D.STARGAN_ATTRS),
+        "neutral": NEUTRAL,
+        "conv_dim": G.conv_dim,
+        "repeat_num": G.repeat_num,
+        "attribute_targets": {a: ("hair" if a.endswith("_Hair") else "face+hair")
+                              for a in D.STARGAN_ATTRS},  # fmt: skip
+        "trained_by": "magdr/train/stargan.py (see MODEL_CARD.md)",
+    }
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    log.info("wrote %s", path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

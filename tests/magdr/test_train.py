@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from magdr.faces.parsenet import ParseNet
+from magdr.faces.regions import BISENET_CLASSES
+from magdr.train import data as D
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "magdr/models/weights"
+
+
+def _has_data() -> bool:
+    try:
+        D.data_root()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+# --- smoke runs of the three training scripts (fabricated data, temp dirs) -------------------
+
+
+def test_parser_smoke(tmp_path: Path) -> None:
+    from magdr.train import parser
+
+    table = parser.main(["--smoke", "--threads", "1"])
+    assert set(table) == {*parser.EVAL_GROUPS, "mIoU"}
+
+
+def test_classifier_smoke() -> None:
+    from magdr.train import classifier
+
+    acc = classifier.main(["--smoke", "--threads", "1"])
+    assert acc.shape == (5,) and ((acc >= 0) & (acc <= 1)).all()
+
+
+def test_stargan_smoke_runs_both_stages_and_writes_registry_metadata() -> None:
+    from magdr.models.stargan import StarGAN
+    from magdr.train import stargan
+
+    out = stargan.main(["--smoke", "--threads", "1"])
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["kind"] == "stargan" and meta["neutral"] == [0, 0, 0, 0.5, 0.5]
+    sd = torch.load(out, weights_only=True)
+    G = StarGAN.from_state_dict(sd, image_size=meta["image_size"])
+    assert G.conv_dim == meta["conv_dim"] and G.repeat_num == meta["repeat_num"]
+    assert torch.load(out.parent / "ckpt.pt", weights_only=False)["step"] == 2
+
+
+def test_stargan_resume_continues_from_checkpoint(tmp_path: Path) -> None:
+    from magdr.train import stargan
+
+    run = tmp_path / "run"
+    stargan.main(["--smoke", "--threads", "1", "--steps", "1", "--run-dir", str(run)])
+    assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 1
+    stargan.main(["--smoke", "--threads", "1", "--steps", "2", "--run-dir", str(run), "--resume"])
+    steps = [json.loads(ln)["step"] for ln in (run / "losses.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # the second run started at step 1, not from scratch
+    assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 2
+
+
+# --- pieces ------------------------------------------------------------------------------
+
+
+def test_parsenet_from_state_dict_infers_widths() -> None:
+    torch.manual_seed(0)
+    net = ParseNet(width=4, depth=3).eval()
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    back = ParseNet.from_state_dict(sd).eval()
+    assert (back.width, back.depth, back.num_classes) == (4, 3, 19)
+    x = torch.rand(1, 3, 24, 40) * 2 - 1
+    torch.testing.assert_close(back(x), net(x))
+    assert back(x).shape == (1, 19, 24, 40)
+
+
+def test_fs_mapping_is_one_table_into_bisenet_order() -> None:
+    assert D.FS_TO_BISENET[13] == BISENET_CLASSES.index("hair")
+    assert D.FS_TO_BISENET[12] == BISENET_CLASSES.index("neck")
+    assert D.FS_TO_BISENET[10] == BISENET_CLASSES.index("u_lip")
+    assert D.FS_TO_BISENET[255] == D.IGNORE
+    # A horizontal flip swaps the sides and nothing else.
+    assert D.FLIP_CLASSES[BISENET_CLASSES.index("l_eye")] == BISENET_CLASSES.index("r_eye")
+    assert D.FLIP_CLASSES[BISENET_CLASSES.index("hair")] == BISENET_CLASSES.index("hair")
+
+
+def test_landmark_labels_draw_parts_inside_the_face() -> None:
+    pts = D.fake_faces(1)["landmarks"][0]
+    rng = np.random.default_rng(0)
+    # A plausible face: jaw on an arc, parts in the middle.
+    t = np.linspace(np.pi * 0.05, np.pi * 0.95, 17)
+    pts[:17] = np.stack([64 - 40 * np.cos(t), 60 + 45 * np.sin(t)], 1)
+    pts[17:27] = np.stack([np.linspace(35, 93, 10), np.full(10, 50.0)], 1)
+    pts[27:36] = np.stack([64 + rng.uniform(-6, 6, 9), np.linspace(55, 85, 9)], 1)
+    eye = np.array([[-6, 0], [-3, -3], [3, -3], [6, 0], [3, 3], [-3, 3]], np.float32)
+    pts[36:42], pts[42:48] = eye + [48, 62], eye + [80, 62]
+    ang = np.linspace(np.pi, -np.pi, 12, endpoint=False)
+    pts[48:60] = np.stack([64 + 14 * np.cos(ang), 98 + 6 * np.sin(ang)], 1)
+    pts[60:68] = np.stack([64 + 8 * np.cos(ang[::3].repeat(2)[:8]), np.full(8, 98.0)], 1)
+    lab = D.landmark_labels(pts)
+    present = set(np.unique(lab).tolist())
+    for c in ("skin", "l_eye", "r_eye", "l_brow", "r_brow", "nose", "u_lip", "l_lip"):
+        assert BISENET_CLASSES.index(c) in present, c
+    assert lab[0, 0] == D.IGNORE and lab[62, 48] == BISENET_CLASSES.index("l_eye")
+
+
+def test_iou_table_perfect_and_wrong() -> None:
+    from magdr.train.parser import iou_table
+
+    gt = np.random.default_rng(0).integers(0, 19, (2, 16, 16)).astype(np.uint8)
+    assert iou_table(gt, gt)["mIoU"] == pytest.approx(1.0)
+    assert iou_table((gt + 1) % 19, gt)["mIoU"] < 0.2
+
+
+def test_recolour_hair_changes_only_the_hair_and_reaches_target_mean() -> None:
+    from magdr.train.stargan import _masked_stats, recolour_hair, to_ycc
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16) * 1.6 - 0.8
+    m = torch.zeros(2, 1, 16, 16)
+    m[:, :, :6] = 1
+    mus = torch.tensor([[0.1, 0.0, 0.0], [0.7, -0.05, 0.05], [0.35, -0.02, 0.04]])
+    sds = torch.full((3, 3), 0.05)
+    y = recolour_hair(x, m, torch.tensor([1, 0]), mus, sds)
+    torch.testing.assert_close(y[:, :, 6:], x[:, :, 6:])
+    mu, _ = _masked_stats(to_ycc(y), m)
+    assert abs(mu[0, 0].item() - 0.7) < 0.05 and abs(mu[1, 0].item() - 0.1) < 0.05
+
+
+def test_sample_conditions_keep_and_flip_semantics() -> None:
+    from magdr.train.stargan import sample_conditions
+
+    rng = np.random.default_rng(0)
+    real = np.tile(np.array([[1, 0, 0, 1, 0]], np.float32), (400, 1))
+    c, t, k, flipped = sample_conditions(real, rng, flip_prob=0.0)
+    assert not flipped.any() and set(np.unique(c[:, 3]).tolist()) <= {0.5, 1.0}
+    assert (k[c[:, 0] == 1] == -1).all()  # asking black hair of a black-haired face: keep
+    assert (t[:, 3:] == real[:, 3:]).all()
+    c, t, k, flipped = sample_conditions(real, rng, flip_prob=0.5)
+    assert flipped.any() and (t[flipped, 3:] != real[flipped, 3:]).any(1).all()
+
+
+# --- shipped weights ---------------------------------------------------------------------
+
+
+def test_shipped_weights_are_small_plain_tensors() -> None:
+    files = [WEIGHTS / n for n in ("parser.pt", "default_G.pt") if (WEIGHTS / n).exists()]
+    if not files:
+        pytest.skip("no shipped weights yet")
+    assert sum(f.stat().st_size for f in files) <= 10 * 2**20
+    for f in files:
+        sd = torch.load(f, weights_only=True)
+        assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    if (WEIGHTS / "parser.pt").exists():
+        net = ParseNet.from_state_dict(torch.load(WEIGHTS / "parser.pt", weights_only=True))
+        assert net(torch.zeros(1, 3, 128, 128)).shape == (1, 19, 128, 128)
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not _has_data() or os.environ.get("MAGDR_SKIP_DATA") == "1", reason="no data")
+def test_shipped_parser_finds_faces_and_hair_on_real_celeba() -> None:
+    if not (WEIGHTS / "parser.pt").exists():
+        pytest.skip("no shipped parser yet")
+    import cv2
+
+    root = D.data_root()
+    imgs = []
+    for i in range(8001, 8009):
+        img = cv2.imread(str(root / f"celeba/images/{i:06d}.jpg"))[:, :, ::-1]
+        imgs.append(D._celeba_crop(img)[0])
+    net = ParseNet.from_state_dict(torch.load(WEIGHTS / "parser.pt", weights_only=True)).eval()
+    with torch.no_grad():
+        lab = net(D.to_tensor(np.stack(imgs))).argmax(1)
+    share = lambda n: (lab == BISENET_CLASSES.index(n)).float().mean().item()  # noqa: E731
+    assert share("skin") > 0.1 and share("hair") > 0.05 and share("background") > 0.02
