@@ -19,19 +19,13 @@ import torch
 from torch import nn
 
 from magdr.check import check_images
+from magdr.checkpoints import resolve_device
 from magdr.detect import Detection, Detector
 from magdr.faces.regions import REGIONS, group_regions
 from magdr.profile import Profile, load_profile
 from magdr.reconstruct import infer
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → the first CUDA device when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass

@@ -20,10 +20,8 @@ keys). Nothing is ever downloaded.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from magdr.check import check_images
+from magdr.checkpoints import CheckpointError, load_strict, read_state_dict, resolve_device
 from magdr.faces.regions import BISENET_CLASSES
 
 NUM_CLASSES = len(BISENET_CLASSES)
@@ -42,10 +41,6 @@ DLIB_LANDMARKS = Path("/usr/share/dlib/shape_predictor_68_face_landmarks.dat")
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class CheckpointError(ValueError):
-    """A parser checkpoint that cannot be read safely or does not match the expected layout."""
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -248,7 +243,7 @@ class BiSeNet(FaceParser):
             n = sd["conv_out.conv_out.weight"].shape[0]
         except KeyError as e:
             raise CheckpointError(f"{source}: not a BiSeNet layout (no {e})") from None
-        return _load_strict(cls(n), sd, source, "BiSeNet (79999_iter.pth)")
+        return load_strict(cls(n), sd, source, "BiSeNet (79999_iter.pth)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,71 +451,6 @@ class LandmarkParser(FaceParser):
 # --------------------------------------------------------------------------------------------
 
 
-def _load_strict(
-    module: nn.Module, sd: Mapping[str, torch.Tensor], source: str, layout: str
-) -> Any:
-    """Load ``sd`` into ``module`` with strict keys and shapes, or raise a readable error."""
-    sd = dict(sd)
-    expected = module.state_dict()
-    # Checkpoints saved before PyTorch 0.4.1 have no BatchNorm counters; they are unused here.
-    for k, v in expected.items():
-        if k.endswith("num_batches_tracked") and k not in sd:
-            sd[k] = torch.zeros_like(v)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [
-        f"{k} {list(sd[k].shape)} vs {list(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        parts = [f"{source}: keys do not match the {layout} layout"]
-        for what, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("wrong shape", wrong),
-        ):
-            if keys:
-                more = ", ..." if len(keys) > 5 else ""
-                parts.append(f"{what} {len(keys)} ({', '.join(keys[:5])}{more})")
-        raise CheckpointError("; ".join(parts))
-    module.load_state_dict(sd, strict=True)
-    return module
-
-
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a parser checkpoint as a flat state dict with ``torch.load(weights_only=True)``.
-
-    Unwraps ``{"state_dict": sd}`` / ``{"model": sd}`` containers and a ``module.`` prefix.
-
-    Raises:
-        FileNotFoundError: no such file.
-        CheckpointError: not a plain weights file, or no state dict in it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"parser checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused, not a plain weights file (weights_only=True): "
-            f"{str(e).splitlines()[0]}"
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {e}") from e
-    for key in ("state_dict", "model", "net"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state dict (name -> tensor)")
-    sd = {str(k): v for k, v in obj.items()}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
-
-
 def sniff_parser(sd: Mapping[str, torch.Tensor]) -> str | None:
     """``"bisenet"``, ``"parsenet"`` or ``None`` from a state dict's keys."""
     if "cp.resnet.conv1.weight" in sd:
@@ -528,12 +458,6 @@ def sniff_parser(sd: Mapping[str, torch.Tensor]) -> str | None:
     if "enc.0.0.weight" in sd and "head.weight" in sd:
         return "parsenet"
     return None
-
-
-def _device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_parser(
@@ -570,7 +494,7 @@ def load_parser(
     elif name.endswith(".dat"):
         parser = LandmarkParser(name)
     else:
-        sd = read_state_dict(name)
+        sd = read_state_dict(name, "parser checkpoint")
         kind = sniff_parser(sd)
         if kind == "bisenet":
             parser = BiSeNet.from_state_dict(sd, name)
@@ -582,4 +506,4 @@ def load_parser(
                 f"ParseNet: enc.*/head.*); first keys {sorted(sd)[:5]}"
             )
     parser.eval().requires_grad_(False)
-    return parser.to(_device(device))
+    return parser.to(resolve_device(device))

@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from magdr.checkpoints import (
+    CheckpointError,
+    key_list,
+    load_strict,
+    read_state_dict,
+    resolve_device,
+)
 from magdr.faces.regions import TARGETS
 from magdr.models.base import Generator
 from magdr.models.cyclegan import CycleGAN
@@ -37,67 +43,8 @@ KINDS: dict[str, type[Generator]] = {
     "ganimation": GANimation,
     "cyclegan": CycleGAN,
 }
-#: Keys under which training scripts commonly nest a generator's state dict.
-CONTAINER_KEYS = ("state_dict", "G", "netG", "generator", "G_state_dict", "model_state_dict")
 #: Metadata keys that set generator attributes (``kind`` picks the class).
 META_ATTRS = ("image_size", "attributes", "neutral", "attribute_targets")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read safely or does not match the expected layout."""
-
-
-def _key_list(keys: list[str], n: int = 6) -> str:
-    shown = ", ".join(keys[:n])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > n else ''})"
-
-
-def _is_state_dict(obj: object) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and len(obj) > 0
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-    )
-
-
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file as a flat state dict, safely.
-
-    Unwraps one level of container (``{"state_dict": sd}``, ``{"G": sd}``, ...) when exactly one
-    known key holds a state dict, and a ``module.`` prefix (``nn.DataParallel``) when every key
-    has it.
-
-    Raises:
-        FileNotFoundError: no such file.
-        CheckpointError: the file needs more than tensors to unpickle (refused), is not a
-            checkpoint, or holds no unambiguous state dict.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"generator checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused, it is not a plain weights file (torch.load weights_only=True "
-            f"would have to run pickled code): {str(e).splitlines()[0]}"
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {e}") from e
-    if not _is_state_dict(obj):
-        nested = obj if isinstance(obj, Mapping) else {}
-        found = [k for k in CONTAINER_KEYS if _is_state_dict(nested.get(k))]
-        if len(found) != 1:
-            what = sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__
-            raise CheckpointError(
-                f"{path}: expected a state dict (name -> tensor), or a dict with exactly one of "
-                f"{list(CONTAINER_KEYS)} holding one; found {found or what}"
-            )
-        obj = obj[found[0]]
-    sd = dict(obj)
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
 
 
 def sniff_kind(sd: Mapping[str, torch.Tensor]) -> str | None:
@@ -127,30 +74,9 @@ def _build(kind: str, sd: dict[str, torch.Tensor], path: Path) -> Generator:
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(
             f"{path}: does not look like a {kind} checkpoint ({e}); "
-            f"found keys {_key_list(sorted(sd))}"
+            f"found keys {key_list(sorted(sd))}"
         ) from e
-    expected = G.state_dict()
-    # Checkpoints saved before PyTorch 0.4.1 have no num_batches_tracked counters; unused here.
-    for k, v in expected.items():
-        if k.endswith("num_batches_tracked") and k not in sd:
-            sd[k] = torch.zeros_like(v)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [
-        f"{k} {list(sd[k].shape)} vs {list(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = [f"{path}: keys do not match the {kind} layout {config}"]
-        if missing:
-            parts.append(f"missing {_key_list(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_key_list(unexpected)}")
-        if mismatched:
-            parts.append(f"wrong shape (file vs layout) {_key_list(mismatched, 3)}")
-        raise CheckpointError("; ".join(parts))
-    G.load_state_dict(sd, strict=True)
+    load_strict(G, sd, str(path), f"{kind} {config}")
     return G
 
 
@@ -172,12 +98,6 @@ def _apply_meta(G: Generator, meta: dict[str, Any], path: Path) -> None:
             a: ("hair" if a.endswith("_Hair") else "face+hair") for a in G.attributes
         }
     G.attributes, G.neutral = list(G.attributes), [float(v) for v in G.neutral]
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_generator(
@@ -226,12 +146,12 @@ def load_generator(
             raise CheckpointError(f"{meta_path}: invalid metadata JSON: {e}") from e
         if not isinstance(meta, dict):
             raise CheckpointError(f"{meta_path}: metadata must be a JSON object")
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, "generator checkpoint")
     sniffed = sniff_kind(sd)
     kind = kind or meta.get("kind") or sniffed
     if kind is None:
         raise CheckpointError(
-            f"{path}: cannot tell the generator kind from its keys {_key_list(sorted(sd))}; "
+            f"{path}: cannot tell the generator kind from its keys {key_list(sorted(sd))}; "
             f"pass kind= one of {list(KINDS)}"
         )
     if kind not in KINDS:
@@ -239,4 +159,4 @@ def load_generator(
     G = _build(kind, sd, path)
     _apply_meta(G, meta, meta_path)
     G.meta = {**meta, "kind": kind, "path": str(path)}
-    return G.to(_resolve_device(device)).eval()
+    return G.to(resolve_device(device)).eval()
