@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from daemon import config as C
+from daemon.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _err(table: dict) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse_config(table)
+    return str(e.value)
+
+
+class TestDefaultToml:
+    def test_parses(self):
+        cfg = load_config(ROOT / "config" / "default.toml")
+        assert cfg.guard.enabled and cfg.model.generator == "default"
+        assert cfg.sources[0].kind == "folder" and cfg.sinks[0].kind == "folder"
+
+    def test_matches_dataclass_defaults(self):
+        cfg = load_config(ROOT / "config" / "default.toml")
+        for section in ("model", "guard", "logging", "metrics", "daemon"):
+            assert getattr(cfg, section) == getattr(C.Config(), section), section
+
+    def test_every_key_documented(self):
+        text = (ROOT / "config" / "default.toml").read_text()
+        for cls in (C.ModelConfig, C.GuardConfig, C.FolderSourceConfig, C.ZmqSourceConfig,
+                    C.FolderSinkConfig, C.ZmqSinkConfig, C.LoggingConfig, C.MetricsConfig,
+                    C.DaemonConfig):
+            for f in dataclasses.fields(cls):
+                assert re.search(rf"^#? ?{f.name} = ", text, re.M), f"{cls.__name__}.{f.name}"
+
+
+class TestErrors:
+    def test_bad_socket_names_key_path(self):
+        msg = _err({"sources": [{"kind": "folder", "path": "in"},
+                                {"kind": "zmq", "endpoint": "tcp://127.0.0.1:1", "socket": "pub"}],
+                    "sinks": [{"kind": "folder", "path": "out"}]})
+        assert msg == "sources[1].socket: expected one of sub|pull|rep, got 'pub'"
+
+    def test_unknown_key(self):
+        assert _err({"guard": {"batchsize": 4}}).startswith("guard.batchsize: unknown key")
+
+    def test_unknown_section(self):
+        assert _err({"gaurd": {}}).startswith("gaurd: unknown key")
+
+    def test_wrong_type(self):
+        assert _err({"guard": {"batch_size": "8"}}) == \
+            "guard.batch_size: expected an integer, got '8'"
+        assert _err({"guard": {"enabled": 1}}) == "guard.enabled: expected a boolean, got 1"
+
+    def test_range(self):
+        assert _err({"guard": {"batch_size": 0}}).startswith("guard.batch_size: expected a value")
+
+    def test_condition_values(self):
+        assert _err({"model": {"condition": {"Blond_Hair": "yes"}}}) == \
+            "model.condition.Blond_Hair: expected a number, got 'yes'"
+
+    def test_missing_kind_and_required(self):
+        assert _err({"sinks": [{"path": "x"}]}).startswith("sinks[0].kind: expected one of")
+        assert _err({"sinks": [{"kind": "zmq"}]}) == "sinks[0].endpoint: required"
+
+    def test_folder_source_needs_folder_sink(self):
+        assert "needs a folder sink" in _err({"sources": [{"kind": "folder", "path": "in"}]})
+
+    def test_endpoint_shape(self):
+        assert _err({"sinks": [{"kind": "zmq", "endpoint": "localhost:1"}]}).startswith(
+            "sinks[0].endpoint: expected transport://address")
+
+    def test_file_errors(self, tmp_path):
+        with pytest.raises(ConfigError, match="no such file"):
+            load_config(tmp_path / "nope.toml")
+        (tmp_path / "bad.toml").write_text("[model\n")
+        with pytest.raises(ConfigError, match="not valid TOML"):
+            load_config(tmp_path / "bad.toml")
+
+
+class TestSecretsAndPaths:
+    KEY = "JTKVSB%%)wK0E.X)V>+}o?pNmC{O&4W4b!Ni{Lh6"
+
+    def _zmq(self, key: str) -> dict:
+        return {"sinks": [{"kind": "zmq", "endpoint": "tcp://127.0.0.1:1", "curve_secret_key": key}]}
+
+    def test_env_and_file(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("MAGDR_TEST_KEY", self.KEY)
+        assert parse_config(self._zmq("env:MAGDR_TEST_KEY")).sinks[0].curve_secret_key == self.KEY
+        (tmp_path / "k").write_text(self.KEY + "\n")
+        assert parse_config(self._zmq(f"file:{tmp_path / 'k'}")).sinks[0].curve_secret_key == \
+            self.KEY
+
+    def test_missing_env(self, monkeypatch):
+        monkeypatch.delenv("MAGDR_NOPE", raising=False)
+        assert _err(self._zmq("env:MAGDR_NOPE")) == \
+            "sinks[0].curve_secret_key: environment variable MAGDR_NOPE is not set"
+
+    def test_bad_key_length(self):
+        assert "40-character Z85" in _err(self._zmq("short"))
+
+    def test_relative_paths(self, tmp_path):
+        (tmp_path / "c.toml").write_text(
+            '[model]\ngenerator = "w/G.pt"\n[[sources]]\nkind = "folder"\npath = "in"\n'
+            '[[sinks]]\nkind = "folder"\npath = "out"\n')
+        cfg = load_config(tmp_path / "c.toml")
+        assert cfg.model.generator == str(tmp_path / "w" / "G.pt")
+        assert cfg.sources[0].path == str(tmp_path / "in")
