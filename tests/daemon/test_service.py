@@ -1,0 +1,247 @@
+"""The service in-process: folder and ZeroMQ sources through the guard to both sinks."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from daemon import wire
+from daemon.config import load_config
+from daemon.notify import Notifier
+from daemon.service import Service
+from tests.daemon.conftest import make_clip, read_pts, write_config
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(cond, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def service(tmp_path, tiny_models):
+    started = []
+
+    def make(body: str, guard: bool = False) -> Service:
+        cfg = load_config(write_config(tmp_path / "c.toml", tiny_models, body, guard=guard))
+        svc = Service(cfg, Notifier(env={}))
+        svc.start()
+        started.append(svc)
+        return svc
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+def _sub(ctx: zmq.Context, port: int) -> zmq.Socket:
+    s = ctx.socket(zmq.SUB)
+    s.setsockopt(zmq.SUBSCRIBE, b"")
+    s.setsockopt(zmq.RCVTIMEO, 10000)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    return s
+
+
+def test_folder_to_outbox_and_pub(service, tmp_path):
+    out_port = _port()
+    svc = service(f"""
+[[sources]]
+kind = "folder"
+path = "{tmp_path / 'inbox'}"
+stable_s = 0.2
+[[sinks]]
+kind = "folder"
+path = "{tmp_path / 'outbox'}"
+[[sinks]]
+kind = "zmq"
+endpoint = "tcp://127.0.0.1:{out_port}"
+format = "png"
+""")
+    ctx = zmq.Context()
+    sub = _sub(ctx, out_port)
+    time.sleep(0.3)  # PUB/SUB joins are asynchronous
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    pts = make_clip(stage / "clip.mp4", frames=5, rate=10, time_base=Fraction(1, 12800))
+    (stage / "broken.mkv").write_bytes(b"\x1aE\xdf\xa3 not really matroska")
+    import cv2
+    cv2.imwrite(str(stage / "still.png"), np.full((20, 24, 3), 128, np.uint8))
+    for p in stage.iterdir():
+        p.rename(tmp_path / "inbox" / p.name)
+    outbox, failed = tmp_path / "outbox", tmp_path / "failed"
+    assert _wait(lambda: (outbox / "clip.summary.json").exists()
+                 and (outbox / "still.summary.json").exists()
+                 and (failed / "broken.error.json").exists())
+    # the cleaned video: same frame count and timestamps, verdicts one line per frame in order
+    got, tb = read_pts(outbox / "clip.mp4")
+    assert len(got) == 5
+    np.testing.assert_allclose([float(p * tb) for p in got], [i / 10 for i in range(5)],
+                               atol=1e-3)
+    lines = [json.loads(x) for x in (outbox / "clip.verdicts.jsonl").read_text().splitlines()]
+    assert [v["seq"] for v in lines] == list(range(5))
+    assert [v["pts"] for v in lines] == pts
+    assert set(lines[0]) == {"v", "stream", "seq", "pts", "disrupted", "score", "s_dist",
+                             "s_cons", "threshold", "faces", "latency_ms", "model", "profile"}
+    assert lines[0]["faces"][0]["box"] == [0, 0, 48, 32]
+    summary = json.loads((outbox / "clip.summary.json").read_text())
+    assert summary["frames"] == 5 and summary["input"] == "clip.mp4"
+    assert (outbox / "still.png").exists()
+    err = json.loads((failed / "broken.error.json").read_text())
+    assert err["reason"] == "decode" and (failed / "broken.mkv").exists()
+    assert not list(outbox.glob(".*.part")) and not list(svc.folder_sources[0].work.iterdir())
+    assert svc.metrics.bad_input.value(source="folder0", reason="decode") == 1
+    # the PUB sink saw verdicts and clean frames
+    topics = set()
+    while len(topics) < 2:
+        msg = sub.recv_multipart()
+        topics.add(msg[0].split(b".")[0])
+        if msg[0].startswith(b"clean."):
+            assert wire.decode_v1([b"frame." + msg[0][6:], *msg[1:]], 1 << 30).image.ndim == 3
+    assert topics == {b"verdict", b"clean"}
+    sub.close(0)
+    ctx.term()
+
+
+def test_zmq_sources_sub_pull_rep(service, tmp_path):
+    p_pub, p_pull, p_rep, p_out = (_port() for _ in range(4))
+    svc = service(f"""
+[[sources]]
+kind = "zmq"
+endpoint = "tcp://127.0.0.1:{p_pub}"
+socket = "sub"
+[[sources]]
+kind = "zmq"
+endpoint = "tcp://127.0.0.1:{p_pull}"
+socket = "pull"
+bind = true
+[[sources]]
+kind = "zmq"
+endpoint = "tcp://127.0.0.1:{p_rep}"
+socket = "rep"
+bind = true
+protocol = "imagezmq"
+stream = "pi"
+[[sinks]]
+kind = "zmq"
+endpoint = "tcp://127.0.0.1:{p_out}"
+frames = false
+""", guard=True)
+    ctx = zmq.Context()
+    sub = _sub(ctx, p_out)
+    pub = ctx.socket(zmq.PUB)
+    pub.bind(f"tcp://127.0.0.1:{p_pub}")
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{p_pull}")
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.RCVTIMEO, 10000)
+    req.connect(f"tcp://127.0.0.1:{p_rep}")
+    time.sleep(0.5)
+    img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    for i in range(3):
+        pub.send_multipart(wire.encode_frame("cam", i, img, "jpeg", pts=i * 100,
+                                             time_base=(1, 1000)))
+        push.send_multipart(wire.encode_frame("line", i, img, "rgb24",
+                                              cond={"Black_Hair": 1}))
+        # imagezmq's ImageSender.send_image, written out with plain pyzmq
+        req.send_json(dict(msg="pi-1", dtype=str(img.dtype), shape=img.shape), zmq.SNDMORE)
+        req.send(img)
+        assert req.recv() == b"OK"
+    # malformed input on every kind of socket: counted, never fatal
+    push.send_multipart([b"frame.line", b"{not json", b""])
+    pub.send_multipart([b"frame.cam", json.dumps({"v": 9}).encode(), b""])
+    req.send_json(dict(msg="pi-1", dtype="uint8", shape=[32, 32, 3]), zmq.SNDMORE)
+    req.send(b"short")
+    assert req.recv().startswith(b"ERROR bad_payload")
+    seen: dict[str, list[int]] = {}
+    while sum(map(len, seen.values())) < 9:
+        topic, body = sub.recv_multipart()
+        v = json.loads(body)
+        assert topic == b"verdict." + v["stream"].encode()
+        seen.setdefault(v["stream"], []).append(v["seq"])
+        assert v["profile"] == "test-detect-only" and v["score"] is not None
+        assert v["disrupted"] is False and len(v["faces"]) == 1
+    assert seen == {"cam": [0, 1, 2], "line": [0, 1, 2], "pi": [1, 2, 3]}
+    assert _wait(lambda: svc.metrics.bad_input.total() == 3, 5)
+    m = svc.metrics
+    assert m.bad_input.value(source="zmq1", reason="bad_json") == 1
+    assert m.bad_input.value(source="zmq0", reason="bad_version") == 1
+    assert m.bad_input.value(source="zmq2", reason="bad_payload") == 1
+    assert m.frames_out.value(source="zmq0") == 3
+    for s in (sub, pub, push, req):
+        s.close(0)
+    ctx.term()
+
+
+def test_drop_oldest_counts_drops(tmp_path, tiny_models):
+    """A full queue under drop-oldest keeps the newest frames and counts the rest."""
+    from daemon.config import ZmqSourceConfig
+    from daemon.metrics import Metrics
+    from daemon.sources.zmq import ZmqSource
+
+    cfg = ZmqSourceConfig(endpoint="tcp://127.0.0.1:1", queue_size=2)
+    m = Metrics()
+    src = ZmqSource(0, cfg, zmq.Context.instance(), None, lambda g: None, m,  # type: ignore
+                    Notifier(env={}), 1 << 20)
+    img = np.zeros((4, 4, 3), np.uint8)
+    for i in range(5):
+        assert src._handle(wire.encode_frame("s", i, img, "rgb24")) == b"OK"
+    assert [src.q.get_nowait()[0].seq for _ in range(2)] == [3, 4]
+    assert m.frames_dropped.value(source="zmq0", reason="queue_full") == 3
+    assert m.frames_in.value(source="zmq0") == 5
+    # huge frames are refused by their declared size, before any allocation
+    big = {"v": 1, "stream": "s", "seq": 9, "format": "rgb24", "width": 5000, "height": 5000}
+    assert src._handle([b"frame.s", json.dumps(big).encode(), b""]).startswith(
+        b"ERROR too_large")
+    assert m.bad_input.value(source="zmq0", reason="too_large") == 1
+
+
+def test_curve_encrypted_pull(service, tmp_path):
+    server_pub, server_sec = zmq.curve_keypair()
+    client_pub, client_sec = zmq.curve_keypair()
+    port, out = _port(), _port()
+    import os
+    os.environ["MAGDR_TEST_CURVE"] = server_sec.decode()
+    try:
+        svc = service(f"""
+[[sources]]
+kind = "zmq"
+endpoint = "tcp://127.0.0.1:{port}"
+socket = "pull"
+bind = true
+curve_secret_key = "env:MAGDR_TEST_CURVE"
+[[sinks]]
+kind = "zmq"
+endpoint = "tcp://127.0.0.1:{out}"
+frames = false
+""")
+    finally:
+        del os.environ["MAGDR_TEST_CURVE"]
+    ctx = zmq.Context()
+    sub = _sub(ctx, out)
+    push = ctx.socket(zmq.PUSH)
+    push.curve_secretkey, push.curve_publickey, push.curve_serverkey = \
+        client_sec, client_pub, server_pub
+    push.connect(f"tcp://127.0.0.1:{port}")
+    time.sleep(0.3)
+    push.send_multipart(wire.encode_frame("sec", 0, np.zeros((8, 8, 3), np.uint8), "rgb24"))
+    assert json.loads(sub.recv_multipart()[1])["stream"] == "sec"
+    assert svc.metrics.frames_out.value(source="zmq0") == 1
+    for s in (sub, push):
+        s.close(0)
+    ctx.term()
