@@ -33,6 +33,11 @@ def _mask_like(a: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return mask.to(a)
 
 
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    check_shape(a, ["B", "C", "H", "W"], "a")
+    check_same_shape(a, b)
+
+
 def _masked_mean(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``v`` :math:`(B, C, H, W)` over the mask, divided by area S_i (Eq. 4)."""
     area = mask.sum(dim=(1, 2, 3)) * v.shape[1]
@@ -46,19 +51,19 @@ def l1(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> to
         >>> l1(torch.zeros(1, 3, 2, 2), torch.ones(1, 3, 2, 2))
         tensor([1.])
     """
-    check_same_shape(a, b)
+    _check_pair(a, b)
     return _masked_mean((a - b).abs(), _mask_like(a, mask))
 
 
 def l2(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared difference (MSE) over the (masked) pixels, :math:`(B,)`."""
-    check_same_shape(a, b)
+    _check_pair(a, b)
     return _masked_mean((a - b).square(), _mask_like(a, mask))
 
 
 def linf(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Largest absolute difference, each pixel weighted by its soft mask value, :math:`(B,)`."""
-    check_same_shape(a, b)
+    _check_pair(a, b)
     return ((a - b).abs() * _mask_like(a, mask)).flatten(1).amax(1)
 
 
@@ -69,8 +74,9 @@ def psnr(
 
     Identical images give ``max_db`` instead of infinity.
     """
-    mse = l2(a, b, mask)
-    return (10 * torch.log10(DATA_RANGE**2 / mse.clamp_min(_EPS))).clamp(max=max_db)
+    # Floor the MSE at the value whose PSNR is max_db (a fixed epsilon would cap lower).
+    mse = l2(a, b, mask).clamp_min(DATA_RANGE**2 * 10 ** (-max_db / 10))
+    return (10 * torch.log10(DATA_RANGE**2 / mse)).clamp(max=max_db)
 
 
 def _gaussian_window(size: int, sigma: float, channels: int, like: torch.Tensor) -> torch.Tensor:
@@ -87,7 +93,7 @@ def ssim_map(
 
     Borders are reflect-padded so the map has the input's size (masks then apply pixelwise).
     """
-    check_same_shape(a, b)
+    _check_pair(a, b)
     c = a.shape[1]
     win = _gaussian_window(window, sigma, c, a)
     pad = window // 2
@@ -120,7 +126,7 @@ def feature_cosine(
     a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Cosine similarity of (masked) feature maps Φ_l, flattened per item, :math:`(B,)`."""
-    check_same_shape(a, b)
+    _check_pair(a, b)
     m = _mask_like(a, mask)
     return F.cosine_similarity((a * m).flatten(1), (b * m).flatten(1), dim=1, eps=_EPS)
 
