@@ -204,9 +204,11 @@ class Attack:
             raise TypeError(f"G: expected a callable generator, got {type(G).__name__}")
         self.G = G
 
-    def __call__(self, x: torch.Tensor, c: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, c: torch.Tensor | None, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """Same as :meth:`forward`."""
-        return self.forward(x, c, **kwargs)
+        return self.forward(x, c, *args, **kwargs)
 
     def forward(
         self,
@@ -422,7 +424,7 @@ class CWL2(Attack):
     def __init__(
         self,
         G: nn.Module,
-        const: float = 0.05,
+        const: float = 1.0,
         steps: int = 100,
         lr: float = 0.01,
         binary_steps: int = 1,
@@ -692,7 +694,7 @@ def cw_l2(
     G: nn.Module,
     x: torch.Tensor,
     c: torch.Tensor | None,
-    const: float = 0.05,
+    const: float = 1.0,
     steps: int = 100,
     lr: float = 0.01,
     binary_steps: int = 1,
