@@ -446,3 +446,27 @@ class TestBadArguments:
             attacks.AdaptivePGD(G, transforms=[{"params": {}}])
         with pytest.raises(ValueError, match="empty"):
             attacks.AdaptivePGD(G, transforms=[], include_identity=False)
+
+
+class TestDevicesAndDtypes:
+    def test_float64(self, xc):
+        x, c = xc
+        G = tiny_stargan().double()
+        for run in LINF.values():
+            x_adv = run(G, x.double(), c.double(), torch.Generator().manual_seed(0))
+            assert x_adv.dtype == torch.float64
+            assert (x_adv - x.double()).abs().max() <= EPS + 1e-12
+
+    @pytest.mark.gpu
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    def test_cuda(self, xc):
+        x, c = (t.cuda() for t in xc)
+        G = tiny_stargan().cuda()
+        for g in (torch.Generator().manual_seed(0), torch.Generator("cuda").manual_seed(0), None):
+            x_adv = attacks.pgd(G, x, c, generator=g)
+            assert x_adv.device == x.device and (x_adv - x).abs().max() <= EPS + 1e-6
+        assert attacks.ifgsm(G, x, c).is_cuda and attacks.cw_l2(G, x, c, steps=3).is_cuda
+        pool = [{"name": "jpeg", "params": {"quality": 75}}, {"name": "median", "params": {"k": 3}}]
+        g = torch.Generator("cuda").manual_seed(0)
+        x_adv = attacks.adaptive_pgd(G, x, c, transforms=pool, steps=3, generator=g)
+        assert x_adv.is_cuda and (x_adv - x).abs().max() <= EPS + 1e-6
