@@ -70,9 +70,7 @@ def data_dir() -> Path:
 
 def face_layout(size: int = SIZE) -> torch.Tensor:
     """BiSeNet class index of each pixel of a fixed frontal "face", :math:`(S, S)` long."""
-    v, u = torch.meshgrid(
-        torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij"
-    )
+    v, u = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     lab = torch.full((size, size), _C["background"])
     face = (u / 0.55) ** 2 + ((v - 0.15) / 0.6) ** 2 < 1
     hair = ((u / 0.75) ** 2 + ((v + 0.15) / 0.75) ** 2 < 1) & ~face & (v < 0.2)
