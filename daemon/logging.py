@@ -47,6 +47,18 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     ]
     if not console:
         processors.append(structlog.processors.format_exc_info)
+    # Lines from the standard library's loggers (watchdog, the magdr library) go through the
+    # same renderer, so stdout stays one JSON object per line.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processor=renderer, foreign_pre_chain=[structlog.stdlib.add_logger_name, *processors]))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_magdr", False):
+            root.removeHandler(h)
+    handler._magdr = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(max(LEVELS[level], logging.INFO))
     processors.append(renderer)
     structlog.configure(
         processors=processors,
