@@ -1,0 +1,166 @@
+"""The benchmark: metric helpers, baselines, the adaptive attack's snapshots, and a quick run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench import baselines as B
+from bench.common import at_threshold, fpr_at_tpr, roc_curve
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class TestMetrics:
+    def test_at_threshold_hand_computed(self):
+        neg = np.array([0.1, 0.2, 0.6, 0.3])
+        pos = np.array([0.7, 0.4, 0.9])
+        r = at_threshold(neg, pos, 0.5)  # tp 2, fp 1, fn 1
+        assert r["precision"] == pytest.approx(2 / 3)
+        assert r["recall"] == pytest.approx(2 / 3)
+        assert r["f1"] == pytest.approx(2 / 3)
+        assert r["fpr"] == pytest.approx(0.25)
+
+    def test_no_positives_is_nan_not_zero(self):
+        r = at_threshold(np.array([0.1]), np.array([]), 0.5)
+        assert math.isnan(r["recall"]) and math.isnan(r["f1"])
+
+    def test_fpr_at_tpr(self):
+        neg = np.arange(100) / 100.0
+        pos = np.full(20, 0.955)
+        assert fpr_at_tpr(neg, pos) == pytest.approx(0.04)
+        assert fpr_at_tpr(np.array([0.0]), np.array([1.0])) == 0.0
+
+    def test_roc_curve_ends(self):
+        fpr, tpr = roc_curve(np.array([0.1, 0.4]), np.array([0.3, 0.8]))
+        assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+        assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+
+
+class TestBaselines:
+    def test_median2_takes_rank_two_of_the_window(self):
+        x = torch.tensor([[1.0, 4.0], [3.0, 2.0]]).view(1, 1, 2, 2)
+        # top-left window {1,4,3,2} sorted 1,2,3,4 -> rank 2 = 3 (scipy's median_filter(size=2))
+        assert B.median2(x)[0, 0, 0, 0] == 3.0
+
+    def test_haar_round_trip(self):
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(B._ihaar(*B._haar(x)), x, atol=1e-6)
+
+    def test_wavelet_denoise_reduces_noise(self):
+        g = torch.Generator().manual_seed(0)
+        clean = torch.linspace(-0.5, 0.5, 32).view(1, 1, 1, 32).expand(1, 3, 32, 32)
+        noisy = clean + 0.1 * torch.randn(clean.shape, generator=g)
+        den = B.wavelet_denoise(noisy)
+        assert (den - clean).pow(2).mean() < 0.5 * (noisy - clean).pow(2).mean()
+
+    def test_pixel_deflection_and_resize_pad(self):
+        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        for f in (B.pixel_deflection, B.random_resize_pad):
+            y = f(x, torch.Generator().manual_seed(0))
+            assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+            assert not torch.equal(y, x)
+        y = B.random_resize_pad(torch.ones(1, 3, 40, 40), torch.Generator().manual_seed(3))
+        assert (y == -1).any()  # the black padding Xie et al. add
+
+    def test_feature_squeezing_is_differentiable_and_zero_on_flat_input(self):
+        from magdr.models.stargan import StarGAN
+
+        torch.manual_seed(0)
+        G = StarGAN(conv_dim=4, c_dim=5, repeat_num=1, image_size=16).eval()
+        fs = B.FeatureSqueezing(G)
+        c = torch.zeros(2, 5)
+        # A flat image on the 5-bit grid: every squeezer leaves it unchanged.
+        flat = torch.full((2, 3, 16, 16), 2 * 16 / 31 - 1)
+        assert torch.allclose(fs.score(flat, c), torch.zeros(2), atol=1e-6)
+        x = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
+        fs.score(x, c).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+
+    def test_thresholds_give_the_asked_fpr(self):
+        neg = np.arange(1000) / 1000.0
+        thr = B.fpr_threshold(neg, 0.05)
+        assert (neg > thr).mean() == pytest.approx(0.05, abs=0.002)
+
+
+def test_snapshots_equal_shorter_adaptive_runs():
+    """The k-th snapshot of one long adaptive run is magdr.attacks.adaptive_pgd with k steps."""
+    from bench.adaptive import SnapshotAdaptivePGD
+    from magdr.attacks import adaptive_pgd
+    from magdr.models.stargan import StarGAN
+
+    torch.manual_seed(0)
+    G = StarGAN(conv_dim=4, c_dim=5, repeat_num=1, image_size=16).eval()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    c = torch.zeros(2, 5)
+    pool = [
+        {"name": "gaussian_blur", "params": {"sigma": 0.8}},
+        {"name": "jpeg", "params": {"quality": 75}},
+    ]
+    attack = SnapshotAdaptivePGD(G, transforms=pool, snapshots=[1, 3], eot_samples=2)
+    attack(x, c, generator=torch.Generator().manual_seed(5))
+    for k in (1, 3):
+        ref = adaptive_pgd(
+            G,
+            x,
+            c,
+            transforms=pool,
+            steps=k,
+            eot_samples=2,
+            generator=torch.Generator().manual_seed(5),
+        )
+        assert torch.allclose(attack.saved[k], ref, atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_quick_run_writes_report(tiny_models, tmp_path):
+    pytest.importorskip("matplotlib")
+    G, P = tiny_models
+    out = tmp_path / "results"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--quick",
+        "--generator",
+        str(G),
+        "--parser",
+        str(P),
+        "--data",
+        "synthetic",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--success-mse",
+        "0.002",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "REPORT.md").read_text()
+    for png in ("roc.png", "fig3_adaptive.png", "fig1_magdr.png", "fig4_defences.png"):
+        assert (out / png).stat().st_size > 1000
+        assert f"]({png})" in report
+    for heading in ("Table 1", "Table 2", "Figure 3", "Throughput"):
+        assert heading in report
+    # Tables hold numbers: every detector's PGD row has a numeric AUROC, Table 2 has PSNRs.
+    for det in ("MagDR (DD+CD)", "Feature squeezing", "MagNet AE", "OTD"):
+        assert re.search(rf"\| {re.escape(det)} \| \d\.\d\d / ", report), det
+    assert re.search(r"\| JPEG q75 \(Dziugaite\) \| [\d.]+ \| [\d.]+ \| [\d.]+", report)
+    res = json.loads((out / "results.json").read_text())
+    assert res["commit"] and res["wall_s"] > 0
+    tp = res["throughput"]
+    assert tp["plain G"]["ratio"] == pytest.approx(1.0)
+    assert 0 < tp["guard, clean input"]["ratio"] < 1.5
+    assert set(res["adaptive"]["curves"]) >= {"MagDR (DD+CD)", "OTD"}
+    assert (out / "cache").is_dir()  # trained baselines are cached
