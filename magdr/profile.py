@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from magdr.faces.regions import REGIONS
 from magdr.metrics import DISTANCES
 from magdr.transforms import get as get_transform
 
@@ -114,6 +115,14 @@ class Profile:
                 raise ValueError(f"profile: unknown distance {name!r}; known: {list(DISTANCES)}")
         for t in self.consistency:
             get_transform(t["name"])
+        # Rec-Net's names too, so a bad profile fails when loaded, not at the first attack.
+        for cat in [c for layer in self.recnet.layers for c in layer]:
+            get_transform(cat)
+        for m in [m for layer in self.recnet.pretrained for m in layer]:
+            get_transform(m["name"])
+        bad = [r for patch in self.recnet.patches for r in patch if r not in REGIONS]
+        if bad:
+            raise ValueError(f"profile.recnet.patches: unknown regions {bad}; known: {REGIONS}")
         if not self.consistency:
             raise ValueError("profile.consistency: the consistency detector needs K >= 1")
 
