@@ -1,0 +1,146 @@
+"""Calibration: AUROC, the fitted μ/σ, w, λ and threshold, and Rec-Net pretraining."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from magdr import attacks, calibrate
+from magdr.calibrate import BENIGN, auroc, benign_copies, fit
+from magdr.guard import Guard
+from magdr.models.stargan import StarGAN
+from magdr.profile import Profile
+from magdr.transforms import apply
+from tests.conftest import synthetic_faces
+
+SIZE = 16
+
+
+class TestAUROC:
+    def test_hand_values(self):
+        # Pairs (pos > neg): 0.3>0.1, 0.3>0.2, 0.15>0.1, 0.15<0.2 -> 3/4.
+        assert auroc(np.array([0.1, 0.2]), np.array([0.3, 0.15])) == 0.75
+        assert auroc([0.0, 1.0], [2.0, 3.0]) == 1.0
+        assert auroc([2.0, 3.0], [0.0, 1.0]) == 0.0
+
+    def test_ties_count_half(self):
+        assert auroc([0.5], [0.5]) == 0.5
+        # 0.5 vs 0.1 win, 0.5 vs 0.5 tie, 0.9 beats both: (1 + 0.5 + 1 + 1) / 4.
+        assert auroc([0.1, 0.5], [0.5, 0.9]) == 0.875
+        assert auroc([1.0, 1.0, 1.0], [1.0, 1.0]) == 0.5
+
+    def test_matches_pair_count(self):
+        rng = np.random.default_rng(0)
+        neg, pos = rng.integers(0, 5, 30).astype(float), rng.integers(2, 7, 20).astype(float)
+        pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
+        assert auroc(neg, pos) == pytest.approx(pairs)
+        assert auroc(torch.tensor(neg), torch.tensor(pos)) == pytest.approx(pairs)
+
+    def test_empty_is_nan(self):
+        assert math.isnan(auroc([], [1.0]))
+        assert math.isnan(auroc([1.0], []))
+
+
+def test_benign_copies():
+    x = synthetic_faces(3, torch.Generator().manual_seed(0), size=SIZE)
+    out = benign_copies(x)
+    assert out.shape == (3 * len(BENIGN), 3, SIZE, SIZE)
+    for k, t in enumerate(BENIGN):
+        torch.testing.assert_close(out[3 * k : 3 * (k + 1)], apply(t["name"], x, **t["params"]))
+
+
+@pytest.fixture(scope="module")
+def setup(face_parser):
+    torch.manual_seed(0)
+    G = StarGAN(conv_dim=4, c_dim=5, repeat_num=1, image_size=SIZE).eval()
+    g = torch.Generator().manual_seed(3)
+    x = synthetic_faces(8, g, size=SIZE)
+    c = torch.eye(5)[torch.arange(8) % 3]
+    x_adv = attacks.pgd(G, x, c, generator=torch.Generator().manual_seed(4))
+    x_neg, c_neg = torch.cat([x, benign_copies(x)]), c.repeat(1 + len(BENIGN), 1)
+    base = Guard(G, parser=face_parser, profile=Profile(), device="cpu")
+    profile = fit(base, x_neg, c_neg, x_adv, c, fpr=0.1, pretrain_recnet=False, name="t")
+    return {
+        "G": G,
+        "base": base,
+        "profile": profile,
+        "x_neg": x_neg,
+        "c_neg": c_neg,
+        "x_adv": x_adv,
+        "c": c,
+    }
+
+
+class TestFit:
+    def test_threshold_is_clean_quantile(self, setup, face_parser):
+        p = setup["profile"]
+        guard = Guard(setup["G"], parser=face_parser, profile=p, device="cpu")
+        s_neg = guard.detect(setup["x_neg"], setup["c_neg"]).score
+        assert p.threshold == pytest.approx(float(torch.quantile(s_neg.double(), 0.9)), rel=1e-5)
+        # The interpolated quantile lets at most one more negative than 10 % above it.
+        fpr = float((s_neg > p.threshold).double().mean())
+        assert fpr <= 0.1 + 1 / len(s_neg) and p.meta["fpr_train"] == pytest.approx(fpr)
+
+    def test_mu_sigma_from_clean_non_target_regions(self, setup, face_parser):
+        p, G = setup["profile"], setup["G"]
+        det = setup["base"].detect(setup["x_neg"], setup["c_neg"])
+        regions = setup["base"].regions(setup["x_neg"])
+        keep = (regions.mean((2, 3)) >= p.min_region_area) & (
+            G.target_regions(setup["c_neg"]) < 0.5
+        )
+        vals = det.distances[keep]  # [n, M]
+        torch.testing.assert_close(torch.tensor(p.mu), vals.mean(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(p.sigma), vals.std(0), rtol=1e-4, atol=1e-6)
+
+    def test_w_lam_meta(self, setup):
+        p = setup["profile"]
+        assert len(p.w) == len(p.distances)
+        assert sum(p.w) == pytest.approx(1.0) and min(p.w) > 0
+        assert p.lam == 0.0 or 1e-5 <= p.lam <= 100
+        assert p.name == "t" and p.recnet.pretrained == []
+        m = p.meta
+        assert m["n_clean"] == 32 and m["n_attacked"] == 8 and m["fpr_target"] == 0.1
+        assert set(m["auroc_per_distance"]) == set(p.distances)
+        assert 0.5 < m["auroc_train"] <= 1.0
+
+    def test_base_profile_not_changed(self, setup):
+        assert setup["base"].profile == Profile()
+
+    def test_loads_in_guard(self, setup, face_parser, tmp_path):
+        p = setup["profile"]
+        p.save(tmp_path / "fitted.json")
+        from_file = Guard(
+            setup["G"], parser=face_parser, profile=str(tmp_path / "fitted.json"), device="cpu"
+        )
+        assert from_file.profile == p
+        direct = Guard(setup["G"], parser=face_parser, profile=p, device="cpu")
+        x, c = setup["x_adv"][:2], setup["c"][:2]
+        torch.testing.assert_close(from_file.detect(x, c).score, direct.detect(x, c).score)
+
+    def test_bad_fpr(self, setup):
+        with pytest.raises(ValueError, match="fpr"):
+            fit(setup["base"], setup["x_neg"], setup["c_neg"], setup["x_adv"], setup["c"], fpr=0.0)
+
+    def test_pretrain_recnet(self, setup, face_parser):
+        layers = [["median", "gaussian_blur"], ["jpeg"]]
+        base = Guard(
+            setup["G"], parser=face_parser, profile=Profile(recnet={"layers": layers}), device="cpu"
+        )
+        p = fit(base, setup["x_neg"][:8], setup["c_neg"][:8], setup["x_adv"][:4], setup["c"][:4])
+        q = p.recnet.pretrained
+        assert [[m["name"] for m in layer] for layer in q] == layers
+        for layer in q:
+            for m in layer:
+                assert set(m) == {"name", "params"}
+        assert len(p.meta["recnet_pretrain_scores"]) == 2
+        assert Profile.from_dict(p.to_dict()) == p  # JSON-able
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        calibrate.main(["--help"])
+    assert e.value.code == 0
+    assert "--fpr" in capsys.readouterr().out
