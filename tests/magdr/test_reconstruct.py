@@ -169,6 +169,32 @@ class TestInfer:
         )
         torch.testing.assert_close(after, torch.zeros(2), atol=1e-10, rtol=0)
 
+    def test_only_top_categories_compete(self):
+        # Line 8-10: an item may only take a method of its own top categories, even when the
+        # full grid of another item's top category (scored in the same batch) would beat it.
+        g = torch.Generator().manual_seed(6)
+        x = (_smooth(2, seed=7) + 0.2 * torch.randn(2, 3, 16, 16, generator=g)).clamp(-1, 1)
+        blur_h, bits_h = gaussian_blur(x, 0.5), bitdepth(x, 4)
+
+        def score(xc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            to_blur = (xc - blur_h[idx]).square().mean((1, 2, 3)) + 5e-4
+            to_bits = (xc - bits_h[idx]).square().mean((1, 2, 3))
+            # Item 0 is best served by the blur of Q_i, item 1 by 4 bits.
+            return torch.where(idx == 0, torch.minimum(to_blur, to_bits), to_bits)
+
+        q = [[{"name": "gaussian_blur", "params": {"sigma": 0.5}},
+              {"name": "bitdepth", "params": {"bits": 6}}]]  # fmt: skip
+        # Preconditions: on Q_i, item 0 ranks the blur first and item 1 the bit depth.
+        both = torch.cat([gaussian_blur(x, 0.5), bitdepth(x, 6)])
+        s_q = score(both, torch.tensor([0, 1, 0, 1])).view(2, 2)
+        assert s_q[0, 0] < s_q[1, 0] and s_q[0, 1] > s_q[1, 1]
+        _, chains, after = infer(x, score, torch.ones(2, 1, 16, 16), q, ["all"], top_categories=1)
+        assert chains[0] == [{"name": "gaussian_blur", "params": {"sigma": 0.5}, "region": "all",
+                              "layer": 0}]  # fmt: skip
+        assert chains[1] == [{"name": "bitdepth", "params": {"bits": 4}, "region": "all",
+                              "layer": 0}]  # fmt: skip
+        assert after[0].item() == pytest.approx(5e-4) and after[1].item() == 0
+
     def test_start_score_and_small_patches(self, setup):
         clean, x, patches = setup
         patches = patches.clone()
