@@ -56,6 +56,8 @@ def _base_config(args: argparse.Namespace) -> Config:
         cfg.model.parser = args.parser
     if getattr(args, "profile", None):
         cfg.model.profile = args.profile
+    if getattr(args, "threads", None):
+        cfg.model.threads = args.threads
     return cfg
 
 
@@ -278,7 +280,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 # ---- calibrate ------------------------------------------------------------------------------
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    """Thin wrapper over ``magdr.calibrate``."""
+    """Thin wrapper over ``magdr.calibrate``: every argument goes to its ``main(argv)``."""
     try:
         from magdr import calibrate
     except ImportError as e:
@@ -294,6 +296,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 # ---- demo -----------------------------------------------------------------------------------
+def _finished(outbox: Path, failed: Path) -> list[dict[str, Any]]:
+    """Summaries in the outbox and error reports in failed/ (each names its ``input``)."""
+    import json
+
+    out = []
+    for p in sorted(outbox.glob("*.summary.json")) + sorted(failed.glob("*.error.json")):
+        try:
+            out.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            pass  # being written: renamed into place only when complete, so rare
+    return out
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The bundled clip and a disrupted copy through the real daemon path."""
     try:
@@ -303,6 +318,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     _quiet_logs(args, cfg)
     out = Path(args.out or tempfile.mkdtemp(prefix="magdr-demo-")).resolve()
+    if out.exists() and any(out.iterdir()):
+        dlog.say(f"magdr-guard demo: {out} is not empty; pass an empty or new --out",
+                 file=sys.stderr)
+        return 2
     inbox, outbox, state = out / "inbox", out / "outbox", out / "state"
     staging = out / "staging"
     for d in (staging, inbox):
@@ -328,19 +347,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         svc.start()
         for nm in names:  # moved in, like a well-behaved uploader
             (staging / nm).rename(inbox / nm)
-        stems = [Path(nm).stem for nm in names]
         while not svc.stop_event.wait(0.2):
-            finished = [s for s in stems if (outbox / f"{s}.summary.json").exists()
-                        or (out / "failed" / f"{s}.error.json").exists()]
-            if len(finished) == len(stems) or time.monotonic() - t0 > args.timeout:
+            if len(_finished(outbox, out / "failed")) >= len(names) or \
+                    time.monotonic() - t0 > args.timeout:
                 break
     finally:
         svc.stop()
-    import json
-
-    summaries = [json.loads((outbox / f"{Path(nm).stem}.summary.json").read_text())
-                 for nm in names if (outbox / f"{Path(nm).stem}.summary.json").exists()]
-    failures = [json.loads(p.read_text()) for p in sorted((out / "failed").glob("*.error.json"))]
+    done = _finished(outbox, out / "failed")
+    summaries = [d for d in done if "frames" in d]
+    failures = [d for d in done if "reason" in d]
     dlog.say(f"  guarded in {time.monotonic() - t0:.1f} s:")
     _report(summaries, failures, outbox)
     dlog.say(f"  outputs: {outbox}  (NAME.mp4/.mkv cleaned video, NAME.verdicts.jsonl per frame, "
@@ -356,6 +371,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--faces", choices=["detect", "frame"], help="overrides [guard] faces")
     p.add_argument("--parser", help="overrides [model] parser")
     p.add_argument("--profile", help="overrides [model] profile")
+    p.add_argument("--threads", type=int, help="torch CPU threads (overrides [model] threads)")
     p.add_argument("-v", "--verbose", action="store_true", help="info-level logs on stderr")
 
 
@@ -410,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: D103
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``magdr-guard`` console script."""
     ap = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["calibrate"]:  # its options (--help included) belong to magdr.calibrate
+        return cmd_calibrate(argparse.Namespace(rest=argv[1:]))
     args = ap.parse_args(argv)
     if args.cmd is None:
         if args.validate_config:

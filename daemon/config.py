@@ -54,6 +54,9 @@ class ModelConfig:
     image_size: int = field(
         default=0, metadata=doc("face crop side; 0 = the generator's own image_size", min=0)
     )
+    threads: int = field(
+        default=0, metadata=doc("CPU threads for torch; 0 = torch's default", min=0)
+    )
 
 
 @dataclass

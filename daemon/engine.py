@@ -79,6 +79,8 @@ class Engine:
         self.cfg = cfg
         m, g = cfg.model, cfg.guard
         self.device = resolve_device(m.device)
+        if m.threads:
+            torch.set_num_threads(m.threads)
         t0 = time.monotonic()
         self.G = magdr.load_generator(m.generator, kind=m.kind or None, device=self.device)
         self.size = m.image_size or int(self.G.image_size)

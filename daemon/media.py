@@ -73,6 +73,8 @@ def is_image(path: str | os.PathLike[str]) -> bool:  # noqa: D103
 
 def probe(path: str | os.PathLike[str]) -> VideoInfo:
     """Geometry, rate, time base and frame count (0 when the container does not say)."""
+    if not Path(path).is_file():
+        raise MediaError("missing", f"{Path(path).name}: no such file")
     if is_image(path):
         img = read_image(path, 1 << 40)
         return VideoInfo(img.shape[1], img.shape[0], None, None, 1, False)

@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from daemon.config import FolderSinkConfig
+from daemon.config import IMAGE_EXTS, VIDEO_EXTS, FolderSinkConfig
 
 log = structlog.get_logger()
 
@@ -46,13 +46,9 @@ class FolderSink:
 
     def taken(self, name: str) -> bool:
         """Whether NAME is already used by some input's outputs."""
-        return (self.path / f"{name}.summary.json").exists() or any(
-            self.path.glob(f"{glob_escape(name)}.*"))
+        names = [f"{name}.summary.json", f"{name}.verdicts.jsonl"] + [
+            f"{name}{ext}" for ext in VIDEO_EXTS + IMAGE_EXTS]
+        return any((self.path / n).exists() for n in names)
 
     def close(self) -> None:  # noqa: D102
         pass
-
-
-def glob_escape(s: str) -> str:
-    """Escape glob metacharacters in a file name."""
-    return "".join(f"[{ch}]" if ch in "*?[]" else ch for ch in s)

@@ -16,6 +16,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random G (32 px), tiny parser, and a detection-only profile (huge threshold)."""
@@ -78,6 +87,7 @@ generator = "{models['G']}"
 parser = "{models['parser']}"
 profile = "{models['profile']}"
 device = "cpu"
+threads = 1
 
 [guard]
 enabled = {str(guard).lower()}

@@ -86,7 +86,8 @@ class TestSecretsAndPaths:
     KEY = "JTKVSB%%)wK0E.X)V>+}o?pNmC{O&4W4b!Ni{Lh6"
 
     def _zmq(self, key: str) -> dict:
-        return {"sinks": [{"kind": "zmq", "endpoint": "tcp://127.0.0.1:1", "curve_secret_key": key}]}
+        return {"sinks": [{"kind": "zmq", "endpoint": "tcp://127.0.0.1:1",
+                           "curve_secret_key": key}]}
 
     def test_env_and_file(self, tmp_path, monkeypatch):
         monkeypatch.setenv("MAGDR_TEST_KEY", self.KEY)

@@ -6,7 +6,6 @@ import json
 import socket
 import time
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
