@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--iterations", default=None, help="adaptive attack iterations, e.g. 10,50")
     ap.add_argument("--n-adaptive", type=int, default=None, help="faces for Figure 3")
     ap.add_argument("--n-throughput", type=int, default=None, help="faces timed")
+    ap.add_argument("--eot-samples", type=int, default=4, help="EoT draws per adaptive step")
     ap.add_argument("--evade-weight", type=float, default=0.05, help="λ_e of the adaptive attack")
     ap.add_argument(
         "--success-mse",
@@ -165,7 +166,7 @@ def _train_baselines(
     t0 = time.time()
     ae, cached = load_or_train(
         cache / f"magnet_ae_{key['G']}.pt",
-        {**key, "steps": args.ae_steps},
+        {**key, "steps": args.ae_steps, "arch": "magnet-mnist-w8"},
         AutoEncoder,
         lambda: train_autoencoder(fit.x, args.ae_steps, args.seed, dev),
     )
@@ -186,7 +187,10 @@ def _train_baselines(
 
     t0 = time.time()
     net, cached = load_or_train(
-        cache / f"otd_{key['G']}.pt", {**key, "steps": args.otd_steps}, OTDNet, make_otd
+        cache / f"otd_{key['G']}.pt",
+        {**key, "steps": args.otd_steps, "arch": "otd-w16"},
+        OTDNet,
+        make_otd,
     )
     info["otd"] = {"cached": cached, "seconds": round(time.time() - t0, 1), "steps": args.otd_steps}
     return MagNetAE(ae.to(dev)), OutputClassifier(G, net.to(dev)), info
@@ -316,7 +320,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         scales = adaptive.clean_scale(cal_scores)
         sub = val.subset(slice(0, min(args.n_adaptive, len(val))))
         adv_res = adaptive.run(
-            bench, sub, args.iterations, scales, evade_weight=args.evade_weight, seed=args.seed
+            bench,
+            sub,
+            args.iterations,
+            scales,
+            evade_weight=args.evade_weight,
+            eot_samples=args.eot_samples,
+            seed=args.seed,
         )
         lap("adaptive", t0)
 

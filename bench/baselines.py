@@ -164,23 +164,24 @@ def pixel_deflection(
 class AutoEncoder(nn.Module):
     """MagNet-style convolutional auto-encoder (Meng & Chen's detector/reformer structure).
 
-    Conv3×3-sigmoid ×2, 2×2 average pool, Conv3×3-sigmoid, 2× upsample, Conv3×3-sigmoid, Conv3×3
-    to RGB (tanh). MagNet's MNIST/CIFAR auto-encoders use 3 channels per layer on 28–32 px
-    images; faces at 64–128 px get ``width`` (32) channels.
+    MagNet's MNIST detector/reformer structure: Conv3×3-sigmoid, 2×2 average pool,
+    Conv3×3-sigmoid ×2, 2× upsample, Conv3×3-sigmoid, Conv3×3 to RGB (tanh for the [-1, 1]
+    range). MagNet uses 3 channels per layer on 28–32 px digits and objects; faces get
+    ``width`` (8) channels, still a small, shallow auto-encoder as the authors intend.
 
     Shape:
         x: :math:`(B, 3, H, W)` in [-1, 1], H and W even -> same shape in [-1, 1].
     """
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 8) -> None:
         super().__init__()
         self.width = width
         self.net = nn.Sequential(
             nn.Conv2d(3, width, 3, padding=1),
             nn.Sigmoid(),
+            nn.AvgPool2d(2),
             nn.Conv2d(width, width, 3, padding=1),
             nn.Sigmoid(),
-            nn.AvgPool2d(2),
             nn.Conv2d(width, width, 3, padding=1),
             nn.Sigmoid(),
             nn.Upsample(scale_factor=2, mode="nearest"),
@@ -221,8 +222,13 @@ class Detector:
     #: Input transforms an adaptive attacker should average over (EoT), as for MagDR.
     transforms: list[Callable[[torch.Tensor], torch.Tensor]] = []
 
-    def score(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        """Detection score :math:`(B,)` of faces ``x`` :math:`(B, 3, S, S)`; higher = disrupted."""
+    def score(
+        self, x: torch.Tensor, c: torch.Tensor | None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Detection score :math:`(B,)` of faces ``x`` :math:`(B, 3, S, S)`; higher = disrupted.
+
+        ``y``: G(x, c) when the caller has it already (saves a pass of G; no gradient then).
+        """
         raise NotImplementedError
 
     def modules(self) -> list[nn.Module]:
@@ -253,11 +259,15 @@ class FeatureSqueezing(Detector):
 
         return g
 
-    def score(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:  # noqa: D102
-        k = len(self.transforms)
-        xs = torch.cat([x] + [f(x) for f in self.transforms])
-        out = self.G(xs, None if c is None else c.repeat(k + 1, 1))
-        y, ys = out[: x.shape[0]], out[x.shape[0] :].view(k, *x.shape)
+    def score(  # noqa: D102
+        self, x: torch.Tensor, c: torch.Tensor | None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        k = len(self.transforms) + (1 if y is None else 0)
+        xs = torch.cat(([x] if y is None else []) + [f(x) for f in self.transforms])
+        out = self.G(xs, None if c is None else c.repeat(k, 1))
+        if y is None:
+            y, out = out[: x.shape[0]], out[x.shape[0] :]
+        ys = out.view(len(self.transforms), *x.shape)
         return (ys - y[None]).abs().flatten(2).mean(2).amax(0)
 
     def modules(self) -> list[nn.Module]:  # noqa: D102
@@ -272,7 +282,9 @@ class MagNetAE(Detector):
     def __init__(self, ae: AutoEncoder) -> None:
         self.ae = ae.eval().requires_grad_(False)
 
-    def score(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:  # noqa: D102
+    def score(  # noqa: D102
+        self, x: torch.Tensor, c: torch.Tensor | None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return (x - self.ae(x)).abs().flatten(1).mean(1)
 
     def reform(self, x: torch.Tensor) -> torch.Tensor:
@@ -292,8 +304,10 @@ class OutputClassifier(Detector):
     def __init__(self, G: nn.Module, net: OTDNet) -> None:
         self.G, self.net = G, net.eval().requires_grad_(False)
 
-    def score(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:  # noqa: D102
-        return self.net(self.G(x, c))
+    def score(  # noqa: D102
+        self, x: torch.Tensor, c: torch.Tensor | None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.net(self.G(x, c) if y is None else y)
 
     def modules(self) -> list[nn.Module]:  # noqa: D102
         return [self.G, self.net]
@@ -331,7 +345,7 @@ def train_autoencoder(
         opt.zero_grad()
         loss.backward()
         opt.step()
-    log.info("MagNet auto-encoder: final train MSE %.5f after %d steps", float(loss), steps)
+    log.info("MagNet auto-encoder: final train MSE %.5f after %d steps", loss.item(), steps)
     return ae.eval()
 
 
@@ -363,7 +377,7 @@ def train_otd(
         opt.zero_grad()
         loss.backward()
         opt.step()
-    log.info("OTD: final train loss %.4f after %d steps", float(loss), steps)
+    log.info("OTD: final train loss %.4f after %d steps", loss.item(), steps)
     return net.eval()
 
 

@@ -77,7 +77,7 @@ class Bench:
             out[CD].append(det.s_cons.double().cpu().numpy())
             with torch.no_grad():
                 for name, d in self.detectors.items():
-                    out[name].append(d.score(xb, cb).double().cpu().numpy())
+                    out[name].append(d.score(xb, cb, det.output).double().cpu().numpy())
         return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
     def map_batches(

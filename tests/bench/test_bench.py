@@ -82,7 +82,10 @@ class TestBaselines:
         # A flat image on the 5-bit grid: every squeezer leaves it unchanged.
         flat = torch.full((2, 3, 16, 16), 2 * 16 / 31 - 1)
         assert torch.allclose(fs.score(flat, c), torch.zeros(2), atol=1e-6)
-        x = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_(True)
+        x = torch.rand(2, 3, 16, 16) * 2 - 1
+        with torch.no_grad():  # G(x) given by the caller gives the same score
+            assert torch.allclose(fs.score(x, c), fs.score(x, c, G(x, c)), atol=1e-6)
+        x.requires_grad_(True)
         fs.score(x, c).sum().backward()
         assert x.grad is not None and x.grad.abs().sum() > 0
 
@@ -164,3 +167,36 @@ def test_quick_run_writes_report(tiny_models, tmp_path):
     assert 0 < tp["guard, clean input"]["ratio"] < 1.5
     assert set(res["adaptive"]["curves"]) >= {"MagDR (DD+CD)", "OTD"}
     assert (out / "cache").is_dir()  # trained baselines are cached
+
+
+def _data_available() -> bool:
+    from magdr.train.data import data_root
+
+    try:
+        data_root()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not _data_available(), reason="face data (MAGDR_DATA) not present")
+def test_val_faces_are_the_held_out_split():
+    from bench.data import load_faces
+    from magdr.models.stargan import StarGAN
+
+    G = StarGAN(conv_dim=4, c_dim=5, repeat_num=1, image_size=64)
+    G.attributes = ["Black_Hair", "Blond_Hair", "Brown_Hair", "Male", "Young"]
+    G.neutral = [0.0, 0.0, 0.0, 0.0, 1.0]
+    val = load_faces(G, "val", 4)
+    assert val.ids == ["008001", "008002", "008003", "008004"]
+    assert val.x.shape == (4, 3, 64, 64) and val.x.min() >= -1 and val.x.max() <= 1
+    assert val.task == ["hair", "face", "hair", "face"]
+    train = load_faces(G, "train", 6, seed=1)
+    assert all(int(i) <= 8000 for i in train.ids)
+    # A hair edit asks for a hair colour the face does not have.
+    from magdr.train.data import load_celeba
+
+    attrs = load_celeba()["attrs"][8000]
+    j = int(val.c[0, :3].argmax())
+    assert attrs[j] < 0.5
