@@ -149,6 +149,17 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
         "faces (CelebA 000001–008000 only)",
     ]
     lines += [f"- note: {n}" for n in r.get("notes", [])]
+    if s["n"] < 1000 or s.get("quick"):
+        lines += [
+            f"- **reduced run**: {s['n']} of the 1000 validation faces"
+            + (
+                f", Figure 3 on {s['n_adaptive']} faces up to {max(s['iterations'])} iterations"
+                if not s.get("skip_adaptive")
+                else ""
+            )
+            + "; the full run (`python -m bench`, 1000 faces, 10–200 adaptive iterations) is "
+            "meant for a GPU. Small samples make every number below noisy."
+        ]
     lines += [
         "",
         "## Protocol",
