@@ -6,9 +6,11 @@ The paper leaves these as hyper-parameters; here they are fitted on the training
    of clean faces (standardisation before Eq. 6's sigmoid);
 2. ``w`` (Eq. 6): each distance weighted by how well it alone separates attacked from clean
    faces (AUROC − 0.5, normalised to sum 1);
-3. ``lam`` (Eq. 9): the λ on a log grid that gives S_final = λ·S_dist + S_cons the best AUROC;
+3. ``lam`` (Eq. 9): the λ on a log grid that gives S_final = λ·S_dist + S_cons the best AUROC
+   (ties: the widest margin between the score tails);
 4. ``threshold``: the (1 − fpr) quantile of S_final on the clean faces (benignly processed
-   copies included, so JPEG'd or resized frames do not raise false alarms);
+   copies included, so JPEG'd or resized frames do not raise false alarms), or the middle of
+   the gap when the training scores separate completely;
 5. Rec-Net Q_i (Algorithm 1, pretraining) on the attacked faces with the fitted detector.
 
 ``python -m magdr.calibrate --help`` runs it on CelebA train faces (``magdr-guard calibrate``
@@ -74,6 +76,18 @@ def auroc(neg: torch.Tensor | np.ndarray, pos: torch.Tensor | np.ndarray) -> flo
         i = j + 1
     u = ranks[len(neg) :].sum() - len(pos) * (len(pos) + 1) / 2
     return float(u / (len(neg) * len(pos)))
+
+
+def separation_margin(neg: torch.Tensor, pos: torch.Tensor, fpr: float = 0.05) -> float:
+    """``(q_fpr(pos) − q_{1−fpr}(neg)) / std(neg)``: how far apart the score tails are.
+
+    Scale-free, so it compares S_final for different λ; larger is better.
+    """
+    if neg.numel() < 2 or pos.numel() == 0:
+        return -math.inf
+    lo_pos = torch.quantile(pos.double(), fpr)
+    hi_neg = torch.quantile(neg.double(), 1 - fpr)
+    return float((lo_pos - hi_neg) / neg.double().std().clamp_min(1e-12))
 
 
 class _Features:
@@ -168,19 +182,26 @@ def fit(
     raw_w = torch.tensor([max(a - 0.5, 0.01) if not math.isnan(a) else 0.01 for a in single])
     w = raw_w / raw_w.sum()
 
-    # 3. λ on a log grid; ties go to the larger λ (the distortion detector is the paper's lead).
+    # 3. λ on a log grid: best AUROC; ties (common when both halves separate perfectly) go to
+    # the widest margin between attacked and clean scores, in units of the clean spread.
     sd_neg, sd_pos = neg.s_dist(w, mu, sigma), pos.s_dist(w, mu, sigma)
-    best = (-1.0, 1.0)
+    best: tuple[float, float, float] = (-1.0, -math.inf, 1.0)
     for lam in [0.0, *np.logspace(-5, 2, 36)]:
-        a = auroc(lam * sd_neg + neg.s_cons, lam * sd_pos + pos.s_cons)
-        if a >= best[0]:
-            best = (a, float(lam))
-    auc, lam = best
+        s_neg, s_pos = lam * sd_neg + neg.s_cons, lam * sd_pos + pos.s_cons
+        cand = (auroc(s_neg, s_pos), separation_margin(s_neg, s_pos, fpr), float(lam))
+        if cand[:2] > best[:2]:
+            best = cand
+    auc, _, lam = best
 
-    # 4. Threshold at the clean quantile.
+    # 4. Threshold: the clean (1 - fpr) quantile; where the training scores separate fully, the
+    # middle of the gap instead (no training false alarm, and the most room on both sides).
     s_neg = lam * sd_neg + neg.s_cons
     s_pos = lam * sd_pos + pos.s_cons
     threshold = float(torch.quantile(s_neg.double(), 1 - fpr))
+    rule = "clean-quantile"
+    if s_pos.numel() and float(s_neg.max()) < float(s_pos.min()):
+        threshold = (float(s_neg.max()) + float(s_pos.min())) / 2
+        rule = "gap-midpoint"
     tpr = float((s_pos > threshold).double().mean())
 
     profile = replace(
@@ -194,6 +215,7 @@ def fit(
         meta={
             **base.meta,
             "fpr_target": fpr,
+            "threshold_rule": rule,
             "n_clean": int(x_clean.shape[0]),
             "n_attacked": int(x_attacked.shape[0]),
             "auroc_train": auc,

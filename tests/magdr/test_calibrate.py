@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from magdr import attacks, calibrate
-from magdr.calibrate import BENIGN, auroc, benign_copies, fit
+from magdr.calibrate import BENIGN, auroc, benign_copies, fit, separation_margin
 from magdr.guard import Guard
 from magdr.models.stargan import StarGAN
 from magdr.profile import Profile
@@ -44,6 +44,15 @@ class TestAUROC:
         assert math.isnan(auroc([1.0], []))
 
 
+def test_separation_margin_hand_value():
+    neg = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])  # std 1.5811
+    pos = torch.tensor([10.0, 10.0, 10.0])
+    # q_0(pos) = 10, q_1(neg) = 4 -> (10 - 4) / 1.5811
+    assert separation_margin(neg, pos, fpr=0.0) == pytest.approx(6 / 1.5811, rel=1e-4)
+    assert separation_margin(pos, neg, fpr=0.0) < 0
+    assert separation_margin(neg[:1], pos) == float("-inf")
+
+
 def test_benign_copies():
     x = synthetic_faces(3, torch.Generator().manual_seed(0), size=SIZE)
     out = benign_copies(x)
@@ -75,14 +84,24 @@ def setup(face_parser):
 
 
 class TestFit:
-    def test_threshold_is_clean_quantile(self, setup, face_parser):
+    def test_threshold_rule(self, setup, face_parser):
         p = setup["profile"]
         guard = Guard(setup["G"], parser=face_parser, profile=p, device="cpu")
         s_neg = guard.detect(setup["x_neg"], setup["c_neg"]).score
-        assert p.threshold == pytest.approx(float(torch.quantile(s_neg.double(), 0.9)), rel=1e-5)
-        # The interpolated quantile lets at most one more negative than 10 % above it.
-        fpr = float((s_neg > p.threshold).double().mean())
-        assert fpr <= 0.1 + 1 / len(s_neg) and p.meta["fpr_train"] == pytest.approx(fpr)
+        s_pos = guard.detect(setup["x_adv"], setup["c"]).score
+        if float(s_neg.max()) < float(s_pos.min()):
+            # Fully separated training scores: the middle of the gap, no training false alarm.
+            assert p.meta["threshold_rule"] == "gap-midpoint"
+            mid = (float(s_neg.max()) + float(s_pos.min())) / 2
+            assert p.threshold == pytest.approx(mid, rel=1e-5)
+            assert p.meta["fpr_train"] == 0.0 and p.meta["tpr_train"] == 1.0
+        else:
+            assert p.meta["threshold_rule"] == "clean-quantile"
+            q = float(torch.quantile(s_neg.double(), 0.9))
+            assert p.threshold == pytest.approx(q, rel=1e-5)
+            # The interpolated quantile lets at most one more negative than 10 % above it.
+            fpr = float((s_neg > p.threshold).double().mean())
+            assert fpr <= 0.1 + 1 / len(s_neg) and p.meta["fpr_train"] == pytest.approx(fpr)
 
     def test_mu_sigma_from_clean_non_target_regions(self, setup, face_parser):
         p, G = setup["profile"], setup["G"]
