@@ -69,6 +69,18 @@ class Batcher:
         self._q.put(item)
         return item.future
 
+    def wait(self, fut: Future, timeout: float | None = None) -> Any:
+        """``fut.result()``, but raise instead of hanging if the worker thread is gone."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return fut.result(timeout=0.5)
+            except TimeoutError:
+                if not self._thread.is_alive() and not fut.done():
+                    raise RuntimeError("the batcher thread is gone") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
+
     def pending(self) -> int:
         """Items waiting (queue depth)."""
         return self._q.qsize() + (self._carry is not None)

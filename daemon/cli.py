@@ -63,7 +63,7 @@ def _base_config(args: argparse.Namespace) -> Config:
 
 def _quiet_logs(args: argparse.Namespace, cfg: Config | None = None) -> None:
     level = "info" if getattr(args, "verbose", False) else "warning"
-    dlog.configure(level, cfg.logging.format if cfg else "auto", stream=sys.stderr)
+    dlog.configure(level, cfg.logging.format if cfg else "auto", stream="stderr")
 
 
 # ---- run ------------------------------------------------------------------------------------

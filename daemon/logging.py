@@ -25,16 +25,36 @@ def _drop_color_message(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str
     return event_dict
 
 
-def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+class SysStream:
+    """``sys.stdout``/``sys.stderr`` looked up at every write, not bound once.
+
+    Binding the stream object at start-up breaks when it is swapped later (pytest's capture,
+    a CLI that redirects): writes would go to a closed file.
+    """
+
+    def __init__(self, name: str = "stdout") -> None:
+        self.name = name
+
+    def write(self, s: str) -> int:  # noqa: D102
+        return getattr(sys, self.name).write(s)
+
+    def flush(self) -> None:  # noqa: D102
+        getattr(sys, self.name).flush()
+
+    def isatty(self) -> bool:  # noqa: D102
+        return getattr(sys, self.name).isatty()
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: str = "stdout") -> None:
     """Configure structlog once for the process.
 
     Args:
         level: ``debug`` | ``info`` | ``warning`` | ``error``.
         fmt: ``auto`` (console on a TTY, JSON otherwise) | ``json`` | ``console``.
-        stream: where lines go; stdout by default (journald reads it).
+        stream: ``"stdout"`` (journald reads it) or ``"stderr"``.
     """
-    stream = stream or sys.stdout
-    console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    out: Any = SysStream(stream)
+    console = fmt == "console" or (fmt == "auto" and out.isatty())
     renderer: Any = (
         structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     )
@@ -49,7 +69,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         processors.append(structlog.processors.format_exc_info)
     # Lines from the standard library's loggers (watchdog, the magdr library) go through the
     # same renderer, so stdout stays one JSON object per line.
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processor=renderer, foreign_pre_chain=[structlog.stdlib.add_logger_name, *processors]))
     root = logging.getLogger()
@@ -63,7 +83,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
 

@@ -184,7 +184,7 @@ def process_file(
 
     def emit(frame: media.Frame, fut: Future, vf: Any) -> None:
         nonlocal max_score, still
-        g: Guarded = fut.result()
+        g: Guarded = pipeline.batcher.wait(fut)
         if writer is not None:
             writer.write(g.image, frame.pts)
         else:
