@@ -30,7 +30,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random G (32 px), tiny parser, and a detection-only profile (huge threshold)."""
     from magdr.faces.parsenet import ParseNet
     from magdr.models.stargan import StarGAN
-    from magdr.profile import Profile
+    from magdr.profile import Profile, RecNetSettings
 
     d = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
@@ -40,7 +40,14 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.save(ParseNet(width=4, depth=2).state_dict(), d / "parser.pt")
     Profile(name="test-detect-only", threshold=1e6,
             consistency=[{"name": "jpeg", "params": {"quality": 75}}]).save(d / "profile.json")
-    return {"G": d / "G.pt", "parser": d / "parser.pt", "profile": d / "profile.json"}
+    # Flags every face and reconstructs with one cheap search: the disrupted path, fast.
+    Profile(name="test-flag-all", threshold=-1e6,
+            consistency=[{"name": "jpeg", "params": {"quality": 75}}],
+            recnet=RecNetSettings(layers=[["gaussian_blur"]], patches=[["skin", "hair"]],
+                                  top_categories=1, score_transforms=1, max_rounds=1),
+            ).save(d / "flag_all.json")
+    return {"G": d / "G.pt", "parser": d / "parser.pt", "profile": d / "profile.json",
+            "flag_all": d / "flag_all.json"}
 
 
 def make_clip(path: Path, frames: int = 4, size: tuple[int, int] = (48, 32), rate: int = 10,

@@ -37,8 +37,9 @@ def _wait(cond, timeout: float = 20.0) -> bool:
 def service(tmp_path, tiny_models):
     started = []
 
-    def make(body: str, guard: bool = False) -> Service:
-        cfg = load_config(write_config(tmp_path / "c.toml", tiny_models, body, guard=guard))
+    def make(body: str, guard: bool = False, profile: str = "profile") -> Service:
+        models = {**tiny_models, "profile": tiny_models[profile]}
+        cfg = load_config(write_config(tmp_path / "c.toml", models, body, guard=guard))
         svc = Service(cfg, Notifier(env={}))
         svc.start()
         started.append(svc)
@@ -241,6 +242,44 @@ frames = false
     push.send_multipart(wire.encode_frame("sec", 0, np.zeros((8, 8, 3), np.uint8), "rgb24"))
     assert json.loads(sub.recv_multipart()[1])["stream"] == "sec"
     assert svc.metrics.frames_out.value(source="zmq0") == 1
+    for s in (sub, push):
+        s.close(0)
+    ctx.term()
+
+
+def test_disrupted_faces_are_reconstructed(service, tmp_path):
+    """The guard's disrupted path end to end: verdict, chain, and x* pasted when asked."""
+    port, out = _port(), _port()
+    svc = service(f"""
+[[sources]]
+kind = "zmq"
+endpoint = "tcp://127.0.0.1:{port}"
+socket = "pull"
+bind = true
+[[sinks]]
+kind = "zmq"
+endpoint = "tcp://127.0.0.1:{out}"
+format = "rgb24"
+""", guard=True, profile="flag_all")
+    svc.engine.cfg.guard.publish_purified = True
+    ctx = zmq.Context()
+    sub = _sub(ctx, out)
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{port}")
+    time.sleep(0.3)
+    img = np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    push.send_multipart(wire.encode_frame("adv", 0, img, "rgb24"))
+    got = {}
+    while len(got) < 2:
+        msg = sub.recv_multipart()
+        got[msg[0]] = msg
+    v = json.loads(got[b"verdict.adv"][1])
+    assert v["disrupted"] is True and v["faces"][0]["disrupted"] is True
+    assert v["profile"] == "test-flag-all" and v["threshold"] == -1e6
+    assert isinstance(v["faces"][0]["chain"], list)
+    clean = wire.decode_v1([b"frame.adv", *got[b"clean.adv"][1:]], 1 << 20).image
+    assert clean.shape == img.shape
+    assert svc.metrics.disrupted.total() == 1
     for s in (sub, push):
         s.close(0)
     ctx.term()
