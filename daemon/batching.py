@@ -45,14 +45,16 @@ class Batcher:
         batch_size: rows per call (faces).
         timeout_s: longest wait of the oldest item before a partial batch goes.
         on_batch: called with ``(rows, seconds)`` after every call (metrics).
-        beat: called on every loop turn (the watchdog's progress signal).
+        beat: called on every loop turn (the watchdog's progress signal), and with
+            ``grace=call_grace_s`` just before each call.
+        call_grace_s: how long one call may run before the watchdog counts it as a stall.
     """
 
     def __init__(self, fn: BatchFn, batch_size: int, timeout_s: float,
                  on_batch: Callable[[int, float], None] | None = None,
-                 beat: Callable[[], None] | None = None) -> None:
+                 beat: Callable[..., None] | None = None, call_grace_s: float = 600.0) -> None:
         self.fn, self.batch_size, self.timeout_s = fn, batch_size, timeout_s
-        self.on_batch, self.beat = on_batch, beat
+        self.on_batch, self.beat, self.call_grace_s = on_batch, beat, call_grace_s
         self._q: queue.Queue[Any] = queue.Queue()
         self._carry: _Item | None = None
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
@@ -69,13 +71,20 @@ class Batcher:
         self._q.put(item)
         return item.future
 
-    def wait(self, fut: Future, timeout: float | None = None) -> Any:
-        """``fut.result()``, but raise instead of hanging if the worker thread is gone."""
+    def wait(self, fut: Future, timeout: float | None = None,
+             tick: Callable[[], None] | None = None) -> Any:
+        """``fut.result()``, but raise instead of hanging if the worker thread is gone.
+
+        ``tick`` is called about twice a second while waiting (the waiter's own heartbeat: it
+        is alive, the batcher's heartbeat says whether the batch is progressing).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
                 return fut.result(timeout=0.5)
             except TimeoutError:
+                if tick:
+                    tick()
                 if not self._thread.is_alive() and not fut.done():
                     raise RuntimeError("the batcher thread is gone") from None
                 if deadline is not None and time.monotonic() > deadline:
@@ -129,6 +138,8 @@ class Batcher:
             self._carry = None
 
     def _call(self, items: list[_Item]) -> None:
+        if self.beat:
+            self.beat(grace=self.call_grace_s)
         t0 = time.monotonic()
         try:
             x, c = torch.cat([i.x for i in items]), torch.cat([i.c for i in items])

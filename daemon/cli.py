@@ -78,9 +78,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         dlog.say(f"{args.config}: OK")
         return 0
     dlog.configure(cfg.logging.level, cfg.logging.format)
+    import structlog
+
     from daemon.service import Service
 
-    return Service(cfg).run()
+    try:
+        return Service(cfg).run()
+    except Exception as e:  # start-up failures: one clear line, then systemd's restart policy
+        structlog.get_logger().exception("start-up failed", error=f"{type(e).__name__}: {e}")
+        return 1
 
 
 def cmd_validate(path: str) -> int:  # noqa: D103
@@ -435,7 +441,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_validate(args.validate_config)
         ap.print_help(sys.stderr)
         return 2
-    return int(args.fn(args))
+    if args.cmd == "run":
+        return int(args.fn(args))
+    try:
+        return int(args.fn(args))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        # missing weights, a checkpoint that does not load, an unknown attribute: one line
+        dlog.say(f"magdr-guard {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -180,6 +180,9 @@ class DaemonConfig:
     rescan_s: float = field(default=30.0, metadata=doc("inbox rescan period", min=0.1))
     watchdog: bool = field(default=True, metadata=doc("ping systemd's watchdog when progressing"))
     drain_timeout_s: float = field(default=30.0, metadata=doc("max drain time on stop", min=0))
+    max_batch_s: float = field(
+        default=600.0, metadata=doc("a guard call longer than this counts as a stall", min=1)
+    )
     keep_inputs: bool = field(default=False, metadata=doc("move done inputs to <work_dir>/done"))
 
 
@@ -330,6 +333,10 @@ def _check(cfg: Config) -> None:
             if s.curve_server_key and not s.curve_secret_key:
                 raise ConfigError(f"{section}[{j}].curve_secret_key: required with "
                                   "curve_server_key")
+    outs = {s.path for s in cfg.sinks if s.kind == "folder"}
+    for i, s in enumerate(cfg.sources):
+        if s.kind == "folder" and s.path in outs:
+            raise ConfigError(f"sources[{i}].path: the inbox cannot be the outbox")
     paths = [s.path for s in cfg.sources if s.kind == "folder"]
     if len(set(paths)) != len(paths):
         raise ConfigError("sources: two folder sources watch the same path")

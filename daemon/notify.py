@@ -61,7 +61,7 @@ class Notifier:
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
         self.env = env
-        self._beats: dict[str, float] = {}
+        self._beats: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
     def send(self, state: str) -> bool:  # noqa: D102
@@ -78,10 +78,17 @@ class Notifier:
         msg = f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}"
         self.send(msg + (f"\nSTATUS={status}" if status else ""))
 
-    def beat(self, name: str) -> None:
-        """Mark that loop ``name`` made progress (or is idle but alive) now."""
+    def beat(self, name: str, grace: float = 0.0) -> None:
+        """Mark that loop ``name`` made progress (or is idle but alive) now.
+
+        Args:
+            name: the loop.
+            grace: extra seconds this beat stays fresh: a loop about to start one long call
+                (a guard batch on a CPU) says how long that call may take before it counts as
+                a stall.
+        """
         with self._lock:
-            self._beats[name] = time.monotonic()
+            self._beats[name] = (time.monotonic(), grace)
 
     def forget(self, name: str) -> None:  # noqa: D102
         with self._lock:
@@ -91,7 +98,7 @@ class Notifier:
         """Every registered loop beat within ``max_age`` seconds."""
         now = time.monotonic()
         with self._lock:
-            return all(now - t <= max_age for t in self._beats.values())
+            return all(now - t <= max_age + g for t, g in self._beats.values())
 
     def watchdog_loop(self, stop: threading.Event) -> None:
         """Ping at half the watchdog period while healthy; return at stop (or if unset)."""

@@ -146,6 +146,8 @@ def process_file(
     progress: Callable[[int], None] | None = None,
     should_abort: Callable[[], bool] | None = None,
     display_name: str | None = None,
+    source: str = "folder",
+    heartbeat: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Guard one video or image file into ``outbox`` (DESIGN §1, §8).
 
@@ -162,6 +164,8 @@ def process_file(
         progress: called with the number of frames done so far.
         should_abort: polled between frames; True raises :class:`Aborted`.
         display_name: the input's original name for the summary.
+        source: the metrics label of the source.
+        heartbeat: called while waiting on the guard (the worker's watchdog beat).
 
     Returns:
         The summary dict (also written to ``NAME.summary.json``).
@@ -184,7 +188,7 @@ def process_file(
 
     def emit(frame: media.Frame, fut: Future, vf: Any) -> None:
         nonlocal max_score, still
-        g: Guarded = pipeline.batcher.wait(fut)
+        g: Guarded = pipeline.batcher.wait(fut, tick=heartbeat)
         if writer is not None:
             writer.write(g.image, frame.pts)
         else:
@@ -197,7 +201,7 @@ def process_file(
         stats["disrupted_faces"] += sum(f["disrupted"] for f in v["faces"])
         if v["score"] is not None:
             max_score = v["score"] if max_score is None else max(max_score, v["score"])
-        pipeline.metrics.frames_out.inc(source="folder")
+        pipeline.metrics.frames_out.inc(source=source)
         if publish:
             publish(g)
         if progress:
@@ -212,9 +216,9 @@ def process_file(
             with open(vtmp, "w") as vf:
                 frames = media.decode(src, max_pixels, writer.mux_audio if writer else None)
                 for frame in frames:
-                    pipeline.metrics.frames_in.inc(source="folder")
+                    pipeline.metrics.frames_in.inc(source=source)
                     fut = pipeline.submit(frame.image, stream=name, seq=frame.index,
-                                          pts=frame.pts, source="folder",
+                                          pts=frame.pts, source=source,
                                           time_base=_tb(frame.time_base))
                     inflight.append((frame, fut))
                     while len(inflight) > window:

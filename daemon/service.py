@@ -56,7 +56,8 @@ def build_pipeline(cfg: Config, metrics: Metrics, notifier: Notifier | None = No
 
     batcher = Batcher(engine.guard_faces, cfg.guard.batch_size, cfg.guard.batch_timeout_ms / 1e3,
                       on_batch=on_batch,
-                      beat=(lambda: notifier.beat("batcher")) if notifier else None)
+                      beat=(lambda grace=0.0: notifier.beat("batcher", grace)) if notifier
+                      else None, call_grace_s=cfg.daemon.max_batch_s)
     batcher.start()
     return engine, batcher, FramePipeline(engine, batcher, metrics)
 
@@ -248,6 +249,8 @@ class Service:
                 progress=lambda n: self.notifier.beat(f"{src.name}-work"),
                 should_abort=lambda: time.monotonic() > self._drain_deadline,
                 display_name=original,
+                source=src.name,
+                heartbeat=lambda: self.notifier.beat(f"{src.name}-work"),
             )
         except Aborted:
             log.warning("stopped in the middle of a file; it stays claimed for the next start")

@@ -87,3 +87,13 @@ def test_ready_stopping_extend(listener):
     assert s.recv(256).startswith(b"READY=1\nSTATUS=running\nMAINPID=")
     n.stopping()
     assert s.recv(256) == b"STOPPING=1\nSTATUS=draining"
+
+
+def test_grace_covers_one_long_call():
+    n = Notifier({})
+    n.beat("batcher", grace=5.0)
+    time.sleep(0.2)
+    assert n.healthy(0.1)  # inside a long call that is allowed 5 s
+    n.beat("batcher")
+    time.sleep(0.2)
+    assert not n.healthy(0.1)
