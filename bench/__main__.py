@@ -88,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ae-steps", type=int, default=None)
     ap.add_argument("--otd-steps", type=int, default=None)
     ap.add_argument("--cw-steps", type=int, default=None)
+    ap.add_argument("--eps", type=float, default=0.05, help="L∞ budget (Ruiz et al.: 0.05)")
+    ap.add_argument("--step", type=float, default=0.01, help="PGD step (Ruiz et al.: 0.01)")
+    ap.add_argument("--steps", type=int, default=10, help="PGD iterations (Ruiz et al.: 10)")
     ap.add_argument("--iterations", default=None, help="adaptive attack iterations, e.g. 10,50")
     ap.add_argument("--n-adaptive", type=int, default=None, help="faces for Figure 3")
     ap.add_argument("--n-throughput", type=int, default=None, help="faces timed")
@@ -176,12 +179,14 @@ def _train_baselines(
         neg = benign(fit)
         y_neg = bench.generate(neg.x, neg.c)
         ys = []
-        suite = detection.attack_suite(cw_steps=args.cw_steps)
+        suite = detection.attack_suite(args.cw_steps, args.steps, args.eps, args.step)
         for k, name in enumerate(["PGD", "I-FGSM"]):
             a = detection.run_attack(bench, suite[name], fit, args.seed + 1000 + k)
             ys.append(bench.generate(a.x_adv[a.ok], None if fit.c is None else fit.c[a.ok]))
         y_pos = torch.cat(ys)
+        info["otd_positives"] = len(y_pos)
         if not len(y_pos):  # no attack succeeded on this G: train against attempted ones
+            log.warning("OTD: no train attack succeeded; training on the attempted ones")
             y_pos = bench.generate(a.x_adv, fit.c)
         return train_otd(y_neg, y_pos, args.otd_steps, args.seed, dev)
 
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
 
     # ---- Table 1 ----
     t0 = time.time()
-    suite = detection.attack_suite(cw_steps=args.cw_steps)
+    suite = detection.attack_suite(args.cw_steps, args.steps, args.eps, args.step)
     det, attacked = detection.run(bench, val, suite, seed=args.seed)
     lap("detection", t0)
 
@@ -311,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     else:
         x_clean = val.x[pgd.ok]
     rec = reconstruction.run(bench, x_clean, pos, magnet, seed=args.seed)
+    rec["all_successful"] = bool(pgd.ok.any())
     lap("reconstruction", t0)
 
     # ---- Figure 3 ----
@@ -326,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
             scales,
             evade_weight=args.evade_weight,
             eot_samples=args.eot_samples,
+            eps=args.eps,
+            step=args.step,
             seed=args.seed,
         )
         lap("adaptive", t0)
@@ -378,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         "threshold_source": thr_source,
         "train_fpr": cal_fpr,
         "detection": det,
-        "reconstruction": {k: v for k, v in rec.items() if k in ("rows", "n", "guard")},
+        "reconstruction": {
+            k: v for k, v in rec.items() if k in ("rows", "n", "guard", "all_successful")
+        },
         "adaptive": adv_res,
         "throughput": thr_res,
         "success_check": {"pgd_rate": float(pgd.ok.double().mean())},

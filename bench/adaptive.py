@@ -100,6 +100,8 @@ def run(
     scales: dict[str, float],
     evade_weight: float = 0.05,
     eot_samples: int = 4,
+    eps: float = 0.05,
+    step: float = 0.01,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Figure 3 on the faces ``val``.
@@ -131,6 +133,8 @@ def run(
                 transforms=pool,
                 snapshots=iterations,
                 eot_samples=min(eot_samples, len(pool) + 1),
+                eps=eps,
+                step=step,
                 evade_weight=evade_weight,
             )
             attack(xb, cb, generator=gen)
@@ -160,6 +164,8 @@ def run(
         "n_neg": len(neg_faces),
         "evade_weight": evade_weight,
         "eot_samples": eot_samples,
+        "eps": eps,
+        "step": step,
     }
 
 

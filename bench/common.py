@@ -21,6 +21,21 @@ log = logging.getLogger(__name__)
 MAGDR, DD, CD = "MagDR (DD+CD)", "DD (distortion only)", "CD (consistency only)"
 
 
+def output_mse(
+    G: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, c: torch.Tensor | None, batch: int = 32
+) -> torch.Tensor:
+    """MSE(G(x̂, c), G(x, c)) per face on the [-1, 1] scale, :math:`(B,)` on the CPU."""
+    out = []
+    dev = next(G.parameters()).device
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch):
+            cb = None if c is None else c[i : i + batch].to(dev)
+            y = G(x[i : i + batch].to(dev), cb)
+            ya = G(x_adv[i : i + batch].to(dev), cb)
+            out.append(((ya - y) ** 2).flatten(1).mean(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def success(
     G: nn.Module,
     x: torch.Tensor,
@@ -30,15 +45,7 @@ def success(
     batch: int = 32,
 ) -> torch.Tensor:
     """Ruiz et al.'s criterion: MSE(G(x̂, c), G(x, c)) > 0.05, bool :math:`(B,)` (on the CPU)."""
-    out = []
-    dev = next(G.parameters()).device
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch):
-            cb = None if c is None else c[i : i + batch].to(dev)
-            y = G(x[i : i + batch].to(dev), cb)
-            ya = G(x_adv[i : i + batch].to(dev), cb)
-            out.append(((ya - y) ** 2).flatten(1).mean(1).cpu() > threshold)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+    return output_mse(G, x, x_adv, c, batch) > threshold
 
 
 @dataclass

@@ -164,9 +164,15 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
         "",
         "## Protocol",
         "",
-        "- Attacks (defence-unaware, on G alone): PGD ε 0.05, step 0.01, "
-        "10 iterations, random start (Ruiz et al.); I-FGSM (same, no random start); "
-        f"C&W-L2 ({s['cw_steps']} Adam steps, const 0.05); targeted PGD (Eq. 2, ε 0.05, 10 steps, "
+        f"- Attacks (defence-unaware, on G alone): PGD ε {s['eps']}, step {s['step']}, "
+        f"{s['steps']} iterations, random start"
+        + (
+            " (Ruiz et al.)"
+            if (s["eps"], s["step"], s["steps"]) == (0.05, 0.01, 10)
+            else " (**not** Ruiz et al.'s ε 0.05, step 0.01, 10 iterations)"
+        )
+        + "; I-FGSM (same, no random start); "
+        f"C&W-L2 ({s['cw_steps']} Adam steps, const 0.05); targeted PGD (Eq. 2, same ε and steps, "
         "towards another face's clean output). An attack is a positive only when it succeeded: "
         f"MSE(G(x̂), G(x)) > {s['success_mse']}"
         + (" (Ruiz et al.)." if s["success_mse"] == 0.05 else " (NOT Ruiz et al.'s 0.05)."),
@@ -179,7 +185,14 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
         "- Baselines: feature squeezing (Xu et al.: bit depth 5, median 2×2 and 3×3; score = max "
         "L1 between G's outputs); MagNet (Meng & Chen: conv auto-encoder trained on clean train "
         "faces with noise; detector = L1 reconstruction error, reformer = AE(x)); OTD (a CNN on "
-        "G's outputs trained on train-split clean/benign vs successful PGD and I-FGSM outputs).",
+        "G's outputs trained on train-split clean/benign vs successful PGD and I-FGSM outputs"
+        + (
+            f": {r['train']['otd_positives']} of them)."
+            if "otd_positives" in r["train"]
+            else ", loaded from the cache)."
+        )
+        + f" Training: {r['train']['ae']['steps']} auto-encoder steps, "
+        f"{r['train']['otd']['steps']} OTD steps.",
         "- Pixel deflection is simplified: uniformly chosen pixels (no class-activation map, which "
         "an image-to-image model lacks), 200 deflections per 224² scaled to the image, window 10, "
         "Haar BayesShrink soft wavelet denoising in YCbCr. Resize-and-pad (Xie) shrinks to a "
@@ -197,8 +210,29 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
     )
 
     lines += ["", "## Table 1 — detection (defence-unaware attacks)", ""]
-    succ = ", ".join(f"{a} {v['ok']}/{v['n']}" for a, v in det["success"].items())
-    lines += [f"Successful attacks (positives): {succ}; negatives: {det['n_neg']}.", ""]
+    lines += [f"Negatives: {det['n_neg']}. The attacks on the validation faces:", ""]
+    lines += _table(
+        [
+            "attack",
+            "successful (positives)",
+            "median MSE(G(x̂), G(x))",
+            "mean MSE",
+            "mean ‖x̂ − x‖∞",
+            "seconds",
+        ],
+        [
+            [
+                a,
+                f"{v['ok']}/{v['n']}",
+                _f(v.get("mse_median"), 4),
+                _f(v.get("mse_mean"), 4),
+                _f(v.get("linf_mean"), 3),
+                _f(float(det["attack_s"][a]), 0),
+            ]
+            for a, v in det["success"].items()
+        ],
+    )
+    lines += [""]
     groups = det["groups"]
     attacks = list(det["rows"])
     dets = list(det["rows"][attacks[0]]["all"])
@@ -237,10 +271,15 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
     lines += [""]
 
     rec = r["reconstruction"]
+    which = (
+        f"On the {rec['n']} validation faces whose PGD attack succeeded."
+        if rec.get("all_successful", True)
+        else f"**No PGD attack succeeded**, so this table uses all {rec['n']} attempted ones."
+    )
     lines += [
         "## Table 2 — reconstruction of PGD-disrupted inputs",
         "",
-        f"On the {rec['n']} validation faces whose PGD attack succeeded. (I): clean input x "
+        f"{which} (I): clean input x "
         "vs reconstructed input x*; (O): G(x) vs G(x*). MSE on the 0–255 scale; feature "
         "similarity = cosine of G's internal maps Φ_l. 'still disrupted' = share of faces "
         f"whose output after the defence is still > {s['success_mse']} MSE from G(x).",
@@ -277,7 +316,8 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
     if adv:
         lines += [
             f"{adv['n']} validation faces (negatives: their {adv['n_neg']} clean + benign "
-            "copies). Each detector is attacked with its own knowledge: PGD (ε 0.05, step 0.01) "
+            f"copies). Each detector is attacked with its own knowledge: PGD (ε {adv.get('eps')}, "
+            f"step {adv.get('step')}) "
             "on the EoT mean over its input transforms (BPDA for JPEG/median/bit depth) of the "
             f"disruption MSE, minus λ_e = {adv['evade_weight']} × "
             "relu((score − threshold)/σ_clean); MagDR's pool is its consistency transforms and "
