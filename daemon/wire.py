@@ -21,6 +21,7 @@ metrics label) and a message; the source counts it and carries on.
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,8 +74,9 @@ def parse_header(raw: bytes) -> dict[str, Any]:
     """Decode and validate a v1 header (unknown keys, types, version)."""
     try:
         h = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WireError("bad_json", f"header: not JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        # RecursionError: deeply nested arrays ("[[[[...") exhaust the parser's stack
+        raise WireError("bad_json", f"header: not JSON ({type(e).__name__})") from None
     if not isinstance(h, dict):
         raise WireError("bad_header", "header: expected a JSON object")
     if h.get("v") != VERSION:
@@ -85,9 +87,12 @@ def parse_header(raw: bytes) -> dict[str, Any]:
     unknown = set(h) - _HEADER_KEYS
     if unknown:
         raise WireError("bad_header", f"header: unknown keys {sorted(unknown)}")
-    if not isinstance(h["stream"], str) or not h["stream"] or len(h["stream"]) > 200:
-        raise WireError("bad_header",
-                        f"header.stream: expected a non-empty string, got {h['stream']!r}")
+    if not isinstance(h["stream"], str) or not h["stream"] or len(h["stream"]) > 200 \
+            or not h["stream"].isprintable():
+        # printable: no NUL/control characters or lone surrogates (it becomes a topic and a log
+        # field; it is never a path)
+        raise WireError("bad_header", "header.stream: expected a non-empty printable string "
+                        f"of at most 200 characters, got {h['stream']!r:.80}")
     _int(h, "seq")
     _int(h, "width", 1), _int(h, "height", 1)
     if h["format"] not in FORMATS:
@@ -109,9 +114,55 @@ def parse_header(raw: bytes) -> dict[str, Any]:
     return h
 
 
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+#: JPEG start-of-frame markers (all but DHT C4, JPG C8, DAC CC) carry the frame size.
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def image_size(data: bytes, fmt: str) -> tuple[int, int]:
+    """``(width, height)`` read from a JPEG's SOF or a PNG's IHDR, without decoding.
+
+    The decoder allocates the frame its header declares before it reads the pixels, so a
+    few-kilobyte message can ask for gigabytes (a decompression bomb); the size is checked
+    against the limit first. Only the declared format is accepted: OpenCV would otherwise decode
+    whatever it recognises (BMP, TIFF, ...), each with its own header to trust.
+
+    Raises:
+        WireError: ``bad_payload`` when ``data`` is not a ``fmt`` image with a readable size.
+    """
+    if fmt == "png":
+        if len(data) >= 24 and data[:8] == _PNG_SIG and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        raise WireError("bad_payload", "png payload: no PNG signature and IHDR")
+    if data[:2] != b"\xff\xd8":
+        raise WireError("bad_payload", f"{fmt} payload: no JPEG start-of-image marker")
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            break
+        m = data[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if m in _SOF and i + 9 <= n:
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return w, h
+        if m in (0xDA, 0xD9):  # scan data or end of image before any frame header
+            break
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    raise WireError("bad_payload", f"{fmt} payload: no readable frame header")
+
+
 def decode_image(payload: bytes, fmt: str, width: int, height: int, max_pixels: int,
                  bgr: bool = False) -> np.ndarray:
-    """Payload -> ``(H, W, 3)`` uint8 RGB, checked against the declared size and the limit."""
+    """Payload -> ``(H, W, 3)`` uint8 RGB, checked against the declared size and the limit.
+
+    JPEG/PNG sizes are read from the image header and checked before decoding
+    (:func:`image_size`).
+    """
     if width * height > max_pixels:
         raise WireError("too_large", f"frame {width}x{height} exceeds {max_pixels} pixels")
     if fmt == "rgb24":
@@ -120,6 +171,11 @@ def decode_image(payload: bytes, fmt: str, width: int, height: int, max_pixels: 
                             f"got {len(payload)}")
         img = np.frombuffer(payload, np.uint8).reshape(height, width, 3)
         return img[..., ::-1].copy() if bgr else img.copy()
+    w, h = image_size(payload, fmt)
+    if w * h > max_pixels:
+        raise WireError("too_large", f"{fmt} header declares {w}x{h}, over {max_pixels} pixels")
+    if not w or not h or width and height and (w, h) != (width, height):
+        raise WireError("bad_payload", f"{fmt} header says {w}x{h}, message {width}x{height}")
     buf = np.frombuffer(payload, np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if img is None:
@@ -155,11 +211,13 @@ def decode_imagezmq(parts: list[bytes], max_pixels: int, seq: int, stream: str =
         raise WireError("bad_parts", f"imagezmq: expected 2 message parts, got {len(parts)}")
     try:
         md = json.loads(parts[0])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WireError("bad_json", f"imagezmq metadata: not JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise WireError("bad_json", f"imagezmq metadata: not JSON ({type(e).__name__})") from None
     if not isinstance(md, dict) or "msg" not in md:
         raise WireError("bad_header", "imagezmq metadata: expected an object with 'msg'")
-    name = stream or str(md["msg"])[:200] or "imagezmq"
+    # the sender's text names the stream: keep it printable (a topic and a log field)
+    name = stream or "".join(ch if ch.isprintable() else "?" for ch in str(md["msg"])[:200]) \
+        or "imagezmq"
     if "shape" in md or "dtype" in md:
         shape, dtype = md.get("shape"), md.get("dtype")
         if dtype != "uint8":

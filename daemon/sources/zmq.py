@@ -148,7 +148,11 @@ class ZmqSource:
                 if not poller.poll(200):
                     continue
                 parts = sock.recv_multipart()
-                reply = self._handle(parts)
+                try:
+                    reply = self._handle(parts)
+                except Exception as e:  # a message must never end the receiver (or a REP)
+                    log.exception("message handling failed", source=self.name)
+                    reply = self._bad("error", f"{type(e).__name__}: {e}")
                 if self.cfg.socket == "rep":
                     sock.send(reply)
         finally:
