@@ -219,8 +219,8 @@ def landmark_labels(pts: np.ndarray, size: int = SIZE) -> np.ndarray:
         lab[m > 0] = cls
         parts[m > 0] = 1
 
-    line(p[17:22], _B["l_brow"], 3)
-    line(p[22:27], _B["r_brow"], 3)
+    line(p[17:22], _B["l_brow"], 2)
+    line(p[22:27], _B["r_brow"], 2)
     fill(cv2.convexHull(p[28:36]), _B["nose"])
     fill(p[36:42], _B["l_eye"])
     fill(p[42:48], _B["r_eye"])

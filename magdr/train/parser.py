@@ -122,11 +122,37 @@ def _flip(img: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return img[:, ::-1].copy(), D.FLIP_CLASSES[lab[:, ::-1]]
 
 
+_HAIR = BISENET_CLASSES.index("hair")
+
+
+def _recolour_hair(im: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Give the synthetic hair a random natural colour (blond to black, some red and grey).
+
+    The Face Synthetics sample's hair is mostly dark; real CelebA hair is often blond, which a
+    parser never shown blond hair takes for a hat or background.
+    """
+    m = lab == _HAIR
+    if m.sum() < 20:
+        return im
+    x = im.astype(np.float32)
+    lum = x.mean(2, keepdims=True)
+    target = rng.uniform(25, 210)
+    tint = np.array([1.0, 0.85, 0.65]) if rng.random() < 0.7 else rng.uniform(0.6, 1.1, 3)
+    if rng.random() < 0.15:  # grey / white
+        tint = np.ones(3)
+    new = (lum - lum[m].mean()) * rng.uniform(0.7, 1.4) + target
+    new = new * tint / tint.mean()
+    x[m] = np.clip(new[m], 0, 255)
+    return x.astype(np.uint8)
+
+
 def fs_batch(fs, anchor, idx, rng) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     """Augmented Face Synthetics samples."""
     ims, lbs = [], []
     for i in idx:
         im, lb = D.fs_warp(fs["images"][i], fs["labels"][i], fs["anchor"][i], anchor, rng)
+        if rng.random() < 0.6:
+            im = _recolour_hair(im, lb, rng)
         if rng.random() < 0.5:
             im, lb = _flip(im, lb)
         im = _degrade(_colour_jitter(im, rng, True), rng)
@@ -163,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     ap.add_argument("--run-dir", type=Path, default=Path("runs/parser"))
     ap.add_argument("--out", type=Path, default=WEIGHTS)
     ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--init", type=Path, default=None, help="ParseNet weights to start from")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="2 steps on 4 images into a temp dir")
     a = ap.parse_args(argv)
@@ -195,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     cel_labels = {int(i): D.landmark_labels(cel["landmarks"][i]) for i in cel_train}
 
     net = ParseNet(width=a.width, depth=a.depth)
+    if a.init is not None:
+        net = ParseNet.from_state_dict(torch.load(a.init, map_location="cpu", weights_only=True))
     opt = torch.optim.Adam(net.parameters(), lr=a.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.lr, total_steps=a.steps, pct_start=0.05)
     ckpt = a.run_dir / "ckpt.pt"
@@ -206,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     # Class weights: thin parts (brows, eyes, lips) are few pixels but what MagDR's regions need.
     w = torch.ones(len(BISENET_CLASSES))
     for n in ("l_brow", "r_brow", "l_eye", "r_eye", "u_lip", "l_lip", "nose", "mouth"):
-        w[BISENET_CLASSES.index(n)] = 2.0
+        w[BISENET_CLASSES.index(n)] = 3.0
     net.train()
     bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="parser")
     for step in bar:

@@ -97,12 +97,25 @@ def hair_colour_stats(
     mus, sds = torch.zeros(3, 3), torch.zeros(3, 3)
     for k in range(3):
         sel = np.nonzero((attrs[:, k] == 1) & (attrs[:, :3].sum(1) == 1))[0]
-        sel = sel[hair[sel].astype(np.float32).mean((1, 2)) / 255 > min_area][:600]
+        # Only confident hair pixels: a soft mask's fringe (skin, background) would pull every
+        # colour's mean toward the same grey.
+        sel = sel[(hair[sel] > 127).mean((1, 2)) > min_area][:600]
         x = D.to_tensor(images[sel])
-        w = torch.from_numpy(hair[sel]).float()[:, None] / 255
+        w = torch.from_numpy(hair[sel] > 127).float()[:, None]
         mu, sd = _masked_stats(to_ycc(x), w)
-        mus[k], sds[k] = mu.mean(0), sd.mean(0)
+        mus[k], sds[k] = mu.median(0).values, sd.median(0).values
     return mus, sds
+
+
+def spread(mus: torch.Tensor, factor: float) -> torch.Tensor:
+    """Move the colour means apart by ``factor`` around their centre (1 = as measured)."""
+    centre = mus.mean(0, keepdim=True)
+    return centre + factor * (mus - centre)
+
+
+def hair_blend_mask(hair: torch.Tensor) -> torch.Tensor:
+    """Soft hair probability -> blend weight: 0 below 0.2, 1 above 0.8 (sharper edges)."""
+    return ((hair - 0.2) / 0.6).clamp(0, 1)
 
 
 def recolour_hair(
@@ -231,6 +244,8 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     ap.add_argument("--lambda-gp", type=float, default=10.0)
     ap.add_argument("--flip-prob", type=float, default=0.3, help="stage 2 Male/Young flips")
     ap.add_argument("--w-inside", type=float, default=0.1)
+    ap.add_argument("--hair-spread", type=float, default=1.5,
+                    help="exaggerate the differences between the hair-colour targets")
     ap.add_argument("--parser", type=Path, default=WEIGHTS / "parser.pt")
     ap.add_argument("--aux", type=Path, default=D.cache_dir().parent / "classifier/aux.pt")
     ap.add_argument("--ae-only", action="store_true",
@@ -284,7 +299,9 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     images, attrs = cel["images"], cel["attrs"]
     min_area = 0.0 if a.smoke else 0.03
     mus, sds = hair_colour_stats(images[train], regions[train, 0], attrs[train], min_area)
-    log.info("hair YCbCr means (black, blond, brown): %s", mus.numpy().round(3).tolist())
+    mus = spread(mus, a.hair_spread)
+    log.info("hair YCbCr target means (black, blond, brown): %s", mus.numpy().round(3).tolist())
+    log.info("hair YCbCr target stds: %s", sds.numpy().round(3).tolist())
 
     size = images.shape[1]
     G = StarGAN(conv_dim=a.conv_dim, c_dim=5, repeat_num=a.repeat_num, image_size=size)
@@ -320,7 +337,7 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
         flip = rng.random(a.batch) < 0.5
         x = torch.where(torch.from_numpy(flip)[:, None, None, None], x.flip(3), x)
         reg = torch.where(torch.from_numpy(flip)[:, None, None, None], reg.flip(3), reg)
-        hair, facehair = reg[:, :1], reg[:, 1:]
+        hair, facehair = hair_blend_mask(reg[:, :1]), reg[:, 1:]
         c_np, t_np, k_np, fl_np = sample_conditions(real, rng, a.flip_prob if stage2 else 0.0)
         if a.ae_only:  # keep-conditions only: the hair part of c is the real labels or zeros
             c_np[k_np >= 0, :3] = real[k_np >= 0, :3]
