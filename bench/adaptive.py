@@ -27,6 +27,7 @@ from torch import nn
 from bench.common import CD, DD, MAGDR, Bench, at_threshold, benign, success
 from bench.data import Faces
 from magdr.attacks import AdaptivePGD, _apply, _mse, _project
+from magdr.calibrate import auroc
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ def run(
             pos = bench.scores(pos_faces.x, pos_faces.c)
             for d in judged:
                 row = at_threshold(neg[d], pos[d], bench.thresholds[d])
+                row["auroc"] = auroc(neg[d], pos[d])
                 row.update(iterations=i, success=float(ok.double().mean()), n_pos=int(ok.sum()))
                 pts[d].append(row)
         for d in judged:

@@ -338,6 +338,13 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
             )
         lines += _table(["detector", *[f"{i} it." for i in its], "attack s"], rows)
         lines += ["", "Cells: F1 (share of attacks that still disrupt G).", ""]
+        rows = [
+            [det_name, *[_f(p.get("auroc")) for p in cur["points"]]]
+            for det_name, cur in adv["curves"].items()
+        ]
+        lines += ["AUROC of the same detectors on the same faces:", ""]
+        lines += _table(["detector", *[f"{i} it." for i in its]], rows)
+        lines += [""]
     else:
         lines += ["Skipped in this run (`--skip-adaptive`).", ""]
 
