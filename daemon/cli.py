@@ -193,11 +193,12 @@ def cmd_process(args: argparse.Namespace) -> int:
 
 # ---- attack ---------------------------------------------------------------------------------
 def attack_file(cfg: Config, src: Path, dst: Path, method: str = "pgd", eps: float = 0.05,
-                steps: int = 10, seed: int = 0) -> int:
-    """Write a disrupted copy of ``src``: every located face attacked against G (red team).
+                steps: int = 10, seed: int = 0, frames: int = 0) -> int:
+    """Write a disrupted copy of ``src``: located faces attacked against G (red team).
 
     Videos are written losslessly (libx264rgb, CRF 0, Matroska) so the perturbation survives;
-    images as PNG. Returns the number of faces attacked.
+    images as PNG. ``frames > 0`` attacks only that many frames, spread evenly over the video
+    (the others are copied untouched), to keep CPU demos short. Returns the faces attacked.
     """
     import cv2
     import numpy as np
@@ -222,6 +223,11 @@ def attack_file(cfg: Config, src: Path, dst: Path, method: str = "pgd", eps: flo
     attack = fns[method]
     info = media.probe(src)
     n_faces = 0
+    total = info.frames
+    chosen = None
+    if frames > 0:
+        chosen = set(np.linspace(0, max(total - 1, 0), frames).round().astype(int).tolist()) \
+            if total else set(range(frames))
 
     def perturb(image: np.ndarray) -> np.ndarray:
         nonlocal n_faces
@@ -250,7 +256,8 @@ def attack_file(cfg: Config, src: Path, dst: Path, method: str = "pgd", eps: flo
         ok = False
         try:
             for frame in media.decode(src, cfg.guard.max_frame_pixels, writer.mux_audio):
-                writer.write(perturb(frame.image), frame.pts)
+                hit = chosen is None or frame.index in chosen
+                writer.write(perturb(frame.image) if hit else frame.image, frame.pts)
             ok = True
         finally:
             writer.close(commit=ok)
@@ -276,7 +283,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     for p in map(Path, args.inputs):
         dst = out / attack_name(p)
         try:
-            n = attack_file(cfg, p, dst, args.method, args.eps, args.steps, args.seed)
+            n = attack_file(cfg, p, dst, args.method, args.eps, args.steps, args.seed,
+                            args.frames)
             dlog.say(f"  {p.name}: {n} faces attacked ({args.method}, eps {args.eps}) -> {dst}")
         except Exception as e:
             dlog.say(f"  {p.name}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
@@ -333,11 +341,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for d in (staging, inbox):
         d.mkdir(parents=True, exist_ok=True)
     clip = Path(args.clip) if args.clip else DEMO_CLIP
-    dlog.say(f"magdr-guard demo: {clip.name} and a PGD-disrupted copy through "
+    dlog.say(f"magdr-guard demo: {clip.name} and a PGD-disrupted copy "
+             f"({args.attack_frames or 'all'} frames attacked) through "
              f"inbox -> guard -> outbox in {out}")
     adv = staging / attack_name(clip)
     t0 = time.monotonic()
-    n = attack_file(_base_config(args), clip, adv, "pgd", args.eps, args.steps)
+    n = attack_file(_base_config(args), clip, adv, "pgd", args.eps, args.steps,
+                    frames=args.attack_frames)
     dlog.say(f"  attacked {n} faces in {time.monotonic() - t0:.1f} s -> {adv.name}")
     shutil.copy2(clip, staging / clip.name)
     cfg.sources = [FolderSourceConfig(path=str(inbox), stable_s=0.2)]
@@ -407,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: D103
     p.add_argument("--clip", help=argparse.SUPPRESS)
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--attack-frames", type=int, default=3,
+                   help="frames of the copy to attack (0 = all); reconstruction is slow on a CPU")
+    p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--no-guard", action="store_true", help=argparse.SUPPRESS)
     _model_args(p)
     p.set_defaults(fn=cmd_demo)
@@ -424,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: D103
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=0,
+                   help="attack only this many frames, spread evenly (0 = every frame)")
     _model_args(p)
     p.set_defaults(fn=cmd_attack)
     return ap

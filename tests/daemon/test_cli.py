@@ -64,6 +64,14 @@ def test_attack_writes_a_lossless_disrupted_copy(tmp_path, tiny_models, capsys):
     got, _ = read_pts(tmp_path / "adv" / "v.adv.mkv")
     assert len(got) == 3
     assert "1 faces attacked" in capsys.readouterr().out
+    # --frames 1: one frame attacked, the others copied losslessly
+    assert main(["attack", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "one"), "--config",
+                 str(cfg), "--steps", "1", "--frames", "1"]) == 0
+    import av
+    with av.open(str(tmp_path / "v.mp4")) as a, av.open(str(tmp_path / "one" / "v.adv.mkv")) as b:
+        same = [np.array_equal(x.to_ndarray(format="rgb24"), y.to_ndarray(format="rgb24"))
+                for x, y in zip(a.decode(video=0), b.decode(video=0), strict=True)]
+    assert same.count(False) == 1
 
 
 def test_demo_runs_the_daemon_path(tmp_path, tiny_models):
