@@ -75,9 +75,11 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
     """Geometry, rate, time base and frame count (0 when the container does not say)."""
     if not Path(path).is_file():
         raise MediaError("missing", f"{Path(path).name}: no such file")
+    if Path(path).stat().st_size == 0:
+        raise MediaError("empty", f"{Path(path).name}: empty file (0 bytes)")
     if is_image(path):
-        img = read_image(path, 1 << 40)
-        return VideoInfo(img.shape[1], img.shape[0], None, None, 1, False)
+        w, h = image_header_size(Path(path).read_bytes(), Path(path).name)
+        return VideoInfo(w, h, None, None, 1, False)
     try:
         with av.open(str(path)) as c:
             if not c.streams.video:
@@ -89,9 +91,33 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
         raise MediaError("decode", f"{Path(path).name}: {e}") from None
 
 
+def image_header_size(data: bytes, name: str) -> tuple[int, int]:
+    """``(width, height)`` of a JPEG or PNG from its header, without decoding it.
+
+    Raises:
+        MediaError: ``decode`` when ``data`` is neither a JPEG nor a PNG with a readable size.
+    """
+    from daemon.wire import WireError, image_size
+
+    fmt = "png" if data[:4] == b"\x89PNG" else "jpeg"
+    try:
+        return image_size(data, fmt)
+    except WireError:
+        raise MediaError("decode", f"{name}: not a readable JPEG or PNG image") from None
+
+
 def read_image(path: str | os.PathLike[str], max_pixels: int) -> np.ndarray:
-    """A jpg/png as ``(H, W, 3)`` uint8 RGB."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """A jpg/png as ``(H, W, 3)`` uint8 RGB.
+
+    The size in the image header is checked against ``max_pixels`` before decoding: a small
+    file can declare a frame of gigabytes, which the decoder would allocate first.
+    """
+    data = Path(path).read_bytes()
+    w, h = image_header_size(data, Path(path).name)
+    if w * h > max_pixels:
+        raise MediaError("too_large", f"{Path(path).name}: header declares {w}x{h}, over "
+                         f"{max_pixels} pixels")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if img is None:
         raise MediaError("decode", f"{Path(path).name}: not a readable image")
     if img.shape[0] * img.shape[1] > max_pixels:
@@ -104,6 +130,7 @@ def decode(
     path: str | os.PathLike[str],
     max_pixels: int,
     on_audio: Callable[[av.Packet], None] | None = None,
+    on_corrupt: Callable[[int | None, str], None] | None = None,
 ) -> Iterator[Frame]:
     """Yield the frames of a video (or the one frame of an image) in presentation order.
 
@@ -112,6 +139,8 @@ def decode(
         max_pixels: a frame larger than this raises :class:`MediaError` ("too_large").
         on_audio: called with every packet of the first audio stream, in demux order, so the
             caller can copy audio into its output while the video is being processed.
+        on_corrupt: called with ``(pts, error)`` for a video packet the decoder rejects; the
+            packet's frames are skipped and decoding goes on. Without it the file fails.
 
     Raises:
         MediaError: the file is missing, not a video, corrupt or truncated.
@@ -138,7 +167,15 @@ def decode(
                     if packet.dts is not None and on_audio:
                         on_audio(packet)
                     continue
-                for f in packet.decode():
+                try:
+                    decoded = packet.decode()
+                except av.InvalidDataError as e:
+                    # one corrupt packet mid-stream loses its frames, not the whole file
+                    if on_corrupt is None:
+                        raise
+                    on_corrupt(packet.pts, str(e))
+                    continue
+                for f in decoded:
                     yield Frame(i, f.to_ndarray(format="rgb24"), f.pts, f.time_base)
                     i += 1
             if i == 0:

@@ -180,6 +180,13 @@ def process_file(
     sig = source_signature(src)
     t0 = time.monotonic()
     stats = {"frames": 0, "faces": 0, "disrupted_frames": 0, "disrupted_faces": 0}
+    corrupt_packets: list[dict[str, Any]] = []
+
+    def corrupt(pts: int | None, error: str) -> None:
+        # reported in the summary; the frames of a rejected packet are missing from the output
+        corrupt_packets.append({"pts": pts, "error": error[:200]})
+        pipeline.metrics.bad_input.inc(source=source, reason="corrupt_packet")
+        log.warning("corrupt video packet skipped", pts=pts, error=error[:200])
     max_score: float | None = None
     vtmp = media.temp_name(paths["verdicts"])
     writer: media.VideoWriter | None = None
@@ -214,7 +221,8 @@ def process_file(
             writer = media.VideoWriter(paths["media"], info, codec, crf, audio)
         try:
             with open(vtmp, "w") as vf:
-                frames = media.decode(src, max_pixels, writer.mux_audio if writer else None)
+                frames = media.decode(src, max_pixels, writer.mux_audio if writer else None,
+                                      on_corrupt=corrupt)
                 for frame in frames:
                     pipeline.metrics.frames_in.inc(source=source)
                     fut = pipeline.submit(frame.image, stream=name, seq=frame.index,
@@ -259,6 +267,7 @@ def process_file(
         "height": info.height,
         "rate": str(info.rate) if info.rate else None,
         "audio_copied": audio_copied,
+        "corrupt_packets": corrupt_packets[:100],
         "elapsed_s": round(elapsed, 3),
         "fps": round(stats["frames"] / elapsed, 3) if elapsed > 0 else None,
         "source": sig,

@@ -15,6 +15,7 @@ are named in a warning (they need a restart).
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -223,6 +224,9 @@ class Service:
                 self._busy[src.name] = original
                 try:
                     self.guard_file(src, claimed, original)
+                except Exception:  # e.g. a full disk while failing a file: keep the worker
+                    log.exception("file left claimed after an error; retried at the next start")
+                    self.metrics.files.inc(outcome="error")
                 finally:
                     self._busy.pop(src.name, None)
         self.notifier.forget(beat)
@@ -232,6 +236,13 @@ class Service:
         assert self.pipeline is not None and self.folder_sink is not None
         sink, d = self.folder_sink, self.cfg.daemon
         keep = Path(d.work_dir) / "done" if d.keep_inputs else None
+        if claimed.is_symlink() or not claimed.is_file():
+            # a link could point anywhere (outside the inbox); only regular files are taken
+            what = f"a symbolic link to {os.readlink(claimed)}" if claimed.is_symlink() \
+                else "not a regular file"
+            self._failed(src, claimed, original, "not_regular",
+                         f"{original} is {what}; only regular files are guarded")
+            return
         done = sink.committed(claimed.stem)
         if done and done.get("source", {}).get("size") == claimed.stat().st_size and \
                 done["source"].get("mtime_ns") == claimed.stat().st_mtime_ns:

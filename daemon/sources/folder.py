@@ -36,6 +36,10 @@ from daemon.sinks.folder import FolderSink
 
 log = structlog.get_logger()
 
+#: Longest output NAME in bytes: NAME_MAX (255) less ``.`` + ``.verdicts.jsonl.part`` and room
+#: for a ``-N`` suffix.
+MAX_STEM = 200
+
 
 class _Handler(FileSystemEventHandler):
     def __init__(self, source: FolderSource) -> None:
@@ -48,8 +52,11 @@ class _Handler(FileSystemEventHandler):
             self.source.offer(Path(os.fsdecode(event.src_path)))
         elif isinstance(event, FileMovedEvent):
             self.source.offer(Path(os.fsdecode(event.dest_path)))
-        elif isinstance(event, FileCreatedEvent | FileModifiedEvent) and self.source.cfg.polling:
-            # inotify announces the close; only a polling observer needs the size check.
+        elif isinstance(event, FileCreatedEvent) or (
+                isinstance(event, FileModifiedEvent) and self.source.cfg.polling):
+            # inotify announces the close of a file written here; a file moved in from another
+            # folder arrives as "created" (watchdog cannot pair the move), so it gets the size
+            # check a rescan would give it, without waiting for the rescan.
             self.source.watch(Path(os.fsdecode(event.src_path)))
 
 
@@ -164,7 +171,10 @@ class FolderSource:
                     continue
                 if (st.st_size, st.st_mtime_ns) != (size, mtime):
                     self._stable[name] = (st.st_size, st.st_mtime_ns, now)
-                elif now - since >= self.cfg.stable_s and st.st_size > 0:
+                elif now - since >= (self.cfg.stable_s if st.st_size else
+                                     max(self.cfg.stable_s, self.rescan_s)):
+                    # an empty file may be an upload not started yet: it waits longer, then is
+                    # taken (and fails) rather than sitting in the inbox for ever
                     ready.append(name)
         for name in ready:
             self.offer(self.inbox / name)
@@ -189,8 +199,12 @@ class FolderSource:
         return name
 
     def claim(self, path: Path) -> Path | None:
-        """Move ``path`` into the work folder atomically; None if someone else took it."""
-        name = self._unique(path.stem, path.suffix.lower())
+        """Move ``path`` into the work folder atomically; None if someone else took it.
+
+        The claimed name (NAME of the outputs) keeps at most :data:`MAX_STEM` bytes of the
+        original stem, so that ``.NAME.verdicts.jsonl.part`` still fits in a file name.
+        """
+        name = self._unique(os.fsdecode(os.fsencode(path.stem)[:MAX_STEM]), path.suffix.lower())
         dest = self.work / f"{name}{path.suffix.lower()}"
         try:
             os.rename(path, dest)
@@ -249,12 +263,24 @@ class FolderSource:
         n, name = 0, stem
         while (self.failed / f"{name}{ext}").exists() or \
                 (self.failed / f"{name}.error.json").exists():
+            if not (self.failed / f"{name}{ext}").exists() and \
+                    _claimed_by(self.failed / f"{name}.error.json") == claimed.name:
+                break  # our own record from a fail() killed before the move: reuse it
             n += 1
             name = f"{stem}-{n}"
-        err = {"v": 1, "input": original, "file": f"{name}{ext}", "reason": reason,
-               "error": message, "time": datetime.now(UTC).isoformat(timespec="seconds")}
+        err = {"v": 1, "input": original, "file": f"{name}{ext}", "claimed": claimed.name,
+               "reason": reason, "error": message,
+               "time": datetime.now(UTC).isoformat(timespec="seconds")}
         media.write_bytes(self.failed / f"{name}.error.json",
                           (json.dumps(err, indent=2) + "\n").encode())
         if claimed.exists():
             os.replace(claimed, self.failed / f"{name}{ext}")
         return self.failed / f"{name}.error.json"
+
+
+def _claimed_by(error_file: Path) -> str | None:
+    """The claimed name an ``NAME.error.json`` was written for (None if unreadable)."""
+    try:
+        return json.loads(error_file.read_text()).get("claimed")
+    except (OSError, ValueError, AttributeError):
+        return None
