@@ -21,6 +21,7 @@ from concurrent.futures import Future
 import structlog
 import zmq
 
+from daemon import logging as dlog
 from daemon import wire
 from daemon.config import ZmqSourceConfig
 from daemon.metrics import Metrics
@@ -225,14 +226,16 @@ class ZmqSource:
             self.metrics.queue_depth.set(self.q.qsize(), queue=self.name)
             while not self._slots.acquire(timeout=0.5):
                 self.notifier.beat(f"{self.name}-work")
-            try:
-                fut = self.pipeline.submit(msg.image, stream=msg.stream, seq=msg.seq,
-                                           source=self.name, pts=msg.pts,
-                                           time_base=msg.time_base, cond=msg.cond, t0=t0)
-            except (KeyError, ValueError) as e:
-                self._slots.release()
-                self._bad("bad_condition" if isinstance(e, KeyError) else "bad_frame", str(e))
-                continue
+            with dlog.bound(source=self.name, stream=msg.stream, seq=msg.seq):
+                try:
+                    fut = self.pipeline.submit(msg.image, stream=msg.stream, seq=msg.seq,
+                                               source=self.name, pts=msg.pts,
+                                               time_base=msg.time_base, cond=msg.cond, t0=t0)
+                except (KeyError, ValueError) as e:
+                    self._slots.release()
+                    self._bad("bad_condition" if isinstance(e, KeyError) else "bad_frame",
+                              str(e))
+                    continue
             with self._plock:
                 self._pending.add(fut)
             fut.add_done_callback(self._done)

@@ -72,6 +72,9 @@ path = "{tmp_path / 'outbox'}"
 kind = "zmq"
 endpoint = "tcp://127.0.0.1:{out_port}"
 format = "png"
+[metrics]
+enabled = true
+port = 0
 """)
     ctx = zmq.Context()
     sub = _sub(ctx, out_port)
@@ -116,6 +119,14 @@ format = "png"
     assert topics == {b"verdict", b"clean"}
     sub.close(0)
     ctx.term()
+    import urllib.request
+    url = f"http://127.0.0.1:{svc.metrics_server.port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    assert 'magdr_frames_out_total{source="folder0"} 6' in text  # 5 video frames + 1 image
+    assert 'magdr_bad_input_total{source="folder0",reason="decode"} 1' in text
+    assert 'magdr_files_total{outcome="failed"} 1' in text
+    assert "magdr_frame_latency_seconds_bucket" in text
 
 
 def test_zmq_sources_sub_pull_rep(service, tmp_path):
@@ -183,6 +194,9 @@ frames = false
     assert m.bad_input.value(source="zmq0", reason="bad_version") == 1
     assert m.bad_input.value(source="zmq2", reason="bad_payload") == 1
     assert m.frames_out.value(source="zmq0") == 3
+    # an unknown attribute in a header's cond is a bad message, not a crash
+    push.send_multipart(wire.encode_frame("line", 9, img, "rgb24", cond={"Purple_Hair": 1}))
+    assert _wait(lambda: m.bad_input.value(source="zmq1", reason="bad_condition") == 1, 5)
     for s in (sub, pub, push, req):
         s.close(0)
     ctx.term()
