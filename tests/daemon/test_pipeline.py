@@ -1,0 +1,74 @@
+"""process_file and the frame pipeline with the real engine (tiny G)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.config import load_config
+from daemon.metrics import Metrics
+from daemon.pipeline import Aborted, process_file
+from daemon.service import build_pipeline
+from tests.daemon.conftest import make_clip, write_config
+
+
+@pytest.fixture
+def pipeline(tmp_path, tiny_models):
+    def make(**kw):
+        cfg = load_config(write_config(tmp_path / "c.toml", tiny_models, **kw))
+        engine, batcher, pipe = build_pipeline(cfg, Metrics())
+        made.append(batcher)
+        return pipe
+
+    made = []
+    yield make
+    for b in made:
+        b.close(5)
+
+
+def test_abort_commits_nothing(tmp_path, pipeline):
+    pipe = pipeline()
+    make_clip(tmp_path / "a.mp4", frames=6)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(Aborted):
+        process_file(tmp_path / "a.mp4", "a", out, pipe, should_abort=lambda: True)
+    assert list(out.iterdir()) == []
+
+
+def test_no_face_frames_pass_through(tmp_path, pipeline):
+    pipe = pipeline(faces="detect")
+    img = np.full((48, 64, 3), 77, np.uint8)  # nothing face-like
+    g = pipe.submit(img, stream="s", seq=0, source="t").result(10)
+    assert g.verdict["faces"] == [] and g.verdict["disrupted"] is False
+    assert g.verdict["score"] is None
+    np.testing.assert_array_equal(g.image, img)
+
+
+def test_frame_mode_pastes_g_output(tmp_path, pipeline):
+    pipe = pipeline(faces="frame")
+    img = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    g = pipe.submit(img, stream="s", seq=3, source="t", pts=7).result(10)
+    assert g.image.shape == img.shape and not np.array_equal(g.image, img)
+    assert (g.verdict["seq"], g.verdict["pts"], g.verdict["faces"][0]["box"]) == \
+        (3, 7, [0, 0, 56, 40])
+    with pytest.raises(KeyError):
+        pipe.submit(img, stream="s", seq=4, source="t", cond={"Nope": 1})
+    with pytest.raises(ValueError):
+        pipe.submit(img[..., :2], stream="s", seq=5, source="t")
+
+
+def test_real_faces_are_found_and_pasted(pipeline):
+    pipe = pipeline(faces="detect")
+    from daemon.media import decode
+
+    asset = Path(__file__).resolve().parents[2] / "daemon" / "assets" / "demo.mp4"
+    frame = next(decode(asset, 1 << 30)).image
+    g = pipe.submit(frame, stream="demo", seq=0, source="t").result(10)
+    assert len(g.verdict["faces"]) == 1
+    x, y, w, h = g.verdict["faces"][0]["box"]
+    assert w >= 32 and 0 <= x < frame.shape[1]
+    diff = np.abs(g.image.astype(int) - frame).sum(2) > 0
+    assert diff[y + h // 2, x + w // 2] and not diff[0, 0]  # pasted on the face, not the corner
