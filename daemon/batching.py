@@ -144,6 +144,22 @@ class Batcher:
         try:
             x, c = torch.cat([i.x for i in items]), torch.cat([i.c for i in items])
             rows, per_row = self.fn(x, c)
+        except torch.OutOfMemoryError as e:
+            # magdr.Guard already split down to one face; what escapes is retried per frame,
+            # so that only the frame(s) that cannot fit fail, each with this error
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(items) > 1:
+                log.warning("out of memory on a batch: retrying it in halves",
+                            frames=len(items), faces=sum(i.x.shape[0] for i in items))
+                h = len(items) // 2
+                self._call(items[:h])
+                self._call(items[h:])
+                return
+            log.error("out of memory on one frame: the frame fails", faces=items[0].x.shape[0],
+                      error=str(e)[:200])
+            items[0].future.set_exception(e)
+            return
         except Exception as e:  # a failing batch fails its frames, never the daemon
             log.exception("guard batch failed", faces=sum(i.x.shape[0] for i in items))
             for i in items:

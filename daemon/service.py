@@ -271,7 +271,8 @@ class Service:
             return
         except Exception as e:  # anything else fails the file, never the daemon
             log.exception("file failed")
-            self._failed(src, claimed, original, "error", f"{type(e).__name__}: {e}")
+            reason = "out_of_memory" if type(e).__name__ == "OutOfMemoryError" else "error"
+            self._failed(src, claimed, original, reason, f"{type(e).__name__}: {e}")
             return
         src.done(claimed, keep)
         self.metrics.files.inc(outcome="done")
