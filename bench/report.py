@@ -233,6 +233,14 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
         ],
     )
     lines += [""]
+    if det.get("ruiz_pgd"):
+        v = det["ruiz_pgd"]
+        lines += [
+            f"For comparison, PGD at Ruiz et al.'s exact setting (ε 0.05, step 0.01, 10 "
+            f"iterations) succeeds on {v['ok']}/{v['n']} of these faces (output MSE median "
+            f"{_f(v['mse_median'], 4)}, max {_f(v['mse_max'], 4)}); this run uses ε {s['eps']}.",
+            "",
+        ]
     groups = det["groups"]
     attacks = list(det["rows"])
     dets = list(det["rows"][attacks[0]]["all"])

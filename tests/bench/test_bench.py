@@ -147,6 +147,10 @@ def test_quick_run_writes_report(tiny_models, tmp_path):
         "cpu",
         "--success-mse",
         "0.002",
+        "--eps",
+        "0.06",
+        "--step",
+        "0.012",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -154,6 +158,7 @@ def test_quick_run_writes_report(tiny_models, tmp_path):
     for png in ("roc.png", "fig3_adaptive.png", "fig1_magdr.png", "fig4_defences.png"):
         assert (out / png).stat().st_size > 1000
         assert f"]({png})" in report
+    assert "**not** Ruiz et al.'s ε 0.05" in report and "For comparison, PGD at Ruiz" in report
     for heading in ("Table 1", "Table 2", "Figure 3", "Throughput"):
         assert heading in report
     # Tables hold numbers: every detector's PGD row has a numeric AUROC, Table 2 has PSNRs.
