@@ -384,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
             "calibrated": calibrated,
             "threshold": guard.profile.threshold,
             "lam": guard.profile.lam,
+            "meta": {
+                k: v
+                for k, v in guard.profile.meta.items()
+                if isinstance(v, int | float | str) and not isinstance(v, bool)
+            },
         },
         "data": {
             "val": f"{val.ids[0]}..{val.ids[-1]} ({len(val)})",

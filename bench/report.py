@@ -148,6 +148,12 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
         f"on {r['data']['fit']} train faces, thresholds set on {r['data']['cal']} other train "
         "faces (CelebA 000001–008000 only)",
     ]
+    meta = r["profile"].get("meta") or {}
+    if meta:
+        shown = ", ".join(
+            f"{k} {v if not isinstance(v, float) else _f(v, 3)}" for k, v in list(meta.items())[:14]
+        )
+        lines += [f"- profile calibration (its own record): {shown}"]
     lines += [f"- note: {n}" for n in r.get("notes", [])]
     if s["n"] < 1000 or s.get("quick"):
         lines += [
