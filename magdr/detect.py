@@ -16,7 +16,7 @@ from torch import nn
 
 from magdr.check import check_images, check_shape
 from magdr.faces.regions import REGIONS, target_mask
-from magdr.metrics import DISTANCES, distance_vector
+from magdr.metrics import DISTANCES, region_distance_matrix
 from magdr.profile import Profile
 from magdr.transforms import apply, bpda_apply
 
@@ -37,10 +37,7 @@ def region_distances(
     """
     check_images(x)
     check_images(y, "y")
-    n = regions.shape[1]
-    return torch.stack(
-        [distance_vector(x, y, regions[:, i : i + 1], names) for i in range(n)], dim=1
-    )
+    return region_distance_matrix(x, y, regions, names)
 
 
 def region_presence(regions: torch.Tensor, min_area: float) -> torch.Tensor:
@@ -215,9 +212,11 @@ class Detector(nn.Module):
         check_shape(regions, [str(x.shape[0]), str(len(REGIONS)), "H", "W"], "regions")
         p = self.profile
         y, y_k = outputs_under_transforms(self.G, x, c, transforms or p.consistency, differentiable)
-        d = region_distances(x, y, regions, p.distances)
-        m_c = target_mask(regions, targets)
-        d_c = distance_vector(x, y, m_c, p.distances)
+        # The target region M_c rides along as one more mask: one pass over the pixel maps.
+        d_all = region_distances(
+            x, y, torch.cat([regions, target_mask(regions, targets)], 1), p.distances
+        )
+        d, d_c = d_all[:, :-1], d_all[:, -1]
         present = region_presence(regions, p.min_region_area)
         w, mu, sigma = self._stats(x)
         s_dist = distortion_score(d, targets, present, w, mu, sigma)
