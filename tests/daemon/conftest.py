@@ -25,6 +25,21 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def fresh_logging():
+    """Tests that run the CLI in-process configure structlog; undo it for the next test."""
+    yield
+    import logging
+
+    import structlog
+
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_magdr", False):
+            root.removeHandler(h)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random G (32 px), tiny parser, and a detection-only profile (huge threshold)."""
