@@ -204,7 +204,10 @@ class Service:
     def emit(self, g: Guarded) -> None:
         """Send a guarded frame to every ZeroMQ sink."""
         for s in self.zmq_sinks:
-            s.publish(g)
+            try:
+                s.publish(g)
+            except Exception:  # a publishing problem never fails the file or the stream
+                log.exception("zmq sink failed", stream=g.verdict.get("stream"))
 
     def _update_gauges(self) -> None:
         if self.batcher is not None:

@@ -262,10 +262,12 @@ def encode_frame(stream: str, seq: int, image: np.ndarray, fmt: str = "jpeg",
     header = {"v": VERSION, "stream": stream, "seq": seq, "pts": pts,
               "time_base": list(time_base) if time_base else None, "format": fmt,
               "width": w, "height": h, "cond": cond}
-    return [(topic + stream).encode(), json.dumps(header).encode(),
+    # surrogateescape: a file's NAME (the stream of its frames) may hold non-UTF-8 bytes
+    return [(topic + stream).encode("utf-8", "surrogateescape"), json.dumps(header).encode(),
             encode_image(image, fmt, jpeg_quality)]
 
 
 def encode_verdict(verdict: dict[str, Any]) -> list[bytes]:
     """``[b"verdict." + stream, verdict JSON]``."""
-    return [b"verdict." + verdict["stream"].encode(), json.dumps(verdict).encode()]
+    return [b"verdict." + verdict["stream"].encode("utf-8", "surrogateescape"),
+            json.dumps(verdict).encode()]
