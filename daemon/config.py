@@ -73,6 +73,13 @@ class GuardConfig:
     )
     max_faces: int = field(default=8, metadata=doc("faces guarded per frame", min=1))
     min_face: int = field(default=32, metadata=doc("smallest face side in pixels", min=1))
+    detect_side: int = field(
+        default=640, metadata=doc("frames are downscaled to this side for detection", min=64)
+    )
+    detect_every: int = field(
+        default=1, metadata=doc("detect on every Nth frame of a stream, reuse boxes between",
+                                min=1, max=100)
+    )
     publish_purified: bool = field(
         default=False, metadata=doc("paste the cleaned input x* instead of the edit y*")
     )

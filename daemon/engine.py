@@ -9,6 +9,7 @@ library's API is one place to follow: :meth:`Engine.guard_faces` is the adapter 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +100,8 @@ class Engine:
             self.profile_name = str(getattr(self.guard.profile, "name", "") or m.profile)
             self.threshold = float(getattr(self.guard.profile, "threshold", float("nan")))
         self._conds: dict[tuple[tuple[str, float], ...], torch.Tensor] = {}
+        self._boxes: dict[str, tuple[int, Any, tuple[int, ...]]] = {}
+        self._boxes_lock = threading.Lock()
         self.default_cond = self.condition(m.condition)  # unknown attributes fail at start-up
         log.info("models loaded", model=self.model_name, profile=self.profile_name,
                  device=str(self.device), face_size=self.size, guard=g.enabled,
@@ -119,8 +122,13 @@ class Engine:
         return self._conds[key]
 
     # ---- faces --------------------------------------------------------------------------
-    def find_faces(self, image: np.ndarray) -> Crops:
-        """Locate and crop the faces of one RGB frame (``[guard] faces``)."""
+    def find_faces(self, image: np.ndarray, stream: str | None = None) -> Crops:
+        """Locate and crop the faces of one RGB frame (``[guard] faces``).
+
+        With ``[guard] detect_every = N > 1`` the boxes found on a stream's frame are reused
+        for its next N-1 frames (talking heads move little between frames; detection is the
+        most expensive step of a CPU pipeline).
+        """
         g = self.cfg.guard
         if g.faces == "frame":
             h, w = image.shape[:2]
@@ -130,7 +138,21 @@ class Engine:
             return Crops(x, np.array([[0, 0, w, h]], np.int64), [[0, 0, w, h]])
         from magdr.faces.locate import crop_faces, locate_faces
 
-        boxes = locate_faces(image, min_size=g.min_face, max_faces=g.max_faces)
+        boxes = None
+        if stream is not None and g.detect_every > 1:
+            with self._boxes_lock:
+                n, last, shape = self._boxes.get(stream, (0, None, None))
+                if last is not None and n < g.detect_every - 1 and shape == image.shape:
+                    self._boxes[stream] = (n + 1, last, shape)
+                    boxes = last
+        if boxes is None:
+            boxes = locate_faces(image, min_size=g.min_face, max_faces=g.max_faces,
+                                 max_side=g.detect_side)
+            if stream is not None and g.detect_every > 1:
+                with self._boxes_lock:
+                    if len(self._boxes) > 1024:  # streams come and go
+                        self._boxes.clear()
+                    self._boxes[stream] = (0, boxes, image.shape)
         if not boxes:
             return Crops(torch.empty(0, 3, self.size, self.size), np.zeros((0, 4), np.int64), [])
         x, rects = crop_faces(image, boxes, self.size)

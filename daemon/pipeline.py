@@ -70,7 +70,7 @@ class FramePipeline:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"frame: expected uint8 [H,W,3], got {image.dtype} {image.shape}")
         c = self.engine.condition(cond)
-        crops = self.engine.find_faces(image)
+        crops = self.engine.find_faces(image, stream)
         out: Future = Future()
         meta = {"stream": stream, "seq": seq, "pts": pts, "source": source, "t0": t0}
         if not crops.boxes:

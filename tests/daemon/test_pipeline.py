@@ -72,3 +72,24 @@ def test_real_faces_are_found_and_pasted(pipeline):
     assert w >= 32 and 0 <= x < frame.shape[1]
     diff = np.abs(g.image.astype(int) - frame).sum(2) > 0
     assert diff[y + h // 2, x + w // 2] and not diff[0, 0]  # pasted on the face, not the corner
+
+
+def test_detect_every_reuses_boxes_per_stream(pipeline):
+    pipe = pipeline(faces="detect")
+    pipe.engine.cfg.guard.detect_every = 3
+    from daemon.media import decode
+
+    asset = Path(__file__).resolve().parents[2] / "daemon" / "assets" / "demo.mp4"
+    face = next(decode(asset, 1 << 30)).image
+    blank = np.full_like(face, 90)
+
+    def faces(img, stream):
+        return len(pipe.submit(img, stream=stream, seq=0, source="t").result(10).verdict["faces"])
+
+    assert faces(face, "a") == 1  # detected
+    assert faces(blank, "a") == 1  # boxes reused (frames 2 and 3 of 3)
+    assert faces(blank, "a") == 1
+    assert faces(blank, "a") == 0  # detected again
+    assert faces(blank, "b") == 0  # other streams keep their own boxes
+    pipe.engine.cfg.guard.detect_every = 1
+    assert faces(face, "c") == 1 and faces(blank, "c") == 0
