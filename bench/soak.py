@@ -1,0 +1,356 @@
+"""``python -m bench.soak --minutes 30``: the daemon under steady load, watched from outside.
+
+Starts ``magdr-guard run`` as a subprocess with one ZeroMQ PULL source per stream (a bounded
+queue with a drop policy), a PUB sink and the metrics endpoint; one sender thread per stream
+pushes numbered frames at a fixed rate, one subscriber collects the verdicts, and a sampler reads
+the daemon's resident memory (``/proc/PID/status``) and ``/metrics`` every second. At the end the
+senders stop, the daemon drains, and every frame is accounted for::
+
+    sent = verdicts received + frames the daemon logged as dropped (with their reason)
+
+per stream and by sequence number (the ``frame dropped`` log lines carry stream and seq), so the
+drop counters must explain every missing frame. Queue depths are checked against their limits,
+and the memory trend is a least-squares slope over the samples after the warm-up (MiB/min).
+
+The models are a tiny random StarGAN (32 px), a tiny parser and a detection-only profile by
+default (``--models tiny``: this measures the daemon, not the method), or the shipped defaults
+(``--models default``). ``tests/daemon/test_soak.py`` runs a 40-second version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of ``pid`` in MiB (``VmRSS``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The daemon's ``/metrics`` as ``{'name{labels}': value}``."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+def slope_per_min(t: list[float], y: list[float]) -> float:
+    """Least-squares slope of ``y`` over ``t`` (seconds), per minute."""
+    if len(t) < 3:
+        return float("nan")
+    return float(np.polyfit(np.asarray(t) / 60.0, np.asarray(y), 1)[0])
+
+
+def tiny_models(d: Path) -> dict[str, Path]:
+    """A tiny random StarGAN (32 px), a tiny parser, and a detection-only profile."""
+    import torch
+
+    from magdr.faces.parsenet import ParseNet
+    from magdr.models.stargan import StarGAN
+    from magdr.profile import Profile
+
+    torch.manual_seed(0)
+    torch.save(StarGAN(conv_dim=8, c_dim=5, repeat_num=1, image_size=32).state_dict(), d / "G.pt")
+    (d / "G.json").write_text(json.dumps({"image_size": 32}))
+    torch.save(ParseNet(width=4, depth=2).state_dict(), d / "parser.pt")
+    Profile(name="soak-detect-only", threshold=1e6,
+            consistency=[{"name": "jpeg", "params": {"quality": 75}}]).save(d / "profile.json")
+    return {"G": d / "G.pt", "parser": d / "parser.pt", "profile": d / "profile.json"}
+
+
+def write_config(d: Path, models: dict[str, Path] | None, streams: int, queue_size: int,
+                 batch_size: int, ports: dict[str, Any]) -> Path:
+    """The soak's daemon config: one PULL source per stream, a PUB sink, metrics."""
+    model = "\n".join(f'{k} = "{v}"' for k, v in
+                      (("generator", models["G"]), ("parser", models["parser"]),
+                       ("profile", models["profile"])) if models) if models else ""
+    text = f"""
+[model]
+{model}
+device = "cpu"
+threads = 1
+
+[guard]
+batch_size = {batch_size}
+batch_timeout_ms = 30
+faces = "frame"
+
+[logging]
+level = "info"
+format = "json"
+
+[metrics]
+enabled = true
+port = {ports["metrics"]}
+
+[daemon]
+work_dir = "{d / 'state'}"
+watchdog = false
+drain_timeout_s = 30
+"""
+    for i in range(streams):
+        text += f"""
+[[sources]]
+kind = "zmq"
+endpoint = "tcp://127.0.0.1:{ports['in'][i]}"
+socket = "pull"
+bind = true
+queue_size = {queue_size}
+policy = "drop-oldest"
+"""
+    text += f"""
+[[sinks]]
+kind = "zmq"
+endpoint = "tcp://127.0.0.1:{ports['out']}"
+frames = false
+hwm = 0
+"""
+    p = d / "soak.toml"
+    p.write_text(text)
+    return p
+
+
+def run_soak(seconds: float, streams: int = 3, fps: float = 15.0, queue_size: int = 8,
+             batch_size: int = 4, size: int = 32, models: str = "tiny", warmup_s: float = 10.0,
+             workdir: Path | None = None, log: Any = None) -> dict[str, Any]:
+    """Run the soak and return its report (see the module docstring).
+
+    Args:
+        seconds: how long the senders send.
+        streams: concurrent streams (one PULL source each).
+        fps: frames per second per stream.
+        queue_size: each source's queue (drop-oldest past it).
+        batch_size: faces per guard call.
+        size: frame side in pixels (rgb24).
+        models: ``tiny`` or ``default``.
+        warmup_s: samples before this are left out of the memory slope.
+        workdir: folder for config, state and the daemon's log (a temporary one by default).
+        log: a callable for progress lines (None: quiet).
+    """
+    import zmq
+
+    say = log or (lambda *_: None)
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="magdr-soak-")
+        workdir = Path(tmp.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports = {"in": [_port() for _ in range(streams)], "out": _port(), "metrics": _port()}
+    mdl = tiny_models(workdir) if models == "tiny" else None
+    cfg = write_config(workdir, mdl, streams, queue_size, batch_size, ports)
+    daemon_log = workdir / "daemon.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    env.pop("NOTIFY_SOCKET", None)
+    with open(daemon_log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(cfg)],
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
+    ctx = zmq.Context()
+    stop = threading.Event()
+    sent: dict[str, int] = {}
+    blocked: Counter[str] = Counter()
+    received: dict[str, set[int]] = defaultdict(set)
+    samples: list[dict[str, Any]] = []
+    rx_lock = threading.Lock()
+    try:
+        deadline = time.monotonic() + 120
+        while b'"ready"' not in daemon_log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the daemon did not start:\n" + daemon_log.read_text()[-3000:])
+            time.sleep(0.1)
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"verdict.")
+        sub.connect(f"tcp://127.0.0.1:{ports['out']}")
+
+        def receive() -> None:
+            while not stop.is_set() or sub.poll(500):
+                if sub.poll(100):
+                    v = json.loads(sub.recv_multipart()[1])
+                    with rx_lock:
+                        received[v["stream"]].add(v["seq"])
+
+        def send(i: int) -> None:
+            name = f"s{i}"
+            s = ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 2000)
+            s.connect(f"tcp://127.0.0.1:{ports['in'][i]}")
+            rng = np.random.default_rng(i)
+            seq, n_sent, t0 = 0, 0, time.monotonic()
+            while not stop.is_set():
+                img = rng.integers(0, 200, (size, size, 3), dtype=np.uint8)
+                header = {"v": 1, "stream": name, "seq": seq, "format": "rgb24",
+                          "width": size, "height": size}
+                try:
+                    s.send_multipart([json.dumps(header).encode(), img.tobytes()], zmq.NOBLOCK)
+                    n_sent = seq + 1
+                    seq += 1
+                except zmq.Again:  # the daemon's socket is full: not sent, not its loss
+                    blocked[name] += 1
+                wait = t0 + seq / fps - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                else:
+                    t0 = time.monotonic() - seq / fps  # late: do not burst to catch up
+            sent[name] = n_sent
+            s.close()
+
+        rx = threading.Thread(target=receive, daemon=True)
+        rx.start()
+        time.sleep(0.3)
+        t_start = time.monotonic()
+        senders = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(streams)]
+        for t in senders:
+            t.start()
+        next_sample = t_start
+        while time.monotonic() - t_start < seconds:
+            if proc.poll() is not None:
+                raise RuntimeError("the daemon died:\n" + daemon_log.read_text()[-3000:])
+            m = scrape(ports["metrics"])
+            samples.append({"t": time.monotonic() - t_start, "rss_mib": rss_mib(proc.pid),
+                            "queues": {k.split('"')[1]: v for k, v in m.items()
+                                       if k.startswith("magdr_queue_depth")}})
+            if len(samples) % 30 == 0:
+                say(f"  {samples[-1]['t']:.0f}s rss {samples[-1]['rss_mib']:.1f} MiB "
+                    f"queues {samples[-1]['queues']}")
+            next_sample += 1.0
+            time.sleep(max(0.0, next_sample - time.monotonic()))
+        stop.set()
+        for t in senders:
+            t.join(10)
+        # drain: every frame that reached a source is guarded or dropped
+        settle = time.monotonic() + 60
+        m = {}
+        while time.monotonic() < settle:
+            m = scrape(ports["metrics"])
+            ins = [m.get(f'magdr_frames_in_total{{source="zmq{i}"}}', 0) for i in range(streams)]
+            outs = [m.get(f'magdr_frames_out_total{{source="zmq{i}"}}', 0) +
+                    sum(v for k, v in m.items() if k.startswith("magdr_frames_dropped_total")
+                        and f'source="zmq{i}"' in k) for i in range(streams)]
+            if ins == [sent[f"s{i}"] for i in range(streams)] and ins == outs:
+                break
+            time.sleep(0.2)
+        rx.join(15)
+        alive = proc.poll() is None
+        rss_end = rss_mib(proc.pid) if alive else float("nan")
+        proc.send_signal(signal.SIGTERM)
+        exit_code = proc.wait(60)
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        ctx.destroy(linger=0)
+
+    dropped_seqs: dict[str, dict[int, str]] = defaultdict(dict)
+    for line in daemon_log.read_text().splitlines():
+        if '"frame dropped"' in line:
+            x = json.loads(line)
+            dropped_seqs[x["stream"]][x["seq"]] = x["reason"]
+    per_stream = {}
+    for i in range(streams):
+        name = f"s{i}"
+        want = set(range(sent[name]))
+        got, drop = received[name], set(dropped_seqs[name])
+        per_stream[name] = {
+            "sent": sent[name], "sender_blocked": blocked[name], "verdicts": len(got),
+            "dropped": len(drop), "dropped_by_reason": dict(Counter(dropped_seqs[name].values())),
+            "unexplained": len(want - got - drop), "both": len(got & drop),
+            "unexpected": len((got | drop) - want),
+            "frames_in": m.get(f'magdr_frames_in_total{{source="zmq{i}"}}', 0),
+            "frames_out": m.get(f'magdr_frames_out_total{{source="zmq{i}"}}', 0),
+            "dropped_counter": sum(v for k, v in m.items() if k.startswith(
+                "magdr_frames_dropped_total") and f'source="zmq{i}"' in k),
+        }
+    late = [s for s in samples if s["t"] >= warmup_s] or samples
+    queue_max: dict[str, float] = defaultdict(float)
+    for s in samples:
+        for q, v in s["queues"].items():
+            queue_max[q] = max(queue_max[q], v)
+    report = {
+        "seconds": seconds, "streams": streams, "fps_per_stream": fps, "queue_size": queue_size,
+        "batch_size": batch_size, "models": models, "daemon_alive": alive,
+        "exit_code": exit_code, "per_stream": per_stream,
+        "guarded_fps": sum(p["verdicts"] for p in per_stream.values()) / seconds,
+        "queue_max": dict(queue_max),
+        "queue_limits": {**{f"zmq{i}": queue_size for i in range(streams)},
+                         "batcher": streams * 2 * batch_size},
+        "rss_mib": {"start": samples[0]["rss_mib"] if samples else None,
+                    "after_warmup": late[0]["rss_mib"] if late else None,
+                    "max": max(s["rss_mib"] for s in samples) if samples else None,
+                    "end": rss_end},
+        "rss_slope_mib_per_min": slope_per_min([s["t"] for s in late],
+                                               [s["rss_mib"] for s in late]),
+        "samples": len(samples),
+        "rss_trace": [(round(s["t"], 1), round(s["rss_mib"], 1)) for s in samples[::5]],
+        "log": str(daemon_log) if tmp is None else None,
+    }
+    if tmp is not None:
+        tmp.cleanup()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run, print a summary, write the JSON report; exit 1 on a failed check."""
+    ap = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0])
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--streams", type=int, default=3)
+    ap.add_argument("--fps", type=float, default=15.0, help="frames per second per stream")
+    ap.add_argument("--queue-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--size", type=int, default=32, help="frame side in pixels")
+    ap.add_argument("--models", choices=["tiny", "default"], default="tiny")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep config, state and log here")
+    a = ap.parse_args(argv)
+    print(f"soak: {a.minutes} min, {a.streams} streams x {a.fps} fps", flush=True)
+    r = run_soak(a.minutes * 60, a.streams, a.fps, a.queue_size, a.batch_size, a.size, a.models,
+                 warmup_s=min(60.0, a.minutes * 60 / 4), workdir=a.workdir,
+                 log=lambda s: print(s, flush=True))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(r, indent=2) + "\n")
+    ok = r["daemon_alive"] and r["exit_code"] == 0 and all(
+        p["unexplained"] == 0 and p["both"] == 0 and p["unexpected"] == 0
+        for p in r["per_stream"].values()) and all(
+        r["queue_max"].get(q, 0) <= lim for q, lim in r["queue_limits"].items())
+    for name, p in r["per_stream"].items():
+        print(f"{name}: sent {p['sent']}, verdicts {p['verdicts']}, dropped {p['dropped']} "
+              f"{p['dropped_by_reason']}, unexplained {p['unexplained']}")
+    print(f"guarded {r['guarded_fps']:.1f} fps; queue max {r['queue_max']} (limits "
+          f"{r['queue_limits']}); RSS {r['rss_mib']}, slope {r['rss_slope_mib_per_min']:+.3f} "
+          f"MiB/min; {'OK' if ok else 'FAILED'} -> {a.out}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
