@@ -307,8 +307,6 @@ port = {p_metrics}
         for i in range(n_v1):
             reason = names[i % len(names)]
             parts = kinds[reason][(i // len(names)) % len(kinds[reason])]
-            if reason == "bad_parts" and len(parts) == 2:
-                continue
             push.send_multipart(parts)
             sent[reason] += 1
             if i % 1000 == 0:
