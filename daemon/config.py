@@ -128,6 +128,11 @@ class ZmqSourceConfig:
     curve_server_key: str = field(
         default="", metadata=doc("the server's Z85 public key (connecting side)", secret=True)
     )
+    curve_client_keys: list[str] = field(
+        default_factory=list,
+        metadata=doc("binding side: Z85 public keys of the clients let in; [] = any client "
+                     "that knows the server key"),
+    )
 
     @property
     def effective_policy(self) -> str:
@@ -158,6 +163,9 @@ class ZmqSinkConfig:
     jpeg_quality: int = field(default=90, metadata=doc("1-100", min=1, max=100))
     curve_secret_key: str = field(default="", metadata=doc("own Z85 secret key", secret=True))
     curve_server_key: str = field(default="", metadata=doc("server key (connecting)", secret=True))
+    curve_client_keys: list[str] = field(
+        default_factory=list, metadata=doc("binding side: subscribers' public keys let in")
+    )
 
 
 @dataclass
@@ -340,6 +348,13 @@ def _check(cfg: Config) -> None:
             if s.curve_server_key and not s.curve_secret_key:
                 raise ConfigError(f"{section}[{j}].curve_secret_key: required with "
                                   "curve_server_key")
+            for k, key in enumerate(s.curve_client_keys):
+                if len(key) != 40:
+                    raise ConfigError(f"{section}[{j}].curve_client_keys[{k}]: expected a "
+                                      "40-character Z85 public key")
+            if s.curve_client_keys and not (bind and s.curve_secret_key):
+                raise ConfigError(f"{section}[{j}].curve_client_keys: only for a binding socket "
+                                  "with curve_secret_key")
     outs = {s.path for s in cfg.sinks if s.kind == "folder"}
     for i, s in enumerate(cfg.sources):
         if s.kind == "folder" and s.path in outs:

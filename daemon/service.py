@@ -36,7 +36,7 @@ from daemon.pipeline import Aborted, FramePipeline, Guarded, process_file
 from daemon.sinks.folder import FolderSink
 from daemon.sinks.zmq import ZmqSink
 from daemon.sources.folder import FolderSource
-from daemon.sources.zmq import ZmqSource
+from daemon.sources.zmq import ZmqSource, stop_authenticator
 
 log = structlog.get_logger()
 
@@ -345,6 +345,7 @@ class Service:
         if self.folder_sink is not None:
             self.folder_sink.close()
         if self.ctx is not None:
+            stop_authenticator(self.ctx)
             self.ctx.destroy(linger=0)
         if self.metrics_server is not None:
             self.metrics_server.stop()

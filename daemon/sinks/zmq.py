@@ -33,7 +33,8 @@ class ZmqSink:
         self.sock = ctx.socket(zmq.PUB)
         self.sock.setsockopt(zmq.SNDHWM, cfg.hwm)
         self.sock.setsockopt(zmq.LINGER, 500)
-        apply_curve(self.sock, cfg.curve_secret_key, cfg.curve_server_key, cfg.bind)
+        apply_curve(self.sock, cfg.curve_secret_key, cfg.curve_server_key, cfg.bind,
+                    cfg.curve_client_keys)
         (self.sock.bind if cfg.bind else self.sock.connect)(cfg.endpoint)
         self.sent = 0
         log.info("zmq sink ready", endpoint=cfg.endpoint, bind=cfg.bind)

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 import structlog
 import zmq
@@ -33,8 +34,65 @@ log = structlog.get_logger()
 SOCKET_TYPES = {"sub": zmq.SUB, "pull": zmq.PULL, "rep": zmq.REP}
 
 
-def apply_curve(sock: zmq.Socket, secret: str, server_key: str, server: bool) -> None:
-    """CurveZMQ: a binding socket is the server (own secret key); a connecting one a client."""
+class _ClientKeys:
+    """ZAP credentials provider: the client public keys each socket's domain lets in."""
+
+    def __init__(self) -> None:
+        self.allowed: dict[str, set[bytes]] = {}
+        self._told: dict[bytes, float] = {}
+
+    def callback(self, domain: str, key: bytes) -> bool:  # noqa: D102
+        keys = self.allowed.get(domain)
+        ok = keys is None or key in keys
+        # a refused client retries every 100 ms: one line per key and minute
+        if not ok and time.monotonic() - self._told.get(key, -60.0) >= 60.0:
+            if len(self._told) > 1000:
+                self._told.clear()
+            self._told[key] = time.monotonic()
+            log.warning("curve client refused", domain=domain, client_key=key.decode()[:40])
+        return ok
+
+
+#: one ZAP authenticator per context (libzmq asks the one handler of a context).
+_ZAP: dict[int, tuple[Any, _ClientKeys]] = {}
+_ZAP_LOCK = threading.Lock()
+
+
+def _allow_clients(sock: zmq.Socket, keys: list[str]) -> None:
+    """Let only ``keys`` (Z85 public keys) complete the CURVE handshake on server ``sock``."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    ctx = sock.context
+    with _ZAP_LOCK:
+        if id(ctx) not in _ZAP:
+            auth = ThreadAuthenticator(ctx)
+            auth.start()
+            provider = _ClientKeys()
+            # sockets without a list of their own (domain '') keep "any client with the key"
+            auth.configure_curve_callback("*", provider)
+            _ZAP[id(ctx)] = (auth, provider)
+        auth, provider = _ZAP[id(ctx)]
+        domain = f"magdr-{len(provider.allowed)}"
+        provider.allowed[domain] = {k.encode() for k in keys}
+        auth.configure_curve_callback(domain, provider)
+    sock.zap_domain = domain.encode()
+
+
+def stop_authenticator(ctx: zmq.Context) -> None:
+    """Stop the context's ZAP authenticator thread, if one was started (before destroying)."""
+    with _ZAP_LOCK:
+        entry = _ZAP.pop(id(ctx), None)
+    if entry is not None:
+        entry[0].stop()
+
+
+def apply_curve(sock: zmq.Socket, secret: str, server_key: str, server: bool,
+                clients: list[str] | None = None) -> None:
+    """CurveZMQ: a binding socket is the server (own secret key); a connecting one a client.
+
+    A server with ``clients`` lets only those public keys in (ZAP); without, any client that
+    knows the server's public key gets through the handshake.
+    """
     if not secret:
         return
     public = zmq.curve_public(secret.encode())
@@ -42,6 +100,8 @@ def apply_curve(sock: zmq.Socket, secret: str, server_key: str, server: bool) ->
     sock.curve_publickey = public
     if server:
         sock.curve_server = True
+        if clients:
+            _allow_clients(sock, clients)
     else:
         sock.curve_serverkey = server_key.encode()
 
@@ -120,7 +180,7 @@ class ZmqSource:
         sock.setsockopt(zmq.RCVHWM, c.hwm)
         sock.setsockopt(zmq.MAXMSGSIZE, c.max_message_bytes)
         sock.setsockopt(zmq.LINGER, 0)
-        apply_curve(sock, c.curve_secret_key, c.curve_server_key, c.bind)
+        apply_curve(sock, c.curve_secret_key, c.curve_server_key, c.bind, c.curve_client_keys)
         if c.socket == "sub":
             sock.setsockopt(zmq.SUBSCRIBE, c.topic.encode() if c.protocol == "magdr-v1" else b"")
         if c.bind:

@@ -192,6 +192,64 @@ curve_secret_key = "{sink_sec.decode()}"
         ctx.destroy(linger=0)  # monitor sockets included
 
 
+def test_curve_client_allow_list_refuses_unknown_client_keys(service):
+    """With ``curve_client_keys`` a client that knows the server key but holds another key of
+    its own is refused too (ZAP), on the source and on the sink."""
+    src_pub, src_sec = zmq.curve_keypair()
+    sink_pub, sink_sec = zmq.curve_keypair()
+    sender_pub, sender_sec = zmq.curve_keypair()
+    reader_pub, reader_sec = zmq.curve_keypair()
+    p_in, p_out = _port(), _port()
+    svc = service(f"""
+[[sources]]
+kind = "zmq"
+endpoint = "tcp://127.0.0.1:{p_in}"
+socket = "pull"
+bind = true
+curve_secret_key = "{src_sec.decode()}"
+curve_client_keys = ["{sender_pub.decode()}"]
+[[sinks]]
+kind = "zmq"
+endpoint = "tcp://127.0.0.1:{p_out}"
+frames = false
+curve_secret_key = "{sink_sec.decode()}"
+curve_client_keys = ["{reader_pub.decode()}"]
+""")
+    ctx = zmq.Context()
+    try:
+        def client(kind: int, port: int, server: bytes, own: tuple[bytes, bytes] | None):
+            s = ctx.socket(kind)
+            pub, sec = own or zmq.curve_keypair()
+            s.curve_secretkey, s.curve_publickey, s.curve_serverkey = sec, pub, server
+            s.connect(f"tcp://127.0.0.1:{port}")
+            return s, Handshakes(s)
+
+        good_sub, good_sub_m = client(zmq.SUB, p_out, sink_pub, (reader_pub, reader_sec))
+        bad_sub, bad_sub_m = client(zmq.SUB, p_out, sink_pub, None)
+        for sub in (good_sub, bad_sub):
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+        good, good_m = client(zmq.PUSH, p_in, src_pub, (sender_pub, sender_sec))
+        bad, bad_m = client(zmq.PUSH, p_in, src_pub, None)
+        time.sleep(0.5)
+        img = np.zeros((8, 8, 3), np.uint8)
+        for name, s in (("bad", bad), ("good", good)):
+            try:
+                s.send_multipart(wire.encode_frame(name, 0, img, "rgb24")[1:], zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        assert good_sub.poll(10000)
+        assert json.loads(good_sub.recv_multipart()[1])["stream"] == "good"
+        time.sleep(0.5)
+        assert not bad_sub.poll(0)
+        for m in (good_m, bad_m, good_sub_m, bad_sub_m):
+            m.poll(0.3)
+        assert good_m.ok >= 1 and good_sub_m.ok >= 1
+        assert bad_m.ok == 0 and bad_sub_m.ok == 0
+        assert svc.metrics.frames_in.value(source="zmq0") == 1
+    finally:
+        ctx.destroy(linger=0)
+
+
 class Evil:
     """Pickles to a call that creates a directory: a stand-in for arbitrary code."""
 
@@ -325,3 +383,18 @@ frames = false
         assert all(t.is_alive() for t in svc._workers)
     finally:
         ctx.destroy(linger=0)
+
+
+def test_curve_client_keys_config_rules():
+    from daemon.config import ConfigError, parse_config
+
+    pub, sec = (k.decode() for k in zmq.curve_keypair())
+    base = {"kind": "zmq", "endpoint": "tcp://127.0.0.1:1", "socket": "pull"}
+    with pytest.raises(ConfigError, match=r"sources\[0\].curve_client_keys: only for a binding"):
+        parse_config({"sources": [{**base, "curve_client_keys": [pub]}]})
+    with pytest.raises(ConfigError, match=r"curve_client_keys\[0\]: expected a 40-character"):
+        parse_config({"sources": [{**base, "bind": True, "curve_secret_key": sec,
+                                   "curve_client_keys": ["short"]}]})
+    cfg = parse_config({"sources": [{**base, "bind": True, "curve_secret_key": sec,
+                                     "curve_client_keys": [pub]}]})
+    assert cfg.sources[0].curve_client_keys == [pub]
