@@ -119,4 +119,5 @@ def run(
             res["roc"][name][d] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
     res["n_neg"] = len(neg_faces)
     res["groups"] = groups
+    res["group_labels"] = {g: (tasks[0] if g == "all" and len(tasks) == 1 else g) for g in groups}
     return res, attacked

@@ -256,7 +256,10 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
         + "— the paper's Table 1 layout:",
         "",
     ]
-    header = ["detector", "attack"] + [f"{g} {k}" for g in groups for k in ("P", "R", "F1")]
+    labels = det.get("group_labels", {})
+    header = ["detector", "attack"] + [
+        f"{labels.get(g, g)} {k}" for g in groups for k in ("P", "R", "F1")
+    ]
     rows = []
     for d in dets:
         for attack in attacks:

@@ -205,3 +205,46 @@ def test_val_faces_are_the_held_out_split():
     attrs = load_celeba()["attrs"][8000]
     j = int(val.c[0, :3].argmax())
     assert attrs[j] < 0.5
+
+
+def test_conditions_per_generator_kind():
+    from bench.data import conditions
+    from magdr.models.cyclegan import CycleGAN
+    from magdr.models.ganimation import GANimation
+    from magdr.models.stargan import StarGAN
+
+    rng = np.random.default_rng(0)
+    attrs = np.zeros((4, 5), np.float32)
+    c, tasks = conditions(CycleGAN(ngf=4, n_blocks=1, image_size=16), attrs, rng)
+    assert c is None and tasks == ["replace"] * 4
+    c, tasks = conditions(GANimation(conv_dim=4, repeat_num=1, image_size=16), attrs, rng)
+    assert c.shape == (4, 17) and 0 <= c.min() and c.max() <= 1 and tasks == ["reenact"] * 4
+    G = StarGAN(conv_dim=4, c_dim=5, repeat_num=1, image_size=16)
+    G.attributes = ["Black_Hair", "Blond_Hair", "Brown_Hair", "Male", "Young"]
+    G.neutral = [0.0, 0.0, 0.0, 0.0, 1.0]
+    c, tasks = conditions(G, attrs, rng)
+    assert tasks == ["hair", "face", "hair", "face"]
+    assert (c[0, :3].sum(), c[2, :3].sum()) == (1.0, 1.0)  # one hair colour asked for
+
+
+def test_detection_on_an_unconditional_generator(tiny_models):
+    """Table 1 runs for a CycleGAN-like G (no condition; targeted attack aims at the input)."""
+    import magdr
+    from bench.common import Bench
+    from bench.data import Faces, synthetic_images
+    from bench.detection import attack_suite, run
+    from magdr.models.cyclegan import CycleGAN
+
+    torch.manual_seed(0)
+    G = CycleGAN(ngf=4, n_blocks=1, image_size=16).eval()
+    _, parser = tiny_models
+    guard = magdr.Guard(G, parser=str(parser), device="cpu")
+    bench = Bench(G=G, guard=guard, device=torch.device("cpu"), batch=4, success_mse=1e-4)
+    bench.thresholds = {n: 0.0 for n in bench.names}
+    val = Faces(synthetic_images(3, 16, 0), None, ["replace"] * 3, ["a", "b", "c"])
+    suite = {k: v for k, v in attack_suite(steps=2).items() if k in ("PGD", "Targeted")}
+    res, attacked = run(bench, val, suite)
+    assert res["groups"] == ["all"] and res["group_labels"] == {"all": "replace"}
+    assert res["n_neg"] == 12  # 3 clean faces + 3 benign copies of each
+    assert set(res["rows"]) == {"PGD", "Targeted"}
+    assert attacked["PGD"].x_adv.shape == val.x.shape
