@@ -83,17 +83,36 @@ def tiny_models(d: Path) -> dict[str, Path]:
     torch.save(StarGAN(conv_dim=8, c_dim=5, repeat_num=1, image_size=32).state_dict(), d / "G.pt")
     (d / "G.json").write_text(json.dumps({"image_size": 32}))
     torch.save(ParseNet(width=4, depth=2).state_dict(), d / "parser.pt")
-    Profile(name="soak-detect-only", threshold=1e6,
-            consistency=[{"name": "jpeg", "params": {"quality": 75}}]).save(d / "profile.json")
+    Profile(
+        name="soak-detect-only",
+        threshold=1e6,
+        consistency=[{"name": "jpeg", "params": {"quality": 75}}],
+    ).save(d / "profile.json")
     return {"G": d / "G.pt", "parser": d / "parser.pt", "profile": d / "profile.json"}
 
 
-def write_config(d: Path, models: dict[str, Path] | None, streams: int, queue_size: int,
-                 batch_size: int, ports: dict[str, Any]) -> Path:
+def write_config(
+    d: Path,
+    models: dict[str, Path] | None,
+    streams: int,
+    queue_size: int,
+    batch_size: int,
+    ports: dict[str, Any],
+) -> Path:
     """The soak's daemon config: one PULL source per stream, a PUB sink, metrics."""
-    model = "\n".join(f'{k} = "{v}"' for k, v in
-                      (("generator", models["G"]), ("parser", models["parser"]),
-                       ("profile", models["profile"])) if models) if models else ""
+    model = (
+        "\n".join(
+            f'{k} = "{v}"'
+            for k, v in (
+                ("generator", models["G"]),
+                ("parser", models["parser"]),
+                ("profile", models["profile"]),
+            )
+            if models
+        )
+        if models
+        else ""
+    )
     text = f"""
 [model]
 {model}
@@ -114,7 +133,7 @@ enabled = true
 port = {ports["metrics"]}
 
 [daemon]
-work_dir = "{d / 'state'}"
+work_dir = "{d / "state"}"
 watchdog = false
 drain_timeout_s = 30
 """
@@ -122,7 +141,7 @@ drain_timeout_s = 30
         text += f"""
 [[sources]]
 kind = "zmq"
-endpoint = "tcp://127.0.0.1:{ports['in'][i]}"
+endpoint = "tcp://127.0.0.1:{ports["in"][i]}"
 socket = "pull"
 bind = true
 queue_size = {queue_size}
@@ -131,7 +150,7 @@ policy = "drop-oldest"
     text += f"""
 [[sinks]]
 kind = "zmq"
-endpoint = "tcp://127.0.0.1:{ports['out']}"
+endpoint = "tcp://127.0.0.1:{ports["out"]}"
 frames = false
 hwm = 0
 """
@@ -140,9 +159,18 @@ hwm = 0
     return p
 
 
-def run_soak(seconds: float, streams: int = 3, fps: float = 15.0, queue_size: int = 8,
-             batch_size: int = 4, size: int = 32, models: str = "tiny", warmup_s: float = 10.0,
-             workdir: Path | None = None, log: Any = None) -> dict[str, Any]:
+def run_soak(
+    seconds: float,
+    streams: int = 3,
+    fps: float = 15.0,
+    queue_size: int = 8,
+    batch_size: int = 4,
+    size: int = 32,
+    models: str = "tiny",
+    warmup_s: float = 10.0,
+    workdir: Path | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
     """Run the soak and return its report (see the module docstring).
 
     Args:
@@ -169,12 +197,19 @@ def run_soak(seconds: float, streams: int = 3, fps: float = 15.0, queue_size: in
     mdl = tiny_models(workdir) if models == "tiny" else None
     cfg = write_config(workdir, mdl, streams, queue_size, batch_size, ports)
     daemon_log = workdir / "daemon.jsonl"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+    )
     env.pop("NOTIFY_SOCKET", None)
     with open(daemon_log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(cfg)],
-                                stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "--config", str(cfg)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     ctx = zmq.Context()
     stop = threading.Event()
     sent: dict[str, int] = {}
@@ -209,8 +244,14 @@ def run_soak(seconds: float, streams: int = 3, fps: float = 15.0, queue_size: in
             seq, n_sent, t0 = 0, 0, time.monotonic()
             while not stop.is_set():
                 img = rng.integers(0, 200, (size, size, 3), dtype=np.uint8)
-                header = {"v": 1, "stream": name, "seq": seq, "format": "rgb24",
-                          "width": size, "height": size}
+                header = {
+                    "v": 1,
+                    "stream": name,
+                    "seq": seq,
+                    "format": "rgb24",
+                    "width": size,
+                    "height": size,
+                }
                 try:
                     s.send_multipart([json.dumps(header).encode(), img.tobytes()], zmq.NOBLOCK)
                     n_sent = seq + 1
@@ -237,12 +278,22 @@ def run_soak(seconds: float, streams: int = 3, fps: float = 15.0, queue_size: in
             if proc.poll() is not None:
                 raise RuntimeError("the daemon died:\n" + daemon_log.read_text()[-3000:])
             m = scrape(ports["metrics"])
-            samples.append({"t": time.monotonic() - t_start, "rss_mib": rss_mib(proc.pid),
-                            "queues": {k.split('"')[1]: v for k, v in m.items()
-                                       if k.startswith("magdr_queue_depth")}})
+            samples.append(
+                {
+                    "t": time.monotonic() - t_start,
+                    "rss_mib": rss_mib(proc.pid),
+                    "queues": {
+                        k.split('"')[1]: v
+                        for k, v in m.items()
+                        if k.startswith("magdr_queue_depth")
+                    },
+                }
+            )
             if len(samples) % 30 == 0:
-                say(f"  {samples[-1]['t']:.0f}s rss {samples[-1]['rss_mib']:.1f} MiB "
-                    f"queues {samples[-1]['queues']}")
+                say(
+                    f"  {samples[-1]['t']:.0f}s rss {samples[-1]['rss_mib']:.1f} MiB "
+                    f"queues {samples[-1]['queues']}"
+                )
             next_sample += 1.0
             time.sleep(max(0.0, next_sample - time.monotonic()))
         stop.set()
@@ -254,9 +305,15 @@ def run_soak(seconds: float, streams: int = 3, fps: float = 15.0, queue_size: in
         while time.monotonic() < settle:
             m = scrape(ports["metrics"])
             ins = [m.get(f'magdr_frames_in_total{{source="zmq{i}"}}', 0) for i in range(streams)]
-            outs = [m.get(f'magdr_frames_out_total{{source="zmq{i}"}}', 0) +
-                    sum(v for k, v in m.items() if k.startswith("magdr_frames_dropped_total")
-                        and f'source="zmq{i}"' in k) for i in range(streams)]
+            outs = [
+                m.get(f'magdr_frames_out_total{{source="zmq{i}"}}', 0)
+                + sum(
+                    v
+                    for k, v in m.items()
+                    if k.startswith("magdr_frames_dropped_total") and f'source="zmq{i}"' in k
+                )
+                for i in range(streams)
+            ]
             if ins == [sent[f"s{i}"] for i in range(streams)] and ins == outs:
                 break
             time.sleep(0.2)
@@ -283,14 +340,21 @@ def run_soak(seconds: float, streams: int = 3, fps: float = 15.0, queue_size: in
         want = set(range(sent[name]))
         got, drop = received[name], set(dropped_seqs[name])
         per_stream[name] = {
-            "sent": sent[name], "sender_blocked": blocked[name], "verdicts": len(got),
-            "dropped": len(drop), "dropped_by_reason": dict(Counter(dropped_seqs[name].values())),
-            "unexplained": len(want - got - drop), "both": len(got & drop),
+            "sent": sent[name],
+            "sender_blocked": blocked[name],
+            "verdicts": len(got),
+            "dropped": len(drop),
+            "dropped_by_reason": dict(Counter(dropped_seqs[name].values())),
+            "unexplained": len(want - got - drop),
+            "both": len(got & drop),
             "unexpected": len((got | drop) - want),
             "frames_in": m.get(f'magdr_frames_in_total{{source="zmq{i}"}}', 0),
             "frames_out": m.get(f'magdr_frames_out_total{{source="zmq{i}"}}', 0),
-            "dropped_counter": sum(v for k, v in m.items() if k.startswith(
-                "magdr_frames_dropped_total") and f'source="zmq{i}"' in k),
+            "dropped_counter": sum(
+                v
+                for k, v in m.items()
+                if k.startswith("magdr_frames_dropped_total") and f'source="zmq{i}"' in k
+            ),
         }
     late = [s for s in samples if s["t"] >= warmup_s] or samples
     queue_max: dict[str, float] = defaultdict(float)
@@ -298,19 +362,30 @@ def run_soak(seconds: float, streams: int = 3, fps: float = 15.0, queue_size: in
         for q, v in s["queues"].items():
             queue_max[q] = max(queue_max[q], v)
     report = {
-        "seconds": seconds, "streams": streams, "fps_per_stream": fps, "queue_size": queue_size,
-        "batch_size": batch_size, "models": models, "daemon_alive": alive,
-        "exit_code": exit_code, "per_stream": per_stream,
+        "seconds": seconds,
+        "streams": streams,
+        "fps_per_stream": fps,
+        "queue_size": queue_size,
+        "batch_size": batch_size,
+        "models": models,
+        "daemon_alive": alive,
+        "exit_code": exit_code,
+        "per_stream": per_stream,
         "guarded_fps": sum(p["verdicts"] for p in per_stream.values()) / seconds,
         "queue_max": dict(queue_max),
-        "queue_limits": {**{f"zmq{i}": queue_size for i in range(streams)},
-                         "batcher": streams * 2 * batch_size},
-        "rss_mib": {"start": samples[0]["rss_mib"] if samples else None,
-                    "after_warmup": late[0]["rss_mib"] if late else None,
-                    "max": max(s["rss_mib"] for s in samples) if samples else None,
-                    "end": rss_end},
-        "rss_slope_mib_per_min": slope_per_min([s["t"] for s in late],
-                                               [s["rss_mib"] for s in late]),
+        "queue_limits": {
+            **{f"zmq{i}": queue_size for i in range(streams)},
+            "batcher": streams * 2 * batch_size,
+        },
+        "rss_mib": {
+            "start": samples[0]["rss_mib"] if samples else None,
+            "after_warmup": late[0]["rss_mib"] if late else None,
+            "max": max(s["rss_mib"] for s in samples) if samples else None,
+            "end": rss_end,
+        },
+        "rss_slope_mib_per_min": slope_per_min(
+            [s["t"] for s in late], [s["rss_mib"] for s in late]
+        ),
         "samples": len(samples),
         "rss_trace": [(round(s["t"], 1), round(s["rss_mib"], 1)) for s in samples[::5]],
         "log": str(daemon_log) if tmp is None else None,
@@ -334,21 +409,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="keep config, state and log here")
     a = ap.parse_args(argv)
     print(f"soak: {a.minutes} min, {a.streams} streams x {a.fps} fps", flush=True)
-    r = run_soak(a.minutes * 60, a.streams, a.fps, a.queue_size, a.batch_size, a.size, a.models,
-                 warmup_s=min(60.0, a.minutes * 60 / 4), workdir=a.workdir,
-                 log=lambda s: print(s, flush=True))
+    r = run_soak(
+        a.minutes * 60,
+        a.streams,
+        a.fps,
+        a.queue_size,
+        a.batch_size,
+        a.size,
+        a.models,
+        warmup_s=min(60.0, a.minutes * 60 / 4),
+        workdir=a.workdir,
+        log=lambda s: print(s, flush=True),
+    )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(r, indent=2) + "\n")
-    ok = r["daemon_alive"] and r["exit_code"] == 0 and all(
-        p["unexplained"] == 0 and p["both"] == 0 and p["unexpected"] == 0
-        for p in r["per_stream"].values()) and all(
-        r["queue_max"].get(q, 0) <= lim for q, lim in r["queue_limits"].items())
+    ok = (
+        r["daemon_alive"]
+        and r["exit_code"] == 0
+        and all(
+            p["unexplained"] == 0 and p["both"] == 0 and p["unexpected"] == 0
+            for p in r["per_stream"].values()
+        )
+        and all(r["queue_max"].get(q, 0) <= lim for q, lim in r["queue_limits"].items())
+    )
     for name, p in r["per_stream"].items():
-        print(f"{name}: sent {p['sent']}, verdicts {p['verdicts']}, dropped {p['dropped']} "
-              f"{p['dropped_by_reason']}, unexplained {p['unexplained']}")
-    print(f"guarded {r['guarded_fps']:.1f} fps; queue max {r['queue_max']} (limits "
-          f"{r['queue_limits']}); RSS {r['rss_mib']}, slope {r['rss_slope_mib_per_min']:+.3f} "
-          f"MiB/min; {'OK' if ok else 'FAILED'} -> {a.out}")
+        print(
+            f"{name}: sent {p['sent']}, verdicts {p['verdicts']}, dropped {p['dropped']} "
+            f"{p['dropped_by_reason']}, unexplained {p['unexplained']}"
+        )
+    print(
+        f"guarded {r['guarded_fps']:.1f} fps; queue max {r['queue_max']} (limits "
+        f"{r['queue_limits']}); RSS {r['rss_mib']}, slope {r['rss_slope_mib_per_min']:+.3f} "
+        f"MiB/min; {'OK' if ok else 'FAILED'} -> {a.out}"
+    )
     return 0 if ok else 1
 
 
