@@ -44,8 +44,9 @@ def _base_config(args: argparse.Namespace) -> Config:
     """The config for one-shot commands: ``--config`` or the documented defaults, + overrides."""
     cfg = load_config(args.config) if getattr(args, "config", None) else Config()
     if getattr(args, "generator", None):
-        cfg.model.generator = str(Path(args.generator).resolve()) if Path(
-            args.generator).exists() else args.generator
+        cfg.model.generator = (
+            str(Path(args.generator).resolve()) if Path(args.generator).exists() else args.generator
+        )
     if getattr(args, "no_guard", False):
         cfg.guard.enabled = False
     if getattr(args, "device", None):
@@ -109,8 +110,9 @@ def _unique_stem(stem: str, used: set[str]) -> str:
     return name
 
 
-def process_paths(cfg: Config, inputs: Sequence[Path], out: Path, bars: bool = True
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def process_paths(
+    cfg: Config, inputs: Sequence[Path], out: Path, bars: bool = True
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Guard files into ``out`` like a folder sink; failures to ``out/failed``.
 
     Returns:
@@ -140,22 +142,41 @@ def process_paths(cfg: Config, inputs: Sequence[Path], out: Path, bars: bool = T
                 total = media.probe(src).frames if src.is_file() else 0
             except media.MediaError:
                 pass
-            bar = tqdm(total=total or None, desc=src.name, unit="frame", disable=not bars,
-                       file=sys.stderr, leave=True)
+            bar = tqdm(
+                total=total or None,
+                desc=src.name,
+                unit="frame",
+                disable=not bars,
+                file=sys.stderr,
+                leave=True,
+            )
             try:
                 with dlog.bound(file=src.name):
-                    s = process_file(src, name, out, pipeline, codec=sink.codec, crf=sink.crf,
-                                     max_pixels=cfg.guard.max_frame_pixels,
-                                     window=2 * cfg.guard.batch_size,
-                                     progress=lambda n, b=bar: b.update(n - b.n))
+                    s = process_file(
+                        src,
+                        name,
+                        out,
+                        pipeline,
+                        codec=sink.codec,
+                        crf=sink.crf,
+                        max_pixels=cfg.guard.max_frame_pixels,
+                        window=2 * cfg.guard.batch_size,
+                        progress=lambda n, b=bar: b.update(n - b.n),
+                    )
                 summaries.append(s)
             except Exception as e:
                 reason = getattr(e, "reason", "error")
-                err = {"v": 1, "input": src.name, "reason": reason,
-                       "error": f"{e}" if reason != "error" else f"{type(e).__name__}: {e}"}
+                err = {
+                    "v": 1,
+                    "input": src.name,
+                    "reason": reason,
+                    "error": f"{e}" if reason != "error" else f"{type(e).__name__}: {e}",
+                }
                 (out / "failed").mkdir(exist_ok=True)
-                media.write_bytes(out / "failed" / f"{name}.error.json",
-                                  (json.dumps(err, indent=2) + "\n").encode())
+                media.write_bytes(
+                    out / "failed" / f"{name}.error.json",
+                    (json.dumps(err, indent=2) + "\n").encode(),
+                )
                 failures.append(err)
             finally:
                 bar.close()
@@ -168,12 +189,13 @@ def _report(summaries: list[dict[str, Any]], failures: list[dict[str, Any]], out
     for s in summaries:
         score = "-" if s["max_score"] is None else f"{s['max_score']:.3f}"
         thr = "-" if s["threshold"] is None else f"{s['threshold']:.3f}"
-        dlog.say(f"  {s['input']}: {s['frames']} frames, {s['faces']} faces, "
-                 f"{s['disrupted_faces']} disrupted (max score {score}, threshold {thr}), "
-                 f"{s['fps']} frames/s -> {out / s['outputs']['media']}")
+        dlog.say(
+            f"  {s['input']}: {s['frames']} frames, {s['faces']} faces, "
+            f"{s['disrupted_faces']} disrupted (max score {score}, threshold {thr}), "
+            f"{s['fps']} frames/s -> {out / s['outputs']['media']}"
+        )
     for f in failures:
-        dlog.say(f"  {f['input']}: FAILED ({f['reason']}): {f['error']} "
-                 f"-> {out / 'failed'}")
+        dlog.say(f"  {f['input']}: FAILED ({f['reason']}): {f['error']} -> {out / 'failed'}")
 
 
 def cmd_process(args: argparse.Namespace) -> int:
@@ -185,15 +207,24 @@ def cmd_process(args: argparse.Namespace) -> int:
         return 2
     _quiet_logs(args, cfg)
     out = Path(args.out)
-    summaries, failures = process_paths(cfg, [Path(p) for p in args.inputs], out,
-                                        bars=not args.no_progress)
+    summaries, failures = process_paths(
+        cfg, [Path(p) for p in args.inputs], out, bars=not args.no_progress
+    )
     _report(summaries, failures, out)
     return 1 if failures else 0
 
 
 # ---- attack ---------------------------------------------------------------------------------
-def attack_file(cfg: Config, src: Path, dst: Path, method: str = "pgd", eps: float = 0.05,
-                steps: int = 10, seed: int = 0, frames: int = 0) -> int:
+def attack_file(
+    cfg: Config,
+    src: Path,
+    dst: Path,
+    method: str = "pgd",
+    eps: float = 0.05,
+    steps: int = 10,
+    seed: int = 0,
+    frames: int = 0,
+) -> int:
     """Write a disrupted copy of ``src``: located faces attacked against G (red team).
 
     Videos are written losslessly (libx264rgb, CRF 0, Matroska) so the perturbation survives;
@@ -213,12 +244,12 @@ def attack_file(cfg: Config, src: Path, dst: Path, method: str = "pgd", eps: flo
     G = engine.G
     gen = torch.Generator(device=engine.device).manual_seed(seed)
     fns = {
-        "pgd": lambda x, c: attacks.pgd(G, x, c, eps=eps, step=eps / 5, steps=steps,
-                                        generator=gen),
+        "pgd": lambda x, c: attacks.pgd(G, x, c, eps=eps, step=eps / 5, steps=steps, generator=gen),
         "ifgsm": lambda x, c: attacks.ifgsm(G, x, c, eps=eps, step=eps / 5, steps=steps),
         "cw": lambda x, c: attacks.cw_l2(G, x, c, steps=max(steps, 10)),
-        "adaptive": lambda x, c: attacks.adaptive_pgd(G, x, c, eps=eps, step=eps / 5,
-                                                      steps=steps, generator=gen),
+        "adaptive": lambda x, c: attacks.adaptive_pgd(
+            G, x, c, eps=eps, step=eps / 5, steps=steps, generator=gen
+        ),
     }
     attack = fns[method]
     info = media.probe(src)
@@ -226,8 +257,11 @@ def attack_file(cfg: Config, src: Path, dst: Path, method: str = "pgd", eps: flo
     total = info.frames
     chosen = None
     if frames > 0:
-        chosen = set(np.linspace(0, max(total - 1, 0), frames).round().astype(int).tolist()) \
-            if total else set(range(frames))
+        chosen = (
+            set(np.linspace(0, max(total - 1, 0), frames).round().astype(int).tolist())
+            if total
+            else set(range(frames))
+        )
 
     def perturb(image: np.ndarray) -> np.ndarray:
         nonlocal n_faces
@@ -244,7 +278,7 @@ def attack_file(cfg: Config, src: Path, dst: Path, method: str = "pgd", eps: flo
             big = cv2.resize(d, (int(rw), int(rh)), interpolation=cv2.INTER_LINEAR)
             fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x0 + rw, w), min(y0 + rh, h)
             if fx1 > fx0 and fy1 > fy0:
-                out[fy0:fy1, fx0:fx1] += big[fy0 - y0:fy1 - y0, fx0 - x0:fx1 - x0]
+                out[fy0:fy1, fx0:fx1] += big[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
     if media.is_image(src):
@@ -283,8 +317,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     for p in map(Path, args.inputs):
         dst = out / attack_name(p)
         try:
-            n = attack_file(cfg, p, dst, args.method, args.eps, args.steps, args.seed,
-                            args.frames)
+            n = attack_file(cfg, p, dst, args.method, args.eps, args.steps, args.seed, args.frames)
             dlog.say(f"  {p.name}: {n} faces attacked ({args.method}, eps {args.eps}) -> {dst}")
         except Exception as e:
             dlog.say(f"  {p.name}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
@@ -298,13 +331,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         from magdr import calibrate
     except ImportError as e:
-        dlog.say(f"magdr-guard calibrate: the calibration module is not available ({e})",
-                 file=sys.stderr)
+        dlog.say(
+            f"magdr-guard calibrate: the calibration module is not available ({e})", file=sys.stderr
+        )
         return 2
     main = getattr(calibrate, "main", None)
     if main is None:
-        dlog.say("magdr-guard calibrate: magdr.calibrate has no command-line entry (main) yet",
-                 file=sys.stderr)
+        dlog.say(
+            "magdr-guard calibrate: magdr.calibrate has no command-line entry (main) yet",
+            file=sys.stderr,
+        )
         return 2
     return int(main(args.rest) or 0)
 
@@ -333,21 +369,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _quiet_logs(args, cfg)
     out = Path(args.out or tempfile.mkdtemp(prefix="magdr-demo-")).resolve()
     if out.exists() and any(out.iterdir()):
-        dlog.say(f"magdr-guard demo: {out} is not empty; pass an empty or new --out",
-                 file=sys.stderr)
+        dlog.say(
+            f"magdr-guard demo: {out} is not empty; pass an empty or new --out", file=sys.stderr
+        )
         return 2
     inbox, outbox, state = out / "inbox", out / "outbox", out / "state"
     staging = out / "staging"
     for d in (staging, inbox):
         d.mkdir(parents=True, exist_ok=True)
     clip = Path(args.clip) if args.clip else DEMO_CLIP
-    dlog.say(f"magdr-guard demo: {clip.name} and a PGD-disrupted copy "
-             f"({args.attack_frames or 'all'} frames attacked) through "
-             f"inbox -> guard -> outbox in {out}")
+    dlog.say(
+        f"magdr-guard demo: {clip.name} and a PGD-disrupted copy "
+        f"({args.attack_frames or 'all'} frames attacked) through "
+        f"inbox -> guard -> outbox in {out}"
+    )
     adv = staging / attack_name(clip)
     t0 = time.monotonic()
-    n = attack_file(_base_config(args), clip, adv, "pgd", args.eps, args.steps,
-                    frames=args.attack_frames)
+    n = attack_file(
+        _base_config(args), clip, adv, "pgd", args.eps, args.steps, frames=args.attack_frames
+    )
     dlog.say(f"  attacked {n} faces in {time.monotonic() - t0:.1f} s -> {adv.name}")
     shutil.copy2(clip, staging / clip.name)
     cfg.sources = [FolderSourceConfig(path=str(inbox), stable_s=0.2)]
@@ -364,8 +404,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for nm in names:  # moved in, like a well-behaved uploader
             (staging / nm).rename(inbox / nm)
         while not svc.stop_event.wait(0.2):
-            if len(_finished(outbox, out / "failed")) >= len(names) or \
-                    time.monotonic() - t0 > args.timeout:
+            if (
+                len(_finished(outbox, out / "failed")) >= len(names)
+                or time.monotonic() - t0 > args.timeout
+            ):
                 break
     finally:
         svc.stop()
@@ -374,8 +416,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     failures = [d for d in done if "reason" in d]
     dlog.say(f"  guarded in {time.monotonic() - t0:.1f} s:")
     _report(summaries, failures, outbox)
-    dlog.say(f"  outputs: {outbox}  (NAME.mp4/.mkv cleaned video, NAME.verdicts.jsonl per frame, "
-             "NAME.summary.json)")
+    dlog.say(
+        f"  outputs: {outbox}  (NAME.mp4/.mkv cleaned video, NAME.verdicts.jsonl per frame, "
+        "NAME.summary.json)"
+    )
     return 0 if len(summaries) == len(names) else 1
 
 
@@ -392,11 +436,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:  # noqa: D103
-    ap = argparse.ArgumentParser(prog="magdr-guard", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="magdr-guard",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--version", action="version", version=f"magdr-guard {__version__}")
-    ap.add_argument("--validate-config", nargs="?", const=str(SYSTEM_CONFIG), metavar="FILE",
-                    help="check a config file and exit (2 and the key path on error)")
+    ap.add_argument(
+        "--validate-config",
+        nargs="?",
+        const=str(SYSTEM_CONFIG),
+        metavar="FILE",
+        help="check a config file and exit (2 and the key path on error)",
+    )
     sub = ap.add_subparsers(dest="cmd")
 
     p = sub.add_parser("run", help="the daemon (systemd runs this)")
@@ -417,15 +469,18 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: D103
     p.add_argument("--clip", help=argparse.SUPPRESS)
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--attack-frames", type=int, default=3,
-                   help="frames of the copy to attack (0 = all); reconstruction is slow on a CPU")
+    p.add_argument(
+        "--attack-frames",
+        type=int,
+        default=3,
+        help="frames of the copy to attack (0 = all); reconstruction is slow on a CPU",
+    )
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--no-guard", action="store_true", help=argparse.SUPPRESS)
     _model_args(p)
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("calibrate", help="fit thresholds and the Rec-Net profile",
-                       add_help=False)
+    p = sub.add_parser("calibrate", help="fit thresholds and the Rec-Net profile", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_calibrate)
 
@@ -436,8 +491,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: D103
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frames", type=int, default=0,
-                   help="attack only this many frames, spread evenly (0 = every frame)")
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=0,
+        help="attack only this many frames, spread evenly (0 = every frame)",
+    )
     _model_args(p)
     p.set_defaults(fn=cmd_attack)
     return ap

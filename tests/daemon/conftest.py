@@ -53,21 +53,41 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.save(G.state_dict(), d / "G.pt")
     (d / "G.json").write_text(json.dumps({"image_size": 32}))
     torch.save(ParseNet(width=4, depth=2).state_dict(), d / "parser.pt")
-    Profile(name="test-detect-only", threshold=1e6,
-            consistency=[{"name": "jpeg", "params": {"quality": 75}}]).save(d / "profile.json")
+    Profile(
+        name="test-detect-only",
+        threshold=1e6,
+        consistency=[{"name": "jpeg", "params": {"quality": 75}}],
+    ).save(d / "profile.json")
     # Flags every face and reconstructs with one cheap search: the disrupted path, fast.
-    Profile(name="test-flag-all", threshold=-1e6,
-            consistency=[{"name": "jpeg", "params": {"quality": 75}}],
-            recnet=RecNetSettings(layers=[["gaussian_blur"]], patches=[["skin", "hair"]],
-                                  top_categories=1, score_transforms=1, max_rounds=1),
-            ).save(d / "flag_all.json")
-    return {"G": d / "G.pt", "parser": d / "parser.pt", "profile": d / "profile.json",
-            "flag_all": d / "flag_all.json"}
+    Profile(
+        name="test-flag-all",
+        threshold=-1e6,
+        consistency=[{"name": "jpeg", "params": {"quality": 75}}],
+        recnet=RecNetSettings(
+            layers=[["gaussian_blur"]],
+            patches=[["skin", "hair"]],
+            top_categories=1,
+            score_transforms=1,
+            max_rounds=1,
+        ),
+    ).save(d / "flag_all.json")
+    return {
+        "G": d / "G.pt",
+        "parser": d / "parser.pt",
+        "profile": d / "profile.json",
+        "flag_all": d / "flag_all.json",
+    }
 
 
-def make_clip(path: Path, frames: int = 4, size: tuple[int, int] = (48, 32), rate: int = 10,
-              codec: str = "libx264", time_base: Fraction | None = None,
-              seed: int = 0) -> list[int]:
+def make_clip(
+    path: Path,
+    frames: int = 4,
+    size: tuple[int, int] = (48, 32),
+    rate: int = 10,
+    codec: str = "libx264",
+    time_base: Fraction | None = None,
+    seed: int = 0,
+) -> list[int]:
     """Encode a small synthetic clip with PyAV; returns the pts written."""
     rng = np.random.default_rng(seed)
     w, h = size
@@ -82,7 +102,7 @@ def make_clip(path: Path, frames: int = 4, size: tuple[int, int] = (48, 32), rat
         for i in range(frames):
             img = np.zeros((h, w, 3), np.uint8)
             img[..., 0] = (i * 40) % 256
-            img[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = rng.integers(0, 255, 3, dtype=np.uint8)
+            img[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = rng.integers(0, 255, 3, dtype=np.uint8)
             f = av.VideoFrame.from_ndarray(img, format="rgb24")
             f.pts, f.time_base = i * step, tb
             pts.append(i * step)
@@ -100,14 +120,21 @@ def read_pts(path: Path) -> tuple[list[int], Fraction]:
         return [f.pts for f in c.decode(video=0)], tb
 
 
-def write_config(path: Path, models: dict[str, Path], body: str = "", guard: bool = False,
-                 faces: str = "frame", work: Path | None = None) -> Path:
+def write_config(
+    path: Path,
+    models: dict[str, Path],
+    body: str = "",
+    guard: bool = False,
+    faces: str = "frame",
+    work: Path | None = None,
+) -> Path:
     """A config file for tests: tiny models, 'frame' faces, small batches, short timers."""
-    text = f"""
+    text = (
+        f"""
 [model]
-generator = "{models['G']}"
-parser = "{models['parser']}"
-profile = "{models['profile']}"
+generator = "{models["G"]}"
+parser = "{models["parser"]}"
+profile = "{models["profile"]}"
 device = "cpu"
 threads = 1
 
@@ -122,10 +149,12 @@ level = "info"
 format = "json"
 
 [daemon]
-work_dir = "{work or path.parent / 'state'}"
+work_dir = "{work or path.parent / "state"}"
 rescan_s = 1.0
 drain_timeout_s = 20
-""" + body
+"""
+        + body
+    )
     path.write_text(text)
     return path
 

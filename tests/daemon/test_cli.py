@@ -34,9 +34,19 @@ def test_process_outputs_like_a_folder_sink(tmp_path, tiny_models, capsys):
     pts = make_clip(clip, frames=4, rate=12)
     cv2.imwrite(str(tmp_path / "in" / "face.jpg"), np.full((40, 40, 3), 90, np.uint8))
     out = tmp_path / "out"
-    rc = main(["process", str(clip), str(tmp_path / "in" / "face.jpg"),
-               str(tmp_path / "in" / "missing.mp4"), "--out", str(out), "--config", str(cfg),
-               "--no-guard"])
+    rc = main(
+        [
+            "process",
+            str(clip),
+            str(tmp_path / "in" / "face.jpg"),
+            str(tmp_path / "in" / "missing.mp4"),
+            "--out",
+            str(out),
+            "--config",
+            str(cfg),
+            "--no-guard",
+        ]
+    )
     assert rc == 1  # one input failed
     got, tb = read_pts(out / "clip.mkv")
     assert [round(float(p * tb), 3) for p in got] == [round(p / 12, 3) for p in pts]
@@ -55,8 +65,21 @@ def test_attack_writes_a_lossless_disrupted_copy(tmp_path, tiny_models, capsys):
     img = np.random.default_rng(1).integers(60, 200, (32, 32, 3), dtype=np.uint8)
     cv2.imwrite(str(tmp_path / "f.png"), img)
     make_clip(tmp_path / "v.mp4", frames=3, size=(32, 32))
-    rc = main(["attack", str(tmp_path / "f.png"), str(tmp_path / "v.mp4"), "--out",
-               str(tmp_path / "adv"), "--config", str(cfg), "--eps", "0.05", "--steps", "2"])
+    rc = main(
+        [
+            "attack",
+            str(tmp_path / "f.png"),
+            str(tmp_path / "v.mp4"),
+            "--out",
+            str(tmp_path / "adv"),
+            "--config",
+            str(cfg),
+            "--eps",
+            "0.05",
+            "--steps",
+            "2",
+        ]
+    )
     assert rc == 0
     adv = cv2.imread(str(tmp_path / "adv" / "f.adv.png"))
     diff = np.abs(adv.astype(int) - img.astype(int))
@@ -65,26 +88,60 @@ def test_attack_writes_a_lossless_disrupted_copy(tmp_path, tiny_models, capsys):
     assert len(got) == 3
     assert "1 faces attacked" in capsys.readouterr().out
     # --frames 1: one frame attacked, the others copied losslessly
-    assert main(["attack", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "one"), "--config",
-                 str(cfg), "--steps", "1", "--frames", "1"]) == 0
+    assert (
+        main(
+            [
+                "attack",
+                str(tmp_path / "v.mp4"),
+                "--out",
+                str(tmp_path / "one"),
+                "--config",
+                str(cfg),
+                "--steps",
+                "1",
+                "--frames",
+                "1",
+            ]
+        )
+        == 0
+    )
     import av
+
     with av.open(str(tmp_path / "v.mp4")) as a, av.open(str(tmp_path / "one" / "v.adv.mkv")) as b:
-        same = [np.array_equal(x.to_ndarray(format="rgb24"), y.to_ndarray(format="rgb24"))
-                for x, y in zip(a.decode(video=0), b.decode(video=0), strict=True)]
+        same = [
+            np.array_equal(x.to_ndarray(format="rgb24"), y.to_ndarray(format="rgb24"))
+            for x, y in zip(a.decode(video=0), b.decode(video=0), strict=True)
+        ]
     assert same.count(False) == 1
 
 
 def test_demo_runs_the_daemon_path(tmp_path, tiny_models):
     cfg = write_config(tmp_path / "c.toml", tiny_models)
     make_clip(tmp_path / "clip.mp4", frames=3, size=(32, 32))
-    r = subprocess.run([*DAEMON, "demo", "--config", str(cfg), "--clip",
-                        str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "demo"),
-                        "--steps", "1"], capture_output=True, text=True, env=daemon_env(),
-                       timeout=120)
+    r = subprocess.run(
+        [
+            *DAEMON,
+            "demo",
+            "--config",
+            str(cfg),
+            "--clip",
+            str(tmp_path / "clip.mp4"),
+            "--out",
+            str(tmp_path / "demo"),
+            "--steps",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=daemon_env(),
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     outbox = tmp_path / "demo" / "outbox"
-    assert {p.name for p in outbox.glob("*.summary.json")} == \
-        {"clip.summary.json", "clip.adv.summary.json"}
+    assert {p.name for p in outbox.glob("*.summary.json")} == {
+        "clip.summary.json",
+        "clip.adv.summary.json",
+    }
     assert "clip.adv.mkv: 3 frames" in r.stdout and str(outbox) in r.stdout
 
 

@@ -31,15 +31,20 @@ KILLS = 9
 
 
 def _config(tmp_path: Path, models: dict[str, Path]) -> Path:
-    return write_config(tmp_path / "c.toml", models, f"""
+    return write_config(
+        tmp_path / "c.toml",
+        models,
+        f"""
 [[sources]]
 kind = "folder"
-path = "{tmp_path / 'inbox'}"
+path = "{tmp_path / "inbox"}"
 stable_s = 0.2
 [[sinks]]
 kind = "folder"
-path = "{tmp_path / 'outbox'}"
-""", guard=True)
+path = "{tmp_path / "outbox"}"
+""",
+        guard=True,
+    )
 
 
 def make_inputs(stage: Path, rng: np.random.Generator) -> tuple[dict[str, int], set[str]]:
@@ -165,8 +170,12 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, tiny_mo
         for k in range(KILLS + 1):
             env = daemon_env(NOTIFY_SOCKET=notify.path)
             with open(tmp_path / f"log{k}.jsonl", "wb") as f:
-                proc = subprocess.Popen([*DAEMON, "run", "--config", str(cfg)], stdout=f,
-                                        stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen(
+                    [*DAEMON, "run", "--config", str(cfg)],
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
             t_spawn = time.monotonic()
             if k == KILLS:
                 break  # the last run goes to the end
@@ -184,8 +193,11 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, tiny_mo
         while time.monotonic() < deadline:
             done = {p.name for p in outbox.glob("*.summary.json")}
             errs = {p.name for p in failed.glob("*.error.json")}
-            if len(done) + len(errs) >= len(good) + len(broken) and not list(inbox.iterdir()) \
-                    and not list(claimed.iterdir()):
+            if (
+                len(done) + len(errs) >= len(good) + len(broken)
+                and not list(inbox.iterdir())
+                and not list(claimed.iterdir())
+            ):
                 break
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
@@ -198,10 +210,14 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, tiny_mo
         watcher.stop()
 
     assert watcher.bad == [], watcher.bad  # never a half-written file under a final name
-    summaries = {p.name[: -len(".summary.json")]: json.loads(p.read_text())
-                 for p in outbox.glob("*.summary.json")}
-    errors = {p.name[: -len(".error.json")]: json.loads(p.read_text())
-              for p in failed.glob("*.error.json")}
+    summaries = {
+        p.name[: -len(".summary.json")]: json.loads(p.read_text())
+        for p in outbox.glob("*.summary.json")
+    }
+    errors = {
+        p.name[: -len(".error.json")]: json.loads(p.read_text())
+        for p in failed.glob("*.error.json")
+    }
     # exactly once: one summary per good input (no NAME-1 duplicates), one error per broken one
     assert sorted(s["input"] for s in summaries.values()) == sorted(good)
     assert set(summaries) == {Path(n).stem for n in good}
@@ -211,21 +227,28 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, tiny_mo
         stem = Path(name).stem
         assert summaries[stem]["frames"] == n
         assert (outbox / name).exists() and (outbox / f"{stem}.verdicts.jsonl").exists()
-    assert sorted(p.name for p in failed.iterdir() if not p.name.endswith(".error.json")) == \
-        sorted(broken)
+    assert sorted(p.name for p in failed.iterdir() if not p.name.endswith(".error.json")) == sorted(
+        broken
+    )
     # nothing left behind: inbox, claims and temporary files are all gone
     assert list(inbox.iterdir()) == [] and list(claimed.iterdir()) == []
-    assert not [p for d in (outbox, failed, claimed) for p in d.iterdir()
-                if p.name.startswith(".")]
-    expected = {f"{Path(n).stem}{s}" for n in good
-                for s in (Path(n).suffix, ".verdicts.jsonl", ".summary.json")}
+    assert not [p for d in (outbox, failed, claimed) for p in d.iterdir() if p.name.startswith(".")]
+    expected = {
+        f"{Path(n).stem}{s}"
+        for n in good
+        for s in (Path(n).suffix, ".verdicts.jsonl", ".summary.json")
+    }
     assert {p.name for p in outbox.iterdir()} == expected
-    resumed = sum('"resuming claimed files"' in (tmp_path / f"log{k}.jsonl").read_text()
-                  for k in range(KILLS + 1))
-    print(f"\ncrash safety: {len(good) + len(broken)} inputs, {KILLS} SIGKILLs at {kills}, "
-          f"{resumed} restarts resumed a claimed file; all {len(good)} good inputs in the outbox "
-          f"exactly once, {len(broken)} broken in failed/; {watcher.checked} final-name checks, "
-          "0 half-written")
+    resumed = sum(
+        '"resuming claimed files"' in (tmp_path / f"log{k}.jsonl").read_text()
+        for k in range(KILLS + 1)
+    )
+    print(
+        f"\ncrash safety: {len(good) + len(broken)} inputs, {KILLS} SIGKILLs at {kills}, "
+        f"{resumed} restarts resumed a claimed file; all {len(good)} good inputs in the outbox "
+        f"exactly once, {len(broken)} broken in failed/; {watcher.checked} final-name checks, "
+        "0 half-written"
+    )
 
 
 def test_fail_killed_between_record_and_move_is_not_duplicated(tmp_path, tiny_models):
@@ -236,9 +259,18 @@ def test_fail_killed_between_record_and_move_is_not_duplicated(tmp_path, tiny_mo
     work.mkdir(parents=True)
     (tmp_path / "failed").mkdir()
     (work / "bad.mp4").write_bytes(b"\0\0\0\x18ftypmp42 truncated")
-    (tmp_path / "failed" / "bad.error.json").write_text(json.dumps(
-        {"v": 1, "input": "bad.mp4", "file": "bad.mp4", "claimed": "bad.mp4",
-         "reason": "decode", "error": "from the killed run"}))
+    (tmp_path / "failed" / "bad.error.json").write_text(
+        json.dumps(
+            {
+                "v": 1,
+                "input": "bad.mp4",
+                "file": "bad.mp4",
+                "claimed": "bad.mp4",
+                "reason": "decode",
+                "error": "from the killed run",
+            }
+        )
+    )
     svc = Service(load_config(cfg), Notifier(env={}))
     svc.start()
     try:
@@ -247,8 +279,7 @@ def test_fail_killed_between_record_and_move_is_not_duplicated(tmp_path, tiny_mo
             time.sleep(0.05)
     finally:
         svc.stop()
-    assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == \
-        ["bad.error.json", "bad.mp4"]
+    assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == ["bad.error.json", "bad.mp4"]
     assert json.loads((tmp_path / "failed" / "bad.error.json").read_text())["reason"] == "decode"
 
 
@@ -262,8 +293,12 @@ def test_killed_after_commit_before_cleanup_is_not_redone(tmp_path, tiny_models)
     outbox.mkdir()
     make_clip(work / "c.mp4", frames=3, size=(32, 32))
     st = (work / "c.mp4").stat()
-    summary = {"input": "c.mp4", "frames": 3, "marker": "first run",
-               "source": {"name": "c.mp4", "size": st.st_size, "mtime_ns": st.st_mtime_ns}}
+    summary = {
+        "input": "c.mp4",
+        "frames": 3,
+        "marker": "first run",
+        "source": {"name": "c.mp4", "size": st.st_size, "mtime_ns": st.st_mtime_ns},
+    }
     (outbox / "c.summary.json").write_text(json.dumps(summary))
     svc = Service(load_config(cfg), Notifier(env={}))
     svc.start()

@@ -45,8 +45,9 @@ class Notify:
 def _start(cfg: Path, log: Path, notify: Notify | None) -> subprocess.Popen:
     env = daemon_env(**({"NOTIFY_SOCKET": notify.path} if notify else {}))
     with open(log, "ab") as f:
-        return subprocess.Popen([*DAEMON, "run", "--config", str(cfg)], stdout=f,
-                                stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            [*DAEMON, "run", "--config", str(cfg)], stdout=f, stderr=subprocess.STDOUT, env=env
+        )
 
 
 def _wait(cond, timeout: float = 60.0) -> bool:
@@ -59,15 +60,20 @@ def _wait(cond, timeout: float = 60.0) -> bool:
 
 
 def _config(tmp_path: Path, models: dict[str, Path]) -> Path:
-    return write_config(tmp_path / "c.toml", models, f"""
+    return write_config(
+        tmp_path / "c.toml",
+        models,
+        f"""
 [[sources]]
 kind = "folder"
-path = "{tmp_path / 'inbox'}"
+path = "{tmp_path / "inbox"}"
 stable_s = 0.2
 [[sinks]]
 kind = "folder"
-path = "{tmp_path / 'outbox'}"
-""", guard=True)
+path = "{tmp_path / "outbox"}"
+""",
+        guard=True,
+    )
 
 
 def _drop(tmp_path: Path, files: dict[str, int | None]) -> None:
@@ -82,8 +88,10 @@ def _drop(tmp_path: Path, files: dict[str, int | None]) -> None:
 
 
 def _accounted(tmp_path: Path) -> dict[str, list[str]]:
-    return {"done": sorted(p.name for p in (tmp_path / "outbox").glob("*.summary.json")),
-            "failed": sorted(p.name for p in (tmp_path / "failed").glob("*.error.json"))}
+    return {
+        "done": sorted(p.name for p in (tmp_path / "outbox").glob("*.summary.json")),
+        "failed": sorted(p.name for p in (tmp_path / "failed").glob("*.error.json")),
+    }
 
 
 def test_sigkill_mid_file_then_restart(tmp_path, tiny_models):
@@ -96,8 +104,12 @@ def test_sigkill_mid_file_then_restart(tmp_path, tiny_models):
         assert any("EXTEND_TIMEOUT_USEC" in m for m in notify.messages)
         _drop(tmp_path, {"long.mp4": 40, "broken.mp4": None, "short.mp4": 3})
         # kill while long.mp4 is half done: its outputs exist only under temporary names
-        assert _wait(lambda: any((tmp_path / "outbox").glob(".long.verdicts.jsonl.part"))
-                     and (tmp_path / "outbox" / ".long.verdicts.jsonl.part").stat().st_size)
+        assert _wait(
+            lambda: (
+                any((tmp_path / "outbox").glob(".long.verdicts.jsonl.part"))
+                and (tmp_path / "outbox" / ".long.verdicts.jsonl.part").stat().st_size
+            )
+        )
         proc.kill()
         proc.wait(10)
         assert not (tmp_path / "outbox" / "long.summary.json").exists()
@@ -117,8 +129,10 @@ def test_sigkill_mid_file_then_restart(tmp_path, tiny_models):
             proc.kill()
         notify.close()
     acc = _accounted(tmp_path)
-    assert acc == {"done": ["long.summary.json", "short.summary.json"],
-                   "failed": ["broken.error.json"]}
+    assert acc == {
+        "done": ["long.summary.json", "short.summary.json"],
+        "failed": ["broken.error.json"],
+    }
     assert list((tmp_path / "inbox").iterdir()) == []
     assert list((tmp_path / "state" / "claimed" / "0").iterdir()) == []
     assert not list((tmp_path / "outbox").glob(".*"))  # no half-written file anywhere
@@ -126,8 +140,9 @@ def test_sigkill_mid_file_then_restart(tmp_path, tiny_models):
     assert [json.loads(v)["seq"] for v in verdicts] == list(range(40))
     err = json.loads((tmp_path / "failed" / "broken.error.json").read_text())
     assert err["input"] == "broken.mp4" and err["reason"] == "decode"
-    logs = [json.loads(x) for n in (1, 2)
-            for x in (tmp_path / f"log{n}.jsonl").read_text().splitlines()]
+    logs = [
+        json.loads(x) for n in (1, 2) for x in (tmp_path / f"log{n}.jsonl").read_text().splitlines()
+    ]
     assert any(x["event"] == "resuming claimed files" for x in logs)
     assert any(x["event"] == "file failed" and x.get("file") == "broken.mp4" for x in logs)
 
@@ -139,9 +154,12 @@ def test_sigterm_drains_file_and_sighup_reloads(tmp_path, tiny_models):
     proc = _start(cfg, tmp_path / "log.jsonl", notify)
     try:
         notify.wait_for("READY=1")
-        cfg.write_text(cfg.read_text().replace("level = \"info\"", "level = \"debug\"")
-                       .replace("batch_size = 4", "batch_size = 2")
-                       .replace("[guard]", "[guard]\nmax_faces = 3"))
+        cfg.write_text(
+            cfg.read_text()
+            .replace('level = "info"', 'level = "debug"')
+            .replace("batch_size = 4", "batch_size = 2")
+            .replace("[guard]", "[guard]\nmax_faces = 3")
+        )
         proc.send_signal(signal.SIGHUP)
         notify.wait_for("RELOADING=1", 10)
         notify.wait_for("READY=1", 10)
@@ -165,13 +183,22 @@ def test_sigterm_drains_file_and_sighup_reloads(tmp_path, tiny_models):
 
 
 def test_bad_config_stops_start_up_with_key_path(tmp_path, tiny_models):
-    cfg = write_config(tmp_path / "c.toml", tiny_models, """
+    cfg = write_config(
+        tmp_path / "c.toml",
+        tiny_models,
+        """
 [[sources]]
 kind = "zmq"
 endpoint = "tcp://127.0.0.1:5555"
 socket = "pub"
-""")
-    r = subprocess.run([*DAEMON, "run", "--config", str(cfg)], capture_output=True, text=True,
-                       env=daemon_env(), timeout=60)
+""",
+    )
+    r = subprocess.run(
+        [*DAEMON, "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=daemon_env(),
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "sources[0].socket: expected one of sub|pull|rep, got 'pub'" in r.stderr

@@ -101,8 +101,11 @@ frames = false
         rng = np.random.default_rng(0)
         poison = {2, 5}
         for i in range(8):
-            img = np.full((32, 32, 3), 255, np.uint8) if i in poison else \
-                rng.integers(0, 200, (32, 32, 3), dtype=np.uint8)
+            img = (
+                np.full((32, 32, 3), 255, np.uint8)
+                if i in poison
+                else rng.integers(0, 200, (32, 32, 3), dtype=np.uint8)
+            )
             push.send_multipart(wire.encode_frame("cam", i, img, "rgb24")[1:])
         got = []
         while len(got) < 8 - len(poison):
@@ -124,19 +127,21 @@ frames = false
     out = capsys.readouterr().out
     assert "out of memory on a batch: retrying it in halves" in out
     assert out.count("out of memory on one frame: the frame fails") == 2
-    print(f"\ngpu faults: {len(calls)} G calls, {len(raised)} forced OOMs "
-          f"(batch sizes {raised}); 2 frames failed and counted, 6 guarded")
+    print(
+        f"\ngpu faults: {len(calls)} G calls, {len(raised)} forced OOMs "
+        f"(batch sizes {raised}); 2 frames failed and counted, 6 guarded"
+    )
 
 
 def test_oom_in_a_file_fails_that_file_and_the_daemon_goes_on(make_service, tmp_path):
     svc = make_service(f"""
 [[sources]]
 kind = "folder"
-path = "{tmp_path / 'inbox'}"
+path = "{tmp_path / "inbox"}"
 stable_s = 0.2
 [[sinks]]
 kind = "folder"
-path = "{tmp_path / 'outbox'}"
+path = "{tmp_path / "outbox"}"
 """)
     calls = poison_generator(svc)
     stage, inbox = tmp_path / "stage", tmp_path / "inbox"

@@ -29,8 +29,9 @@ def make_audio_only(path: Path) -> None:
         s = c.add_stream("aac", rate=8000)
         s.layout = "mono"
         t = np.linspace(0, 1, 8000, dtype=np.float32)
-        frame = av.AudioFrame.from_ndarray((0.2 * np.sin(2 * np.pi * 440 * t))[None],
-                                           format="fltp", layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            (0.2 * np.sin(2 * np.pi * 440 * t))[None], format="fltp", layout="mono"
+        )
         frame.sample_rate, frame.pts = 8000, 0
         for p in s.encode(frame):
             c.mux(p)
@@ -70,17 +71,23 @@ def _wait(cond, timeout: float = 30.0) -> bool:
 
 @pytest.fixture
 def daemon(tmp_path, tiny_models):
-    cfg = write_config(tmp_path / "c.toml", tiny_models, f"""
+    cfg = write_config(
+        tmp_path / "c.toml",
+        tiny_models,
+        f"""
 [[sources]]
 kind = "folder"
-path = "{tmp_path / 'inbox'}"
+path = "{tmp_path / "inbox"}"
 stable_s = 0.2
 [[sinks]]
 kind = "folder"
-path = "{tmp_path / 'outbox'}"
-""", guard=True)
-    cfg.write_text(cfg.read_text().replace("[guard]\n", f"[guard]\nmax_frame_pixels = "
-                                           f"{MAX_PIXELS}\n", 1))
+path = "{tmp_path / "outbox"}"
+""",
+        guard=True,
+    )
+    cfg.write_text(
+        cfg.read_text().replace("[guard]\n", f"[guard]\nmax_frame_pixels = {MAX_PIXELS}\n", 1)
+    )
     svc = Service(load_config(cfg), Notifier(env={}))
     svc.start()
     try:
@@ -111,21 +118,41 @@ def test_hostile_files_fail_clearly_and_the_daemon_goes_on(daemon, tmp_path):
     (stage / "garbage.avi").write_bytes(np.random.default_rng(3).bytes(4096))
     os.symlink(outside / "secret.mp4", stage / "link.mp4")
     make_corrupt_clip(stage / "corrupt.mp4")
-    expect_failed = {"truncated": "decode", "no_video": "no_video", "empty": "empty",
-                     "text": "decode", "huge": "too_large", "huge-1": "too_large",
-                     "bmp": "decode", "garbage": "decode", "link": "not_regular"}
+    expect_failed = {
+        "truncated": "decode",
+        "no_video": "no_video",
+        "empty": "empty",
+        "text": "decode",
+        "huge": "too_large",
+        "huge-1": "too_large",
+        "bmp": "decode",
+        "garbage": "decode",
+        "link": "not_regular",
+    }
     for p in sorted(stage.iterdir()):
         os.rename(p, inbox / p.name)
     (inbox / "folder.mp4").mkdir()  # a directory with a media name is not taken
 
     work = daemon.folder_sources[0].work
-    ok = _wait(lambda: len(list(failed.glob("*.error.json"))) == len(expect_failed)
-               and (outbox / "corrupt.summary.json").exists() and not list(work.iterdir())
-               and len(list(inbox.iterdir())) == 1, 60)
-    assert ok, "\n".join(str(p) for d in (failed, outbox, inbox, daemon.folder_sources[0].work)
-                         if d.exists() for p in d.iterdir())
-    errors = {p.name[: -len(".error.json")]: json.loads(p.read_text())
-              for p in failed.glob("*.error.json")}
+    ok = _wait(
+        lambda: (
+            len(list(failed.glob("*.error.json"))) == len(expect_failed)
+            and (outbox / "corrupt.summary.json").exists()
+            and not list(work.iterdir())
+            and len(list(inbox.iterdir())) == 1
+        ),
+        60,
+    )
+    assert ok, "\n".join(
+        str(p)
+        for d in (failed, outbox, inbox, daemon.folder_sources[0].work)
+        if d.exists()
+        for p in d.iterdir()
+    )
+    errors = {
+        p.name[: -len(".error.json")]: json.loads(p.read_text())
+        for p in failed.glob("*.error.json")
+    }
     assert {k: v["reason"] for k, v in errors.items()} == expect_failed
     for err in errors.values():
         assert err["error"] and err["input"] and (failed / err["file"]).exists(), err
@@ -158,6 +185,8 @@ def test_hostile_files_fail_clearly_and_the_daemon_goes_on(daemon, tmp_path):
     assert m.files.value(outcome="done") == 2
     assert sorted(p.name for p in inbox.iterdir()) == ["folder.mp4"]
     assert not list(outbox.glob(".*")) and not list(daemon.folder_sources[0].work.iterdir())
-    print(f"\nhostile files: {len(expect_failed) + 1} corrupt files tried, "
-          f"{len(expect_failed)} in failed/ with reasons, corrupt.mp4 guarded with 1 bad packet "
-          "reported; a good clip afterwards guarded")
+    print(
+        f"\nhostile files: {len(expect_failed) + 1} corrupt files tried, "
+        f"{len(expect_failed)} in failed/ with reasons, corrupt.mp4 guarded with 1 bad packet "
+        "reported; a good clip afterwards guarded"
+    )

@@ -70,61 +70,103 @@ def hostile_v1(rng: np.random.Generator) -> dict[str, list[list[bytes]]]:
     noise = bytes(rng.integers(0, 256, 200, dtype=np.uint8))
     # 2-part messages are [header, payload] on PULL; 1, 4 and 5 parts are wrong everywhere.
     return {
-        "bad_parts": [[b"frame.s"], [b"frame.s", _hdr(), rgb, b"x"],
-                      [b"a", b"b", b"c", b"d", b"e"]],
-        "bad_json": [[b"", b"{not json", rgb], [b"", b"\xff\xfe\x00", rgb], [b"", b"", rgb],
-                     [b"", b"[" * 100_000, rgb],  # nesting: the parser's recursion limit
-                     [b"", b'{"v": 1, "stream": "s"', rgb]],
-        "bad_version": [[b"", _hdr(v=2), rgb], [b"", _hdr(v=...), rgb], [b"", _hdr(v="1"), rgb],
-                        [b"", _hdr(v=0), rgb]],
-        "bad_header": [[b"", b"[1, 2]", rgb], [b"", b"null", rgb], [b"", _hdr(seq=-1), rgb],
-                       [b"", _hdr(seq=True), rgb], [b"", _hdr(width=0), rgb],
-                       [b"", _hdr(stream=""), rgb], [b"", _hdr(stream="x" * 300), rgb],
-                       [b"", _hdr(stream=7), rgb], [b"", _hdr(format="gif"), rgb],
-                       [b"", _hdr(extra=1), rgb], [b"", _hdr(height=...), rgb],
-                       [b"", _hdr(pts="soon"), rgb], [b"", _hdr(time_base=[1, 0]), rgb],
-                       [b"", _hdr(cond={"Blond_Hair": "yes"}), rgb],
-                       [b"", _hdr(stream="cam\udc80"), rgb],  # lone surrogate (valid JSON)
-                       [b"", _hdr(stream="cam\x00../x"), rgb]],  # control characters
+        "bad_parts": [
+            [b"frame.s"],
+            [b"frame.s", _hdr(), rgb, b"x"],
+            [b"a", b"b", b"c", b"d", b"e"],
+        ],
+        "bad_json": [
+            [b"", b"{not json", rgb],
+            [b"", b"\xff\xfe\x00", rgb],
+            [b"", b"", rgb],
+            [b"", b"[" * 100_000, rgb],  # nesting: the parser's recursion limit
+            [b"", b'{"v": 1, "stream": "s"', rgb],
+        ],
+        "bad_version": [
+            [b"", _hdr(v=2), rgb],
+            [b"", _hdr(v=...), rgb],
+            [b"", _hdr(v="1"), rgb],
+            [b"", _hdr(v=0), rgb],
+        ],
+        "bad_header": [
+            [b"", b"[1, 2]", rgb],
+            [b"", b"null", rgb],
+            [b"", _hdr(seq=-1), rgb],
+            [b"", _hdr(seq=True), rgb],
+            [b"", _hdr(width=0), rgb],
+            [b"", _hdr(stream=""), rgb],
+            [b"", _hdr(stream="x" * 300), rgb],
+            [b"", _hdr(stream=7), rgb],
+            [b"", _hdr(format="gif"), rgb],
+            [b"", _hdr(extra=1), rgb],
+            [b"", _hdr(height=...), rgb],
+            [b"", _hdr(pts="soon"), rgb],
+            [b"", _hdr(time_base=[1, 0]), rgb],
+            [b"", _hdr(cond={"Blond_Hair": "yes"}), rgb],
+            [b"", _hdr(stream="cam\udc80"), rgb],  # lone surrogate (valid JSON)
+            [b"", _hdr(stream="cam\x00../x"), rgb],
+        ],  # control characters
         "bad_topic": [[b"frame.other", _hdr(), rgb]],
-        "too_large": [[b"", _hdr(width=1 << 30, height=1 << 30), b""],
-                      [b"", _hdr(width=10**40, height=10**40, format="jpeg"), JPEG],
-                      [b"", _hdr(width=4000, height=4000, format="png"),
-                       png_header_only(4000, 4000)],
-                      [b"", _hdr(width=16, height=16, format="png"), png_header_only(30000, 30000)],
-                      [b"", _hdr(width=16, height=16, format="png"), png_bomb(2000, 2000)]],
-        "bad_payload": [[b"", _hdr(), rgb[:-1]], [b"", _hdr(), rgb + b"\0"], [b"", _hdr(), b""],
-                        [b"", _hdr(format="jpeg"), JPEG[: len(JPEG) // 2]],
-                        [b"", _hdr(format="jpeg"), JPEG[:20]],
-                        [b"", _hdr(format="png"), PNG[: len(PNG) // 2]],
-                        [b"", _hdr(format="png"), PNG[:33]],
-                        [b"", _hdr(format="jpeg"), PNG],  # a PNG declared as JPEG
-                        [b"", _hdr(format="jpeg"), b"GIF89a" + noise[:64]],
-                        [b"", _hdr(format="jpeg", width=8, height=8), JPEG],  # size mismatch
-                        [b"", _hdr(format="png"), noise]],
+        "too_large": [
+            [b"", _hdr(width=1 << 30, height=1 << 30), b""],
+            [b"", _hdr(width=10**40, height=10**40, format="jpeg"), JPEG],
+            [b"", _hdr(width=4000, height=4000, format="png"), png_header_only(4000, 4000)],
+            [b"", _hdr(width=16, height=16, format="png"), png_header_only(30000, 30000)],
+            [b"", _hdr(width=16, height=16, format="png"), png_bomb(2000, 2000)],
+        ],
+        "bad_payload": [
+            [b"", _hdr(), rgb[:-1]],
+            [b"", _hdr(), rgb + b"\0"],
+            [b"", _hdr(), b""],
+            [b"", _hdr(format="jpeg"), JPEG[: len(JPEG) // 2]],
+            [b"", _hdr(format="jpeg"), JPEG[:20]],
+            [b"", _hdr(format="png"), PNG[: len(PNG) // 2]],
+            [b"", _hdr(format="png"), PNG[:33]],
+            [b"", _hdr(format="jpeg"), PNG],  # a PNG declared as JPEG
+            [b"", _hdr(format="jpeg"), b"GIF89a" + noise[:64]],
+            [b"", _hdr(format="jpeg", width=8, height=8), JPEG],  # size mismatch
+            [b"", _hdr(format="png"), noise],
+        ],
     }
 
 
 # ---- the decoder, fuzzed -----------------------------------------------------------------------
 
-_json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                         st.floats(allow_nan=True), st.text(max_size=20))
+_json_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+)
 _header = st.fixed_dictionaries(
-    {"v": st.one_of(st.just(1), _json_scalar),
-     "stream": st.one_of(st.text(min_size=0, max_size=40), _json_scalar),
-     "seq": st.one_of(st.integers(-5, 2**64), _json_scalar),
-     "format": st.sampled_from(["jpeg", "png", "rgb24", "gif", ""]),
-     "width": st.one_of(st.integers(-2, 40), st.integers(0, 2**40), _json_scalar),
-     "height": st.one_of(st.integers(-2, 40), st.integers(0, 2**40), _json_scalar)},
-    optional={"pts": _json_scalar, "time_base": st.lists(st.integers(-2, 10**6), max_size=3),
-              "cond": st.dictionaries(st.text(max_size=12), _json_scalar, max_size=3),
-              "junk": _json_scalar},
+    {
+        "v": st.one_of(st.just(1), _json_scalar),
+        "stream": st.one_of(st.text(min_size=0, max_size=40), _json_scalar),
+        "seq": st.one_of(st.integers(-5, 2**64), _json_scalar),
+        "format": st.sampled_from(["jpeg", "png", "rgb24", "gif", ""]),
+        "width": st.one_of(st.integers(-2, 40), st.integers(0, 2**40), _json_scalar),
+        "height": st.one_of(st.integers(-2, 40), st.integers(0, 2**40), _json_scalar),
+    },
+    optional={
+        "pts": _json_scalar,
+        "time_base": st.lists(st.integers(-2, 10**6), max_size=3),
+        "cond": st.dictionaries(st.text(max_size=12), _json_scalar, max_size=3),
+        "junk": _json_scalar,
+    },
 )
 
 
 def _payload(draw_bytes: bytes, kind: int) -> bytes:
-    return [draw_bytes, JPEG[: len(draw_bytes) % len(JPEG)], PNG[: len(draw_bytes) % len(PNG)],
-            JPEG, PNG, png_header_only(len(draw_bytes) * 997 + 1, 300), _img(4, 4).tobytes()][kind]
+    return [
+        draw_bytes,
+        JPEG[: len(draw_bytes) % len(JPEG)],
+        PNG[: len(draw_bytes) % len(PNG)],
+        JPEG,
+        PNG,
+        png_header_only(len(draw_bytes) * 997 + 1, 300),
+        _img(4, 4).tobytes(),
+    ][kind]
 
 
 def _check(msg: wire.FrameMsg) -> None:
@@ -134,10 +176,16 @@ def _check(msg: wire.FrameMsg) -> None:
     msg.stream.encode()  # every accepted stream id can become a topic
 
 
-@settings(max_examples=400, derandomize=True, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(h=_header, body=st.binary(max_size=300), kind=st.integers(0, 6),
-       topic=st.sampled_from([b"", b"frame.s", b"frame."]), raw=st.booleans())
+@settings(
+    max_examples=400, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    h=_header,
+    body=st.binary(max_size=300),
+    kind=st.integers(0, 6),
+    topic=st.sampled_from([b"", b"frame.s", b"frame."]),
+    raw=st.booleans(),
+)
 def test_fuzz_v1_decoder_raises_only_wire_errors(h, body, kind, topic, raw):
     """Whatever arrives, decode_v1 returns a sane frame or raises WireError — nothing else."""
     header = body if raw else json.dumps(h).encode()
@@ -157,10 +205,16 @@ def test_fuzz_v1_decoder_raw_parts(parts):
 
 
 @settings(max_examples=300, derandomize=True, deadline=None)
-@given(md=st.dictionaries(st.sampled_from(["msg", "dtype", "shape", "x"]),
-                          st.one_of(_json_scalar, st.lists(st.integers(-3, 2**33), max_size=4)),
-                          max_size=4),
-       body=st.binary(max_size=300), kind=st.integers(0, 6), raw=st.booleans())
+@given(
+    md=st.dictionaries(
+        st.sampled_from(["msg", "dtype", "shape", "x"]),
+        st.one_of(_json_scalar, st.lists(st.integers(-3, 2**33), max_size=4)),
+        max_size=4,
+    ),
+    body=st.binary(max_size=300),
+    kind=st.integers(0, 6),
+    raw=st.booleans(),
+)
 def test_fuzz_imagezmq_decoder(md, body, kind, raw):
     meta = body if raw else json.dumps(md).encode()
     try:
@@ -233,7 +287,11 @@ def test_daemon_survives_10000_hostile_messages(tmp_path, tiny_models):
     rng = np.random.default_rng(1234)
     p_pull, p_sub, p_rep, p_out, p_metrics = (_port() for _ in range(5))
     max_bytes = 1 << 20
-    cfg = write_config(tmp_path / "c.toml", tiny_models, f"""
+    cfg = (
+        write_config(
+            tmp_path / "c.toml",
+            tiny_models,
+            f"""
 [[sources]]
 kind = "zmq"
 endpoint = "tcp://127.0.0.1:{p_pull}"
@@ -261,13 +319,22 @@ hwm = 0
 [metrics]
 enabled = true
 port = {p_metrics}
-""", guard=True).read_text().replace("max_frame_pixels", "#")
+""",
+            guard=True,
+        )
+        .read_text()
+        .replace("max_frame_pixels", "#")
+    )
     cfg_path = tmp_path / "c.toml"
     cfg_path.write_text(cfg.replace("[guard]\n", f"[guard]\nmax_frame_pixels = {MAX}\n", 1))
     log = tmp_path / "log.jsonl"
     with open(log, "wb") as f:
-        proc = subprocess.Popen([*DAEMON, "run", "--config", str(cfg_path)], stdout=f,
-                                stderr=subprocess.STDOUT, env=daemon_env())
+        proc = subprocess.Popen(
+            [*DAEMON, "run", "--config", str(cfg_path)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=daemon_env(),
+        )
     ctx = zmq.Context()
     socks: list[zmq.Socket] = []
     try:
@@ -312,18 +379,34 @@ port = {p_metrics}
             if i % 1000 == 0:
                 rss.append(rss_kib(proc.pid))
         # imagezmq over REQ/REP: every reply says what was wrong, and the socket keeps serving
-        iz = [([json.dumps({"msg": "pi", "dtype": "float32", "shape": [4, 4, 3]}).encode(),
-                b"\0" * 192], "bad_header"),
-              ([json.dumps({"msg": "pi", "dtype": "uint8", "shape": [4, -4, 3]}).encode(), b""],
-               "bad_shape"),
-              ([json.dumps({"msg": "pi", "dtype": "uint8", "shape": [100000, 100000]}).encode(),
-                b""], "too_large"),
-              ([json.dumps({"msg": "pi", "dtype": "uint8", "shape": [4, 4, 3]}).encode(), b"\0"],
-               "bad_payload"),
-              ([json.dumps({"msg": "pi"}).encode(), JPEG[:40]], "bad_payload"),
-              ([json.dumps({"msg": "pi"}).encode(), png_header_only(5000, 5000)], "bad_payload"),
-              ([b"[" * 50_000, b""], "bad_json"),
-              ([b"only one part"], "bad_parts")]
+        iz = [
+            (
+                [
+                    json.dumps({"msg": "pi", "dtype": "float32", "shape": [4, 4, 3]}).encode(),
+                    b"\0" * 192,
+                ],
+                "bad_header",
+            ),
+            (
+                [json.dumps({"msg": "pi", "dtype": "uint8", "shape": [4, -4, 3]}).encode(), b""],
+                "bad_shape",
+            ),
+            (
+                [
+                    json.dumps({"msg": "pi", "dtype": "uint8", "shape": [100000, 100000]}).encode(),
+                    b"",
+                ],
+                "too_large",
+            ),
+            (
+                [json.dumps({"msg": "pi", "dtype": "uint8", "shape": [4, 4, 3]}).encode(), b"\0"],
+                "bad_payload",
+            ),
+            ([json.dumps({"msg": "pi"}).encode(), JPEG[:40]], "bad_payload"),
+            ([json.dumps({"msg": "pi"}).encode(), png_header_only(5000, 5000)], "bad_payload"),
+            ([b"[" * 50_000, b""], "bad_json"),
+            ([b"only one part"], "bad_parts"),
+        ]
         iz_sent: Counter[str] = Counter()
         for i in range(800):
             parts, reason = iz[i % len(iz)]
@@ -350,8 +433,11 @@ port = {p_metrics}
         def counted() -> bool:
             nonlocal m
             m = scrape(p_metrics)
-            got = sum(v for k, v in m.items() if k.startswith("magdr_bad_input_total")
-                      and 'source="zmq0"' in k)
+            got = sum(
+                v
+                for k, v in m.items()
+                if k.startswith("magdr_bad_input_total") and 'source="zmq0"' in k
+            )
             return got >= sum(sent.values())
 
         assert _wait(counted, 60), (sent, {k: v for k, v in m.items() if "bad_input" in k})
@@ -359,8 +445,9 @@ port = {p_metrics}
             assert m[f'magdr_bad_input_total{{source="zmq0",reason="{reason}"}}'] == n, reason
         for reason, n in iz_sent.items():
             assert m[f'magdr_bad_input_total{{source="zmq2",reason="{reason}"}}'] == n, reason
-        assert iz_sent == Counter({r: n for r, n in Counter(
-            iz[i % len(iz)][1] for i in range(800)).items()})
+        assert iz_sent == Counter(
+            {r: n for r, n in Counter(iz[i % len(iz)][1] for i in range(800)).items()}
+        )
         # every flooded frame that reached the daemon is guarded or counted as dropped
         flood_in = m.get('magdr_frames_in_total{source="zmq1"}', 0)
 
@@ -368,8 +455,11 @@ port = {p_metrics}
             nonlocal m
             m = scrape(p_metrics)
             out = m.get('magdr_frames_out_total{source="zmq1"}', 0)
-            dropped = sum(v for k, v in m.items()
-                          if k.startswith("magdr_frames_dropped_total") and 'source="zmq1"' in k)
+            dropped = sum(
+                v
+                for k, v in m.items()
+                if k.startswith("magdr_frames_dropped_total") and 'source="zmq1"' in k
+            )
             return out + dropped == m.get('magdr_frames_in_total{source="zmq1"}', -1)
 
         assert _wait(flood_done, 60), {k: v for k, v in m.items() if "zmq1" in k}
@@ -392,14 +482,19 @@ port = {p_metrics}
         growth_mib = (max(rss) - rss[0]) / 1024
         assert growth_mib < 64, rss
         # each kind is logged with its reason
-        logged = Counter(json.loads(x).get("reason") for x in log.read_text().splitlines()
-                         if '"malformed message"' in x)
+        logged = Counter(
+            json.loads(x).get("reason")
+            for x in log.read_text().splitlines()
+            if '"malformed message"' in x
+        )
         for reason in sent:
             assert logged[reason] >= sent[reason], reason
-        print(f"\nhostile stream: {total} messages sent ({sum(sent.values())} malformed v1 by "
-              f"kind {dict(sent)}, 800 imagezmq {dict(iz_sent)}, 3000 flood frames of which "
-              f"{int(flood_in)} reached the queue, 5 oversize); daemon up; RSS "
-              f"{rss[0] / 1024:.0f} -> {rss[-1] / 1024:.0f} MiB (max growth {growth_mib:.1f} MiB)")
+        print(
+            f"\nhostile stream: {total} messages sent ({sum(sent.values())} malformed v1 by "
+            f"kind {dict(sent)}, 800 imagezmq {dict(iz_sent)}, 3000 flood frames of which "
+            f"{int(flood_in)} reached the queue, 5 oversize); daemon up; RSS "
+            f"{rss[0] / 1024:.0f} -> {rss[-1] / 1024:.0f} MiB (max growth {growth_mib:.1f} MiB)"
+        )
     finally:
         for s in socks:
             s.close(0)

@@ -47,8 +47,9 @@ def test_audio_is_copied(tmp_path):
         w.close()
     with av.open(str(tmp_path / "o.mp4")) as c, av.open(str(ASSET)) as s:
         assert c.streams.audio[0].codec_context.name == "aac"
-        assert sum(1 for _ in c.demux(c.streams.audio[0]) if _.size) == \
-            sum(1 for _ in s.demux(s.streams.audio[0]) if _.size)
+        assert sum(1 for _ in c.demux(c.streams.audio[0]) if _.size) == sum(
+            1 for _ in s.demux(s.streams.audio[0]) if _.size
+        )
 
 
 def test_uncommitted_writer_leaves_nothing(tmp_path):

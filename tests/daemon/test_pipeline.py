@@ -52,8 +52,11 @@ def test_frame_mode_pastes_g_output(tmp_path, pipeline):
     img = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
     g = pipe.submit(img, stream="s", seq=3, source="t", pts=7).result(10)
     assert g.image.shape == img.shape and not np.array_equal(g.image, img)
-    assert (g.verdict["seq"], g.verdict["pts"], g.verdict["faces"][0]["box"]) == \
-        (3, 7, [0, 0, 56, 40])
+    assert (g.verdict["seq"], g.verdict["pts"], g.verdict["faces"][0]["box"]) == (
+        3,
+        7,
+        [0, 0, 56, 40],
+    )
     with pytest.raises(KeyError):
         pipe.submit(img, stream="s", seq=4, source="t", cond={"Nope": 1})
     with pytest.raises(ValueError):

@@ -49,8 +49,9 @@ def service(tmp_path, tiny_models):
     started: list[Service] = []
 
     def make(body: str) -> Service:
-        svc = Service(load_config(write_config(tmp_path / "c.toml", tiny_models, body)),
-                      Notifier(env={}))
+        svc = Service(
+            load_config(write_config(tmp_path / "c.toml", tiny_models, body)), Notifier(env={})
+        )
         svc.start()
         started.append(svc)
         return svc
@@ -75,8 +76,12 @@ class Handshakes:
             ev = recv_monitor_message(self.mon)["event"]
             if ev == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.ok += 1
-            elif ev in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                        zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_DISCONNECTED):
+            elif ev in (
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+                zmq.EVENT_DISCONNECTED,
+            ):
                 self.failed += 1
 
 
@@ -121,13 +126,25 @@ curve_secret_key = "{sink_sec.decode()}"
     try:
         ep_in, ep_out = f"tcp://127.0.0.1:{p_in}", f"tcp://127.0.0.1:{p_out}"
         # subscribers of the sink: plaintext, wrong server key, right key
-        subs = {name: _client(ctx, zmq.SUB, ep_out, key) for name, key in
-                [("plain", None), ("wrong", zmq.curve_keypair()[0]), ("right", sink_pub)]}
+        subs = {
+            name: _client(ctx, zmq.SUB, ep_out, key)
+            for name, key in [
+                ("plain", None),
+                ("wrong", zmq.curve_keypair()[0]),
+                ("right", sink_pub),
+            ]
+        }
         for s in subs.values():
             s.setsockopt(zmq.SUBSCRIBE, b"")
         # senders into the PULL source
-        pushes = {name: _client(ctx, zmq.PUSH, ep_in, key) for name, key in
-                  [("plain", None), ("wrong", zmq.curve_keypair()[0]), ("right", src_pub)]}
+        pushes = {
+            name: _client(ctx, zmq.PUSH, ep_in, key)
+            for name, key in [
+                ("plain", None),
+                ("wrong", zmq.curve_keypair()[0]),
+                ("right", src_pub),
+            ]
+        }
         mons = {f"push-{k}": Handshakes(s) for k, s in pushes.items()}
         mons.update({f"sub-{k}": Handshakes(s) for k, s in subs.items()})
         # a camera PUB server with the key the daemon expects, and an impostor with another
@@ -183,9 +200,11 @@ curve_secret_key = "{sink_sec.decode()}"
         time.sleep(0.5)
         assert m.frames_in.value(source="zmq0") == 5
         assert m.bad_input.total() == 0
-        print(f"\nsecurity: {refused} unauthenticated or impostor peers refused (plain and "
-              "wrong-key PUSH into the source, plain and wrong-key SUB on the sink, impostor "
-              "camera for the SUB source); keyed peers served")
+        print(
+            f"\nsecurity: {refused} unauthenticated or impostor peers refused (plain and "
+            "wrong-key PUSH into the source, plain and wrong-key SUB on the sink, impostor "
+            "camera for the SUB source); keyed peers served"
+        )
     finally:
         for s in socks:
             s.close(0)
@@ -217,6 +236,7 @@ curve_client_keys = ["{reader_pub.decode()}"]
 """)
     ctx = zmq.Context()
     try:
+
         def client(kind: int, port: int, server: bytes, own: tuple[bytes, bytes] | None):
             s = ctx.socket(kind)
             pub, sec = own or zmq.curve_keypair()
@@ -269,18 +289,31 @@ def test_config_pointing_at_a_malicious_checkpoint_fails_start_up(tmp_path, tiny
     if key == "generator":
         shutil.copy(tiny_models["G"].with_suffix(".json"), evil.with_suffix(".json"))
     models = {**tiny_models, "G" if key == "generator" else "parser": evil}
-    cfg = write_config(tmp_path / "c.toml", models, f"""
+    cfg = write_config(
+        tmp_path / "c.toml",
+        models,
+        f"""
 [[sources]]
 kind = "zmq"
 endpoint = "tcp://127.0.0.1:{_port()}"
-""", guard=True)
-    r = subprocess.run([*DAEMON, "run", "--config", str(cfg)], capture_output=True, text=True,
-                       env=daemon_env(), timeout=120)
+""",
+        guard=True,
+    )
+    r = subprocess.run(
+        [*DAEMON, "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=daemon_env(),
+        timeout=120,
+    )
     out = r.stdout + r.stderr
     assert r.returncode != 0
     assert not marker.exists()  # the payload never ran
-    failure = next(json.loads(x) for x in r.stdout.splitlines()
-                   if x.startswith("{") and '"start-up failed"' in x)
+    failure = next(
+        json.loads(x)
+        for x in r.stdout.splitlines()
+        if x.startswith("{") and '"start-up failed"' in x
+    )
     assert evil.name in failure["error"] and "refused" in failure["error"], failure
     assert "Traceback" not in r.stderr, out[-2000:]
     # control: the file really carries a payload that a plain pickle load runs
@@ -292,9 +325,12 @@ def test_systemd_unit_exposure_score():
     exe = shutil.which("systemd-analyze")
     if exe is None:
         pytest.skip("systemd-analyze is not installed")
-    r = subprocess.run([exe, "security", "--offline=true",
-                        str(ROOT / "systemd" / "magdr-guard.service")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [exe, "security", "--offline=true", str(ROOT / "systemd" / "magdr-guard.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout + r.stderr)
     if m is None:
         pytest.skip(f"systemd-analyze gave no score: {(r.stdout + r.stderr)[-300:]}")
@@ -306,10 +342,11 @@ def test_systemd_unit_exposure_score():
 def test_no_path_from_stream_ids_or_file_names_leaves_the_folders(service, tmp_path):
     p_in, p_out = _port(), _port()
     root = tmp_path / "root"  # everything configured lives under here
-    svc = service(f"""
+    svc = service(
+        f"""
 [[sources]]
 kind = "folder"
-path = "{root / 'inbox'}"
+path = "{root / "inbox"}"
 stable_s = 0.2
 [[sources]]
 kind = "zmq"
@@ -318,17 +355,21 @@ socket = "pull"
 bind = true
 [[sinks]]
 kind = "folder"
-path = "{root / 'outbox'}"
+path = "{root / "outbox"}"
 [[sinks]]
 kind = "zmq"
 endpoint = "tcp://127.0.0.1:{p_out}"
 frames = false
-""".replace(str(tmp_path / "state"), str(root / "state")))
+""".replace(str(tmp_path / "state"), str(root / "state"))
+    )
     configured = {root, tmp_path / "state"}  # folders, work_dir
 
     def outside() -> set:
-        return {p for p in tmp_path.rglob("*")
-                if p not in configured and not configured & set(p.parents)}
+        return {
+            p
+            for p in tmp_path.rglob("*")
+            if p not in configured and not configured & set(p.parents)
+        }
 
     before = outside()
     ctx = zmq.Context()
@@ -344,8 +385,7 @@ frames = false
         accepted = ["../../etc/x", "/etc/passwd", "..", "C:\\Windows\\x", "%2e%2e%2fx"]
         refused = ["a\x00b", "x" * 5000, "tab\there", "new\nline", "\udcff"]
         for i, sid in enumerate(accepted + refused):
-            header = {"v": 1, "stream": sid, "seq": i, "format": "rgb24", "width": 8,
-                      "height": 8}
+            header = {"v": 1, "stream": sid, "seq": i, "format": "rgb24", "width": 8, "height": 8}
             push.send_multipart([json.dumps(header).encode(), img.tobytes()])
         seen = set()
         while len(seen) < len(accepted):
@@ -353,24 +393,37 @@ frames = false
             seen.add(json.loads(body)["stream"])
             assert topic == b"verdict." + json.loads(body)["stream"].encode()
         assert seen == set(accepted)  # labels only: echoed in the verdict, never a path
-        assert _wait(lambda: svc.metrics.bad_input.value(source="zmq1", reason="bad_header")
-                     == len(refused), 5)
+        assert _wait(
+            lambda: svc.metrics.bad_input.value(source="zmq1", reason="bad_header") == len(refused),
+            5,
+        )
 
         # file names: long, odd characters, not UTF-8, leading dash, backslash, dots
         inbox, outbox = root / "inbox", root / "outbox"
         stage = tmp_path / "stage"
         stage.mkdir()
-        names = ["a" * 240 + ".png", "new\nline.png", "sp ace;rm -rf.png", "-dash.png",
-                 "back\\slash.png", "%2e%2e%2f..%2fetc.png", os.fsdecode(b"\xff\xfebytes.png"),
-                 "ünïcödé.png"]
+        names = [
+            "a" * 240 + ".png",
+            "new\nline.png",
+            "sp ace;rm -rf.png",
+            "-dash.png",
+            "back\\slash.png",
+            "%2e%2e%2f..%2fetc.png",
+            os.fsdecode(b"\xff\xfebytes.png"),
+            "ünïcödé.png",
+        ]
         for n in names:
             cv2.imwrite(str(stage / "x.png"), np.full((16, 16, 3), 100, np.uint8))
             os.rename(stage / "x.png", inbox / n)
         make_clip(stage / "v.mp4", frames=2, size=(32, 32))
         os.rename(stage / "v.mp4", inbox / ("b" * 250 + ".mp4"))
-        assert _wait(lambda: len(list(outbox.glob("*.summary.json"))) == len(names) + 1, 60), \
-            [p.name for d in (outbox, inbox, root / "failed", tmp_path / "state" / "claimed" / "0")
-             if d.exists() for p in d.iterdir() if not p.name.startswith("a")]
+        assert _wait(lambda: len(list(outbox.glob("*.summary.json"))) == len(names) + 1, 60), [
+            p.name
+            for d in (outbox, inbox, root / "failed", tmp_path / "state" / "claimed" / "0")
+            if d.exists()
+            for p in d.iterdir()
+            if not p.name.startswith("a")
+        ]
         summaries = [json.loads(p.read_text()) for p in outbox.glob("*.summary.json")]
         assert sorted(s["input"] for s in summaries) == sorted(names + ["b" * 250 + ".mp4"])
         for p in outbox.iterdir():
@@ -393,8 +446,14 @@ def test_curve_client_keys_config_rules():
     with pytest.raises(ConfigError, match=r"sources\[0\].curve_client_keys: only for a binding"):
         parse_config({"sources": [{**base, "curve_client_keys": [pub]}]})
     with pytest.raises(ConfigError, match=r"curve_client_keys\[0\]: expected a 40-character"):
-        parse_config({"sources": [{**base, "bind": True, "curve_secret_key": sec,
-                                   "curve_client_keys": ["short"]}]})
-    cfg = parse_config({"sources": [{**base, "bind": True, "curve_secret_key": sec,
-                                     "curve_client_keys": [pub]}]})
+        parse_config(
+            {
+                "sources": [
+                    {**base, "bind": True, "curve_secret_key": sec, "curve_client_keys": ["short"]}
+                ]
+            }
+        )
+    cfg = parse_config(
+        {"sources": [{**base, "bind": True, "curve_secret_key": sec, "curve_client_keys": [pub]}]}
+    )
     assert cfg.sources[0].curve_client_keys == [pub]

@@ -63,11 +63,11 @@ def test_folder_to_outbox_and_pub(service, tmp_path):
     svc = service(f"""
 [[sources]]
 kind = "folder"
-path = "{tmp_path / 'inbox'}"
+path = "{tmp_path / "inbox"}"
 stable_s = 0.2
 [[sinks]]
 kind = "folder"
-path = "{tmp_path / 'outbox'}"
+path = "{tmp_path / "outbox"}"
 [[sinks]]
 kind = "zmq"
 endpoint = "tcp://127.0.0.1:{out_port}"
@@ -84,23 +84,40 @@ port = 0
     pts = make_clip(stage / "clip.mp4", frames=5, rate=10, time_base=Fraction(1, 12800))
     (stage / "broken.mkv").write_bytes(b"\x1aE\xdf\xa3 not really matroska")
     import cv2
+
     cv2.imwrite(str(stage / "still.png"), np.full((20, 24, 3), 128, np.uint8))
     for p in stage.iterdir():
         p.rename(tmp_path / "inbox" / p.name)
     outbox, failed = tmp_path / "outbox", tmp_path / "failed"
-    assert _wait(lambda: (outbox / "clip.summary.json").exists()
-                 and (outbox / "still.summary.json").exists()
-                 and (failed / "broken.error.json").exists())
+    assert _wait(
+        lambda: (
+            (outbox / "clip.summary.json").exists()
+            and (outbox / "still.summary.json").exists()
+            and (failed / "broken.error.json").exists()
+        )
+    )
     # the cleaned video: same frame count and timestamps, verdicts one line per frame in order
     got, tb = read_pts(outbox / "clip.mp4")
     assert len(got) == 5
-    np.testing.assert_allclose([float(p * tb) for p in got], [i / 10 for i in range(5)],
-                               atol=1e-3)
+    np.testing.assert_allclose([float(p * tb) for p in got], [i / 10 for i in range(5)], atol=1e-3)
     lines = [json.loads(x) for x in (outbox / "clip.verdicts.jsonl").read_text().splitlines()]
     assert [v["seq"] for v in lines] == list(range(5))
     assert [v["pts"] for v in lines] == pts
-    assert set(lines[0]) == {"v", "stream", "seq", "pts", "disrupted", "score", "s_dist",
-                             "s_cons", "threshold", "faces", "latency_ms", "model", "profile"}
+    assert set(lines[0]) == {
+        "v",
+        "stream",
+        "seq",
+        "pts",
+        "disrupted",
+        "score",
+        "s_dist",
+        "s_cons",
+        "threshold",
+        "faces",
+        "latency_ms",
+        "model",
+        "profile",
+    }
     assert lines[0]["faces"][0]["box"] == [0, 0, 48, 32]
     summary = json.loads((outbox / "clip.summary.json").read_text())
     assert summary["frames"] == 5 and summary["input"] == "clip.mp4"
@@ -120,6 +137,7 @@ port = 0
     sub.close(0)
     ctx.term()
     import urllib.request
+
     url = f"http://127.0.0.1:{svc.metrics_server.port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as r:
         text = r.read().decode()
@@ -131,7 +149,8 @@ port = 0
 
 def test_zmq_sources_sub_pull_rep(service, tmp_path):
     p_pub, p_pull, p_rep, p_out = (_port() for _ in range(4))
-    svc = service(f"""
+    svc = service(
+        f"""
 [[sources]]
 kind = "zmq"
 endpoint = "tcp://127.0.0.1:{p_pub}"
@@ -152,7 +171,9 @@ stream = "pi"
 kind = "zmq"
 endpoint = "tcp://127.0.0.1:{p_out}"
 frames = false
-""", guard=True)
+""",
+        guard=True,
+    )
     ctx = zmq.Context()
     sub = _sub(ctx, p_out)
     pub = ctx.socket(zmq.PUB)
@@ -165,10 +186,10 @@ frames = false
     time.sleep(0.5)
     img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     for i in range(3):
-        pub.send_multipart(wire.encode_frame("cam", i, img, "jpeg", pts=i * 100,
-                                             time_base=(1, 1000)))
-        push.send_multipart(wire.encode_frame("line", i, img, "rgb24",
-                                              cond={"Black_Hair": 1}))
+        pub.send_multipart(
+            wire.encode_frame("cam", i, img, "jpeg", pts=i * 100, time_base=(1, 1000))
+        )
+        push.send_multipart(wire.encode_frame("line", i, img, "rgb24", cond={"Black_Hair": 1}))
         # imagezmq's ImageSender.send_image, written out with plain pyzmq
         req.send_json(dict(msg="pi-1", dtype=str(img.dtype), shape=img.shape), zmq.SNDMORE)
         req.send(img)
@@ -210,8 +231,16 @@ def test_drop_oldest_counts_drops(tmp_path, tiny_models):
 
     cfg = ZmqSourceConfig(endpoint="tcp://127.0.0.1:1", queue_size=2)
     m = Metrics()
-    src = ZmqSource(0, cfg, zmq.Context.instance(), None, lambda g: None, m,  # type: ignore
-                    Notifier(env={}), 1 << 20)
+    src = ZmqSource(
+        0,
+        cfg,
+        zmq.Context.instance(),
+        None,
+        lambda g: None,
+        m,  # type: ignore
+        Notifier(env={}),
+        1 << 20,
+    )
     img = np.zeros((4, 4, 3), np.uint8)
     for i in range(5):
         assert src._handle(wire.encode_frame("s", i, img, "rgb24")) == b"OK"
@@ -220,8 +249,7 @@ def test_drop_oldest_counts_drops(tmp_path, tiny_models):
     assert m.frames_in.value(source="zmq0") == 5
     # huge frames are refused by their declared size, before any allocation
     big = {"v": 1, "stream": "s", "seq": 9, "format": "rgb24", "width": 5000, "height": 5000}
-    assert src._handle([b"frame.s", json.dumps(big).encode(), b""]).startswith(
-        b"ERROR too_large")
+    assert src._handle([b"frame.s", json.dumps(big).encode(), b""]).startswith(b"ERROR too_large")
     assert m.bad_input.value(source="zmq0", reason="too_large") == 1
 
 
@@ -230,6 +258,7 @@ def test_curve_encrypted_pull(service, tmp_path):
     client_pub, client_sec = zmq.curve_keypair()
     port, out = _port(), _port()
     import os
+
     os.environ["MAGDR_TEST_CURVE"] = server_sec.decode()
     try:
         svc = service(f"""
@@ -249,8 +278,11 @@ frames = false
     ctx = zmq.Context()
     sub = _sub(ctx, out)
     push = ctx.socket(zmq.PUSH)
-    push.curve_secretkey, push.curve_publickey, push.curve_serverkey = \
-        client_sec, client_pub, server_pub
+    push.curve_secretkey, push.curve_publickey, push.curve_serverkey = (
+        client_sec,
+        client_pub,
+        server_pub,
+    )
     push.connect(f"tcp://127.0.0.1:{port}")
     time.sleep(0.3)
     push.send_multipart(wire.encode_frame("sec", 0, np.zeros((8, 8, 3), np.uint8), "rgb24"))
@@ -264,7 +296,8 @@ frames = false
 def test_disrupted_faces_are_reconstructed(service, tmp_path):
     """The guard's disrupted path end to end: verdict, chain, and x* pasted when asked."""
     port, out = _port(), _port()
-    svc = service(f"""
+    svc = service(
+        f"""
 [[sources]]
 kind = "zmq"
 endpoint = "tcp://127.0.0.1:{port}"
@@ -274,7 +307,10 @@ bind = true
 kind = "zmq"
 endpoint = "tcp://127.0.0.1:{out}"
 format = "rgb24"
-""", guard=True, profile="flag_all")
+""",
+        guard=True,
+        profile="flag_all",
+    )
     svc.engine.cfg.guard.publish_purified = True
     ctx = zmq.Context()
     sub = _sub(ctx, out)
