@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +67,28 @@ def _quiet_logs(args: argparse.Namespace, cfg: Config | None = None) -> None:
     dlog.configure(level, cfg.logging.format if cfg else "auto", stream="stderr")
 
 
+def _load_or_say(load: Callable[[], Config]) -> Config | None:
+    """``load()``, or None after one line on stderr naming the bad key (the caller exits 2)."""
+    try:
+        return load()
+    except ConfigError as e:
+        dlog.say(f"magdr-guard: config error: {e}", file=sys.stderr)
+        return None
+
+
+def _one_shot_config(args: argparse.Namespace) -> Config | None:
+    """The config of ``process``/``attack``/``demo``, quiet logs set up; None on a bad config."""
+    cfg = _load_or_say(lambda: _base_config(args))
+    if cfg is not None:
+        _quiet_logs(args, cfg)
+    return cfg
+
+
 # ---- run ------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon."""
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        dlog.say(f"magdr-guard: config error: {e}", file=sys.stderr)
+    cfg = _load_or_say(lambda: load_config(args.config))
+    if cfg is None:
         return 2
     if args.validate_config:
         dlog.say(f"{args.config}: OK")
@@ -91,10 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(path: str) -> int:  # noqa: D103
-    try:
-        load_config(path)
-    except ConfigError as e:
-        dlog.say(f"magdr-guard: config error: {e}", file=sys.stderr)
+    if _load_or_say(lambda: load_config(path)) is None:
         return 2
     dlog.say(f"{path}: OK")
     return 0
@@ -200,12 +212,9 @@ def _report(summaries: list[dict[str, Any]], failures: list[dict[str, Any]], out
 
 def cmd_process(args: argparse.Namespace) -> int:
     """One-shot: guard files, same outputs as a folder sink."""
-    try:
-        cfg = _base_config(args)
-    except ConfigError as e:
-        dlog.say(f"magdr-guard: config error: {e}", file=sys.stderr)
+    cfg = _one_shot_config(args)
+    if cfg is None:
         return 2
-    _quiet_logs(args, cfg)
     out = Path(args.out)
     summaries, failures = process_paths(
         cfg, [Path(p) for p in args.inputs], out, bars=not args.no_progress
@@ -305,12 +314,9 @@ def attack_name(src: Path) -> str:
 
 def cmd_attack(args: argparse.Namespace) -> int:
     """Disrupted copies for red-team tests."""
-    try:
-        cfg = _base_config(args)
-    except ConfigError as e:
-        dlog.say(f"magdr-guard: config error: {e}", file=sys.stderr)
+    cfg = _one_shot_config(args)
+    if cfg is None:
         return 2
-    _quiet_logs(args, cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rc = 0
@@ -361,12 +367,9 @@ def _finished(outbox: Path, failed: Path) -> list[dict[str, Any]]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The bundled clip and a disrupted copy through the real daemon path."""
-    try:
-        cfg = _base_config(args)
-    except ConfigError as e:
-        dlog.say(f"magdr-guard: config error: {e}", file=sys.stderr)
+    cfg = _one_shot_config(args)
+    if cfg is None:
         return 2
-    _quiet_logs(args, cfg)
     out = Path(args.out or tempfile.mkdtemp(prefix="magdr-demo-")).resolve()
     if out.exists() and any(out.iterdir()):
         dlog.say(
