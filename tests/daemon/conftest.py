@@ -1,19 +1,21 @@
-"""Shared fixtures: a tiny random StarGAN checkpoint, synthetic clips, config files."""
+"""Shared fixtures: a tiny random StarGAN checkpoint and profiles, in-process services, a
+folder-to-folder config, a stand-in systemd notify socket. Plain helpers: ``helpers.py``."""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-from fractions import Fraction
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
-import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.daemon.helpers import Notify, folder_io, running_service, write_config
+
+if TYPE_CHECKING:
+    from daemon.service import Service
 
 
 @pytest.fixture(autouse=True)
@@ -79,94 +81,31 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def make_clip(
-    path: Path,
-    frames: int = 4,
-    size: tuple[int, int] = (48, 32),
-    rate: int = 10,
-    codec: str = "libx264",
-    time_base: Fraction | None = None,
-    seed: int = 0,
-) -> list[int]:
-    """Encode a small synthetic clip with PyAV; returns the pts written."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    pts = []
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=rate)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        tb = time_base or Fraction(1, rate)
-        s.time_base = tb
-        s.codec_context.time_base = tb
-        step = int(round(1 / (rate * tb)))
-        for i in range(frames):
-            img = np.zeros((h, w, 3), np.uint8)
-            img[..., 0] = (i * 40) % 256
-            img[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = rng.integers(0, 255, 3, dtype=np.uint8)
-            f = av.VideoFrame.from_ndarray(img, format="rgb24")
-            f.pts, f.time_base = i * step, tb
-            pts.append(i * step)
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return pts
+@pytest.fixture
+def service(tmp_path: Path, tiny_models: dict[str, Path]) -> Iterator[Callable[..., Service]]:
+    """``service(body, guard=False, profile="profile", **write_config_kw)``: a started in-process
+    Service on ``tmp_path/c.toml`` with the tiny models; every one is stopped after the test."""
+    with ExitStack() as started:
+
+        def make(body: str, guard: bool = False, profile: str = "profile", **kw) -> Service:
+            models = {**tiny_models, "profile": tiny_models[profile]}
+            cfg = write_config(tmp_path / "c.toml", models, body, guard=guard, **kw)
+            return started.enter_context(running_service(cfg))
+
+        yield make
 
 
-def read_pts(path: Path) -> tuple[list[int], Fraction]:
-    """Presentation timestamps of a video's decoded frames and the stream time base."""
-    with av.open(str(path)) as c:
-        tb = c.streams.video[0].time_base
-        return [f.pts for f in c.decode(video=0)], tb
+@pytest.fixture
+def folder_cfg(tmp_path: Path, tiny_models: dict[str, Path]) -> Path:
+    """``tmp_path/c.toml``: guard on, ``tmp_path/inbox`` -> ``tmp_path/outbox``."""
+    return write_config(tmp_path / "c.toml", tiny_models, folder_io(tmp_path), guard=True)
 
 
-def write_config(
-    path: Path,
-    models: dict[str, Path],
-    body: str = "",
-    guard: bool = False,
-    faces: str = "frame",
-    work: Path | None = None,
-) -> Path:
-    """A config file for tests: tiny models, 'frame' faces, small batches, short timers."""
-    text = (
-        f"""
-[model]
-generator = "{models["G"]}"
-parser = "{models["parser"]}"
-profile = "{models["profile"]}"
-device = "cpu"
-threads = 1
-
-[guard]
-enabled = {str(guard).lower()}
-batch_size = 4
-batch_timeout_ms = 20
-faces = "{faces}"
-
-[logging]
-level = "info"
-format = "json"
-
-[daemon]
-work_dir = "{work or path.parent / "state"}"
-rescan_s = 1.0
-drain_timeout_s = 20
-"""
-        + body
-    )
-    path.write_text(text)
-    return path
-
-
-def daemon_env(**extra: str) -> dict[str, str]:
-    """Environment for a daemon subprocess (this checkout on the path, few threads)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("NOTIFY_SOCKET", None)
-    env.update(extra)
-    return env
-
-
-DAEMON = [sys.executable, "-m", "daemon"]
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[Notify]:
+    """A stand-in ``$NOTIFY_SOCKET`` at ``tmp_path/notify.sock``, closed after the test."""
+    n = Notify(tmp_path / "notify.sock")
+    try:
+        yield n
+    finally:
+        n.close()

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from daemon.cli import main
-from tests.daemon.conftest import DAEMON, daemon_env, make_clip, read_pts, write_config
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.daemon.helpers import ROOT, make_clip, read_pts, run_daemon, write_config
 
 
 def test_version_and_validate(tmp_path, tiny_models, capsys):
@@ -118,22 +114,16 @@ def test_attack_writes_a_lossless_disrupted_copy(tmp_path, tiny_models, capsys):
 def test_demo_runs_the_daemon_path(tmp_path, tiny_models):
     cfg = write_config(tmp_path / "c.toml", tiny_models)
     make_clip(tmp_path / "clip.mp4", frames=3, size=(32, 32))
-    r = subprocess.run(
-        [
-            *DAEMON,
-            "demo",
-            "--config",
-            str(cfg),
-            "--clip",
-            str(tmp_path / "clip.mp4"),
-            "--out",
-            str(tmp_path / "demo"),
-            "--steps",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        env=daemon_env(),
+    r = run_daemon(
+        "demo",
+        "--config",
+        str(cfg),
+        "--clip",
+        str(tmp_path / "clip.mp4"),
+        "--out",
+        str(tmp_path / "demo"),
+        "--steps",
+        "1",
         timeout=120,
     )
     assert r.returncode == 0, r.stderr

@@ -18,33 +18,12 @@ import cv2
 import numpy as np
 import pytest
 
-from daemon.config import load_config
-from daemon.notify import Notifier
-from daemon.service import Service
-from tests.daemon.conftest import DAEMON, daemon_env, make_clip, write_config
-from tests.daemon.test_daemon_process import Notify
+from tests.daemon.helpers import make_clip, running_service, start_daemon, stop_process, wait_until
 
 pytestmark = pytest.mark.slow
 
 SEED = 20240611
 KILLS = 9
-
-
-def _config(tmp_path: Path, models: dict[str, Path]) -> Path:
-    return write_config(
-        tmp_path / "c.toml",
-        models,
-        f"""
-[[sources]]
-kind = "folder"
-path = "{tmp_path / "inbox"}"
-stable_s = 0.2
-[[sinks]]
-kind = "folder"
-path = "{tmp_path / "outbox"}"
-""",
-        guard=True,
-    )
 
 
 def make_inputs(stage: Path, rng: np.random.Generator) -> tuple[dict[str, int], set[str]]:
@@ -150,9 +129,8 @@ class FinalNameWatcher:
             return f"{type(e).__name__}: {e}"
 
 
-def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, tiny_models):
+def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, folder_cfg, notify):
     rng = np.random.default_rng(SEED)
-    cfg = _config(tmp_path, tiny_models)
     inbox, outbox, failed = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "failed"
     claimed = tmp_path / "state" / "claimed" / "0"
     stage = tmp_path / "stage"
@@ -163,19 +141,21 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, tiny_mo
         os.rename(p, inbox / p.name)
     watcher = FinalNameWatcher(outbox, failed, good)
     watcher.start()
-    notify = Notify(tmp_path / "notify.sock")
     kills = []
     proc: subprocess.Popen | None = None
+
+    def all_accounted() -> bool:
+        done = {p.name for p in outbox.glob("*.summary.json")}
+        errs = {p.name for p in failed.glob("*.error.json")}
+        return (
+            len(done) + len(errs) >= len(good) + len(broken)
+            and not list(inbox.iterdir())
+            and not list(claimed.iterdir())
+        )
+
     try:
         for k in range(KILLS + 1):
-            env = daemon_env(NOTIFY_SOCKET=notify.path)
-            with open(tmp_path / f"log{k}.jsonl", "wb") as f:
-                proc = subprocess.Popen(
-                    [*DAEMON, "run", "--config", str(cfg)],
-                    stdout=f,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
+            proc = start_daemon(folder_cfg, tmp_path / f"log{k}.jsonl", notify)
             t_spawn = time.monotonic()
             if k == KILLS:
                 break  # the last run goes to the end
@@ -189,24 +169,12 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, tiny_mo
             proc.kill()
             proc.wait(10)
         notify.wait_for("READY=1", 60)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            done = {p.name for p in outbox.glob("*.summary.json")}
-            errs = {p.name for p in failed.glob("*.error.json")}
-            if (
-                len(done) + len(errs) >= len(good) + len(broken)
-                and not list(inbox.iterdir())
-                and not list(claimed.iterdir())
-            ):
-                break
-            time.sleep(0.1)
+        wait_until(all_accounted, 120)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        notify.close()
+        if proc is not None:
+            stop_process(proc)
         watcher.stop()
 
     assert watcher.bad == [], watcher.bad  # never a half-written file under a final name
@@ -251,10 +219,9 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path, tiny_mo
     )
 
 
-def test_fail_killed_between_record_and_move_is_not_duplicated(tmp_path, tiny_models):
+def test_fail_killed_between_record_and_move_is_not_duplicated(tmp_path, folder_cfg):
     """A kill after NAME.error.json is written but before the input moves to failed/: the
     restart fails the input again under the same record, not a second ``NAME-1``."""
-    cfg = _config(tmp_path, tiny_models)
     work = tmp_path / "state" / "claimed" / "0"
     work.mkdir(parents=True)
     (tmp_path / "failed").mkdir()
@@ -271,22 +238,15 @@ def test_fail_killed_between_record_and_move_is_not_duplicated(tmp_path, tiny_mo
             }
         )
     )
-    svc = Service(load_config(cfg), Notifier(env={}))
-    svc.start()
-    try:
-        deadline = time.monotonic() + 30
-        while list(work.iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        svc.stop()
+    with running_service(folder_cfg):
+        wait_until(lambda: not list(work.iterdir()), 30)  # the restart has dealt with the claim
     assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == ["bad.error.json", "bad.mp4"]
     assert json.loads((tmp_path / "failed" / "bad.error.json").read_text())["reason"] == "decode"
 
 
-def test_killed_after_commit_before_cleanup_is_not_redone(tmp_path, tiny_models):
+def test_killed_after_commit_before_cleanup_is_not_redone(tmp_path, folder_cfg):
     """A kill after NAME.summary.json (the commit marker) but before the claimed input is
     removed: the restart sees the committed outputs and only finishes the claim."""
-    cfg = _config(tmp_path, tiny_models)
     work = tmp_path / "state" / "claimed" / "0"
     work.mkdir(parents=True)
     outbox = tmp_path / "outbox"
@@ -300,14 +260,8 @@ def test_killed_after_commit_before_cleanup_is_not_redone(tmp_path, tiny_models)
         "source": {"name": "c.mp4", "size": st.st_size, "mtime_ns": st.st_mtime_ns},
     }
     (outbox / "c.summary.json").write_text(json.dumps(summary))
-    svc = Service(load_config(cfg), Notifier(env={}))
-    svc.start()
-    try:
-        deadline = time.monotonic() + 30
-        while list(work.iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        svc.stop()
+    with running_service(folder_cfg):
+        wait_until(lambda: not list(work.iterdir()), 30)  # the restart has dealt with the claim
     assert list(work.iterdir()) == []
     assert json.loads((outbox / "c.summary.json").read_text())["marker"] == "first run"
     assert sorted(p.name for p in outbox.iterdir()) == ["c.summary.json"]

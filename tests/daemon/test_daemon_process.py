@@ -4,76 +4,20 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.daemon.conftest import DAEMON, daemon_env, make_clip, write_config
+from tests.daemon.helpers import (
+    make_clip,
+    run_daemon,
+    running_daemon,
+    wait_until,
+    write_config,
+    zmq_source,
+)
 
 pytestmark = pytest.mark.slow
-
-
-class Notify:
-    """A real AF_UNIX datagram socket standing in for systemd's $NOTIFY_SOCKET."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.messages: list[str] = []
-
-    def wait_for(self, key: str, timeout: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                msg = self.sock.recv(4096).decode()
-            except TimeoutError:
-                break
-            self.messages.append(msg)
-            if key in msg:
-                return msg
-        raise AssertionError(f"no {key} in {self.messages}")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _start(cfg: Path, log: Path, notify: Notify | None) -> subprocess.Popen:
-    env = daemon_env(**({"NOTIFY_SOCKET": notify.path} if notify else {}))
-    with open(log, "ab") as f:
-        return subprocess.Popen(
-            [*DAEMON, "run", "--config", str(cfg)], stdout=f, stderr=subprocess.STDOUT, env=env
-        )
-
-
-def _wait(cond, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _config(tmp_path: Path, models: dict[str, Path]) -> Path:
-    return write_config(
-        tmp_path / "c.toml",
-        models,
-        f"""
-[[sources]]
-kind = "folder"
-path = "{tmp_path / "inbox"}"
-stable_s = 0.2
-[[sinks]]
-kind = "folder"
-path = "{tmp_path / "outbox"}"
-""",
-        guard=True,
-    )
 
 
 def _drop(tmp_path: Path, files: dict[str, int | None]) -> None:
@@ -94,40 +38,30 @@ def _accounted(tmp_path: Path) -> dict[str, list[str]]:
     }
 
 
-def test_sigkill_mid_file_then_restart(tmp_path, tiny_models):
-    cfg = _config(tmp_path, tiny_models)
+def test_sigkill_mid_file_then_restart(tmp_path, folder_cfg, notify):
     (tmp_path / "inbox").mkdir()
-    notify = Notify(tmp_path / "notify.sock")
-    proc = _start(cfg, tmp_path / "log1.jsonl", notify)
-    try:
+    with running_daemon(folder_cfg, tmp_path / "log1.jsonl", notify) as proc:
         notify.wait_for("READY=1")
         assert any("EXTEND_TIMEOUT_USEC" in m for m in notify.messages)
         _drop(tmp_path, {"long.mp4": 40, "broken.mp4": None, "short.mp4": 3})
         # kill while long.mp4 is half done: its outputs exist only under temporary names
-        assert _wait(
+        assert wait_until(
             lambda: (
                 any((tmp_path / "outbox").glob(".long.verdicts.jsonl.part"))
                 and (tmp_path / "outbox" / ".long.verdicts.jsonl.part").stat().st_size
-            )
+            ),
+            60,
         )
         proc.kill()
         proc.wait(10)
         assert not (tmp_path / "outbox" / "long.summary.json").exists()
         assert list((tmp_path / "state" / "claimed" / "0").iterdir())
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    proc = _start(cfg, tmp_path / "log2.jsonl", notify)
-    try:
+    with running_daemon(folder_cfg, tmp_path / "log2.jsonl", notify) as proc:
         notify.wait_for("READY=1")
-        assert _wait(lambda: sum(map(len, _accounted(tmp_path).values())) == 3, 90)
+        assert wait_until(lambda: sum(map(len, _accounted(tmp_path).values())) == 3, 90)
         proc.send_signal(signal.SIGTERM)
         notify.wait_for("STOPPING=1")
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        notify.close()
     acc = _accounted(tmp_path)
     assert acc == {
         "done": ["long.summary.json", "short.summary.json"],
@@ -147,12 +81,10 @@ def test_sigkill_mid_file_then_restart(tmp_path, tiny_models):
     assert any(x["event"] == "file failed" and x.get("file") == "broken.mp4" for x in logs)
 
 
-def test_sigterm_drains_file_and_sighup_reloads(tmp_path, tiny_models):
-    cfg = _config(tmp_path, tiny_models)
+def test_sigterm_drains_file_and_sighup_reloads(tmp_path, folder_cfg, notify):
+    cfg = folder_cfg
     (tmp_path / "inbox").mkdir()
-    notify = Notify(tmp_path / "notify.sock")
-    proc = _start(cfg, tmp_path / "log.jsonl", notify)
-    try:
+    with running_daemon(cfg, tmp_path / "log.jsonl", notify) as proc:
         notify.wait_for("READY=1")
         cfg.write_text(
             cfg.read_text()
@@ -164,14 +96,10 @@ def test_sigterm_drains_file_and_sighup_reloads(tmp_path, tiny_models):
         notify.wait_for("RELOADING=1", 10)
         notify.wait_for("READY=1", 10)
         _drop(tmp_path, {"clip.mp4": 24})
-        assert _wait(lambda: (tmp_path / "outbox" / ".clip.verdicts.jsonl.part").exists())
+        assert wait_until(lambda: (tmp_path / "outbox" / ".clip.verdicts.jsonl.part").exists(), 60)
         proc.send_signal(signal.SIGTERM)
         notify.wait_for("STOPPING=1", 10)
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        notify.close()
     assert _accounted(tmp_path) == {"done": ["clip.summary.json"], "failed": []}
     logs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     reload = next(x for x in logs if x["event"] == "config reloaded")
@@ -183,22 +111,7 @@ def test_sigterm_drains_file_and_sighup_reloads(tmp_path, tiny_models):
 
 
 def test_bad_config_stops_start_up_with_key_path(tmp_path, tiny_models):
-    cfg = write_config(
-        tmp_path / "c.toml",
-        tiny_models,
-        """
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:5555"
-socket = "pub"
-""",
-    )
-    r = subprocess.run(
-        [*DAEMON, "run", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        env=daemon_env(),
-        timeout=60,
-    )
+    cfg = write_config(tmp_path / "c.toml", tiny_models, zmq_source(5555, socket="pub"))
+    r = run_daemon("run", "--config", str(cfg), timeout=60)
     assert r.returncode == 2
     assert "sources[0].socket: expected one of sub|pull|rep, got 'pub'" in r.stderr

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import numpy as np
@@ -16,27 +15,18 @@ import torch
 import zmq
 
 from daemon import wire
-from daemon.config import load_config
-from daemon.notify import Notifier
 from daemon.service import Service
-from tests.daemon.conftest import make_clip, write_config
+from tests.daemon.helpers import (
+    connect,
+    folder_io,
+    free_port,
+    make_clip,
+    wait_until,
+    zmq_sink,
+    zmq_source,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(cond, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def poison_generator(svc: Service) -> list[tuple[int, bool]]:
@@ -59,43 +49,18 @@ def poison_generator(svc: Service) -> list[tuple[int, bool]]:
 
 
 @pytest.fixture
-def make_service(tmp_path, tiny_models):
-    started: list[Service] = []
-
-    def make(body: str) -> Service:
-        cfg = write_config(tmp_path / "c.toml", tiny_models, body, guard=True)
-        cfg.write_text(cfg.read_text().replace("batch_timeout_ms = 20", "batch_timeout_ms = 300"))
-        svc = Service(load_config(cfg), Notifier(env={}))
-        svc.start()
-        started.append(svc)
-        return svc
-
-    yield make
-    for s in started:
-        s.stop()
+def make_service(service):
+    """Guard on, and batches wait up to 300 ms to fill, so poisoned and clean frames share one."""
+    return lambda body: service(body, guard=True, batch_timeout_ms=300)
 
 
 def test_oom_on_one_frame_fails_only_that_frame(make_service, capsys):
-    p_in, p_out = _port(), _port()
-    svc = make_service(f"""
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_in}"
-socket = "pull"
-bind = true
-[[sinks]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_out}"
-frames = false
-""")
+    p_in, p_out = free_port(), free_port()
+    svc = make_service(zmq_source(p_in, socket="pull", bind=True) + zmq_sink(p_out, frames=False))
     calls = poison_generator(svc)
     ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"verdict.")
-    sub.setsockopt(zmq.RCVTIMEO, 20000)
-    sub.connect(f"tcp://127.0.0.1:{p_out}")
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{p_in}")
+    sub = connect(ctx, zmq.SUB, p_out, SUBSCRIBE=b"verdict.", RCVTIMEO=20000)
+    push = connect(ctx, zmq.PUSH, p_in)
     try:
         time.sleep(0.4)
         rng = np.random.default_rng(0)
@@ -112,7 +77,9 @@ frames = false
             got.append(json.loads(sub.recv_multipart()[1])["seq"])
         assert sorted(got) == [0, 1, 3, 4, 6, 7]
         m = svc.metrics
-        assert _wait(lambda: m.frames_dropped.value(source="zmq0", reason="guard_error") == 2, 10)
+        assert wait_until(
+            lambda: m.frames_dropped.value(source="zmq0", reason="guard_error") == 2, 10
+        )
         assert m.frames_out.value(source="zmq0") == 6
         assert m.frames_in.value(source="zmq0") == 8
     finally:
@@ -134,15 +101,7 @@ frames = false
 
 
 def test_oom_in_a_file_fails_that_file_and_the_daemon_goes_on(make_service, tmp_path):
-    svc = make_service(f"""
-[[sources]]
-kind = "folder"
-path = "{tmp_path / "inbox"}"
-stable_s = 0.2
-[[sinks]]
-kind = "folder"
-path = "{tmp_path / "outbox"}"
-""")
+    svc = make_service(folder_io(tmp_path))
     calls = poison_generator(svc)
     stage, inbox = tmp_path / "stage", tmp_path / "inbox"
     stage.mkdir()
@@ -152,11 +111,11 @@ path = "{tmp_path / "outbox"}"
     make_clip(stage / "ok.mp4", frames=5, size=(32, 32))
     os.rename(stage / "white.png", inbox / "white.png")
     failed = tmp_path / "failed"
-    assert _wait(lambda: (failed / "white.png").exists())
+    assert wait_until(lambda: (failed / "white.png").exists(), 30)
     err = json.loads((failed / "white.error.json").read_text())
     assert err["reason"] == "out_of_memory" and "OutOfMemoryError" in err["error"]
     os.rename(stage / "ok.mp4", inbox / "ok.mp4")
-    assert _wait(lambda: (tmp_path / "outbox" / "ok.summary.json").exists())
+    assert wait_until(lambda: (tmp_path / "outbox" / "ok.summary.json").exists(), 30)
     assert json.loads((tmp_path / "outbox" / "ok.summary.json").read_text())["frames"] == 5
     assert svc.metrics.bad_input.value(source="folder0", reason="out_of_memory") == 1
     assert any(bad for _, bad in calls)

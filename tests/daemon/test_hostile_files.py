@@ -15,7 +15,7 @@ import pytest
 from daemon.config import load_config
 from daemon.notify import Notifier
 from daemon.service import Service
-from tests.daemon.conftest import make_clip, read_pts, write_config
+from tests.daemon.helpers import make_clip, read_pts, write_config
 from tests.daemon.test_hostile_stream import png_header_only
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from daemon import wire
 from daemon.wire import WireError
-from tests.daemon.conftest import DAEMON, daemon_env, write_config
+from tests.daemon.helpers import DAEMON, daemon_env, write_config
 
 MAX = 1 << 16  # pixels: 256 x 256
 

@@ -9,7 +9,7 @@ import pytest
 
 from daemon import media
 from daemon.media import MediaError, VideoWriter
-from tests.daemon.conftest import make_clip, read_pts
+from tests.daemon.helpers import make_clip, read_pts
 
 ASSET = Path(__file__).resolve().parents[2] / "daemon" / "assets" / "demo.mp4"
 

@@ -11,7 +11,7 @@ from daemon.config import load_config
 from daemon.metrics import Metrics
 from daemon.pipeline import Aborted, process_file
 from daemon.service import build_pipeline
-from tests.daemon.conftest import make_clip, write_config
+from tests.daemon.helpers import make_clip, write_config
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from daemon import wire
 from daemon.config import load_config
 from daemon.notify import Notifier
 from daemon.service import Service
-from tests.daemon.conftest import DAEMON, ROOT, daemon_env, make_clip, write_config
+from tests.daemon.helpers import DAEMON, ROOT, daemon_env, make_clip, write_config
 
 pytestmark = pytest.mark.slow
 

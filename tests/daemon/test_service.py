@@ -15,7 +15,7 @@ from daemon import wire
 from daemon.config import load_config
 from daemon.notify import Notifier
 from daemon.service import Service
-from tests.daemon.conftest import make_clip, read_pts, write_config
+from tests.daemon.helpers import make_clip, read_pts, write_config
 
 
 def _port() -> int:
