@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from fractions import Fraction
@@ -66,6 +68,14 @@ def read_pts(path: Path) -> tuple[list[int], Fraction]:
     with av.open(str(path)) as c:
         tb = c.streams.video[0].time_base
         return [f.pts for f in c.decode(video=0)], tb
+
+
+def png_header_only(w: int, h: int) -> bytes:
+    """A PNG signature + IHDR declaring ``w x h`` RGB and nothing else (a decompression bomb's
+    head: a decoder that trusts it allocates ``w*h*3`` bytes before finding the data gone)."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
 
 
 # ---- config -----------------------------------------------------------------------------------

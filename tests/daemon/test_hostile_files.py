@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-from daemon.config import load_config
-from daemon.notify import Notifier
-from daemon.service import Service
-from tests.daemon.helpers import make_clip, read_pts, write_config
-from tests.daemon.test_hostile_stream import png_header_only
+from tests.daemon.helpers import folder_io, make_clip, png_header_only, read_pts, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -60,40 +55,9 @@ def make_corrupt_clip(path: Path, frames: int = 12, bad: int = 5) -> None:
             c.mux(p)
 
 
-def _wait(cond, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.fixture
-def daemon(tmp_path, tiny_models):
-    cfg = write_config(
-        tmp_path / "c.toml",
-        tiny_models,
-        f"""
-[[sources]]
-kind = "folder"
-path = "{tmp_path / "inbox"}"
-stable_s = 0.2
-[[sinks]]
-kind = "folder"
-path = "{tmp_path / "outbox"}"
-""",
-        guard=True,
-    )
-    cfg.write_text(
-        cfg.read_text().replace("[guard]\n", f"[guard]\nmax_frame_pixels = {MAX_PIXELS}\n", 1)
-    )
-    svc = Service(load_config(cfg), Notifier(env={}))
-    svc.start()
-    try:
-        yield svc
-    finally:
-        svc.stop()
+def daemon(service, tmp_path):
+    return service(folder_io(tmp_path), guard=True, max_frame_pixels=MAX_PIXELS)
 
 
 def test_hostile_files_fail_clearly_and_the_daemon_goes_on(daemon, tmp_path):
@@ -134,7 +98,7 @@ def test_hostile_files_fail_clearly_and_the_daemon_goes_on(daemon, tmp_path):
     (inbox / "folder.mp4").mkdir()  # a directory with a media name is not taken
 
     work = daemon.folder_sources[0].work
-    ok = _wait(
+    ok = wait_until(
         lambda: (
             len(list(failed.glob("*.error.json"))) == len(expect_failed)
             and (outbox / "corrupt.summary.json").exists()
@@ -174,7 +138,7 @@ def test_hostile_files_fail_clearly_and_the_daemon_goes_on(daemon, tmp_path):
     # and the daemon goes on
     make_clip(stage / "good.mp4", frames=4, size=(32, 32))
     os.rename(stage / "good.mp4", inbox / "good.mp4")
-    assert _wait(lambda: (outbox / "good.summary.json").exists(), 30)
+    assert wait_until(lambda: (outbox / "good.summary.json").exists(), 30)
     assert json.loads((outbox / "good.summary.json").read_text())["frames"] == 4
     assert all(t.is_alive() for t in daemon._workers)
     m = daemon.metrics

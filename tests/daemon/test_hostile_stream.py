@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
 import time
 import urllib.request
 import zlib
@@ -22,20 +21,22 @@ from hypothesis import strategies as st
 
 from daemon import wire
 from daemon.wire import WireError
-from tests.daemon.helpers import DAEMON, daemon_env, write_config
+from tests.daemon.helpers import (
+    connect,
+    free_port,
+    png_header_only,
+    start_daemon,
+    stop_process,
+    wait_until,
+    write_config,
+    zmq_sink,
+    zmq_source,
+)
 
 MAX = 1 << 16  # pixels: 256 x 256
 
 
 # ---- hostile payloads --------------------------------------------------------------------------
-
-
-def png_header_only(w: int, h: int) -> bytes:
-    """A PNG signature + IHDR declaring ``w x h`` RGB and nothing else (a decompression bomb's
-    head: a decoder that trusts it allocates ``w*h*3`` bytes before finding the data gone)."""
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr
-    return b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
 
 
 def png_bomb(w: int, h: int) -> bytes:
@@ -246,14 +247,6 @@ def test_image_bombs_refused_before_decoding():
 # ---- a running daemon under 10,000+ hostile messages -------------------------------------------
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss_kib(pid: int) -> int:
     """Resident set size of a process (``VmRSS`` in /proc), KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -273,85 +266,34 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def _wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.slow
 def test_daemon_survives_10000_hostile_messages(tmp_path, tiny_models):
     rng = np.random.default_rng(1234)
-    p_pull, p_sub, p_rep, p_out, p_metrics = (_port() for _ in range(5))
+    p_pull, p_sub, p_rep, p_out, p_metrics = (free_port() for _ in range(5))
     max_bytes = 1 << 20
-    cfg = (
-        write_config(
-            tmp_path / "c.toml",
-            tiny_models,
-            f"""
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_pull}"
-socket = "pull"
-bind = true
-max_message_bytes = {max_bytes}
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_sub}"
-socket = "sub"
-bind = true
-queue_size = 4
-hwm = 50
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_rep}"
-socket = "rep"
-bind = true
-protocol = "imagezmq"
-[[sinks]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_out}"
-frames = false
-hwm = 0
+    body = (
+        zmq_source(p_pull, socket="pull", bind=True, max_message_bytes=max_bytes)
+        + zmq_source(p_sub, socket="sub", bind=True, queue_size=4, hwm=50)
+        + zmq_source(p_rep, socket="rep", bind=True, protocol="imagezmq")
+        + zmq_sink(p_out, frames=False, hwm=0)
+        + f"""
 [metrics]
 enabled = true
 port = {p_metrics}
-""",
-            guard=True,
-        )
-        .read_text()
-        .replace("max_frame_pixels", "#")
+"""
     )
-    cfg_path = tmp_path / "c.toml"
-    cfg_path.write_text(cfg.replace("[guard]\n", f"[guard]\nmax_frame_pixels = {MAX}\n", 1))
+    cfg = write_config(tmp_path / "c.toml", tiny_models, body, guard=True, max_frame_pixels=MAX)
     log = tmp_path / "log.jsonl"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [*DAEMON, "run", "--config", str(cfg_path)],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=daemon_env(),
-        )
+    proc = start_daemon(cfg, log)
     ctx = zmq.Context()
     socks: list[zmq.Socket] = []
     try:
-        assert _wait(lambda: b'"ready"' in log.read_bytes() or proc.poll() is not None, 60)
+        assert wait_until(lambda: b'"ready"' in log.read_bytes() or proc.poll() is not None, 60)
         assert proc.poll() is None, log.read_text()[-3000:]
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"verdict.")
-        sub.connect(f"tcp://127.0.0.1:{p_out}")
-        push = ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.SNDHWM, 0)
-        push.connect(f"tcp://127.0.0.1:{p_pull}")
-        pub = ctx.socket(zmq.PUB)
-        pub.setsockopt(zmq.SNDHWM, 1000)
-        pub.connect(f"tcp://127.0.0.1:{p_sub}")
-        req = ctx.socket(zmq.REQ)
-        req.setsockopt(zmq.RCVTIMEO, 10000)
-        req.connect(f"tcp://127.0.0.1:{p_rep}")
+        sub = connect(ctx, zmq.SUB, p_out, SUBSCRIBE=b"verdict.")
+        push = connect(ctx, zmq.PUSH, p_pull, SNDHWM=0)
+        pub = connect(ctx, zmq.PUB, p_sub, SNDHWM=1000)
+        req = connect(ctx, zmq.REQ, p_rep, RCVTIMEO=10000)
         socks += [sub, push, pub, req]
         time.sleep(0.5)
         sub.setsockopt(zmq.RCVTIMEO, 20000)
@@ -420,8 +362,7 @@ port = {p_metrics}
             good[1] = json.dumps({**json.loads(good[1]), "seq": i}).encode()
             pub.send_multipart(good)
         # larger than max_message_bytes: ZeroMQ drops the connection, the daemon never sees it
-        big = ctx.socket(zmq.PUSH)
-        big.connect(f"tcp://127.0.0.1:{p_pull}")
+        big = connect(ctx, zmq.PUSH, p_pull)
         socks.append(big)
         for _ in range(5):
             big.send_multipart([b"", _hdr(), b"\0" * (max_bytes + 10)])
@@ -440,7 +381,7 @@ port = {p_metrics}
             )
             return got >= sum(sent.values())
 
-        assert _wait(counted, 60), (sent, {k: v for k, v in m.items() if "bad_input" in k})
+        assert wait_until(counted, 60), (sent, {k: v for k, v in m.items() if "bad_input" in k})
         for reason, n in sent.items():
             assert m[f'magdr_bad_input_total{{source="zmq0",reason="{reason}"}}'] == n, reason
         for reason, n in iz_sent.items():
@@ -462,7 +403,7 @@ port = {p_metrics}
             )
             return out + dropped == m.get('magdr_frames_in_total{source="zmq1"}', -1)
 
-        assert _wait(flood_done, 60), {k: v for k, v in m.items() if "zmq1" in k}
+        assert wait_until(flood_done, 60), {k: v for k, v in m.items() if "zmq1" in k}
         flood_in = m['magdr_frames_in_total{source="zmq1"}']
         assert flood_in > 0
         assert m['magdr_frames_dropped_total{source="zmq1",reason="queue_full"}'] > 0
@@ -499,6 +440,4 @@ port = {p_metrics}
         for s in socks:
             s.close(0)
         ctx.term()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+        stop_process(proc)
