@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 
@@ -21,44 +20,20 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from daemon import wire
-from daemon.config import load_config
-from daemon.notify import Notifier
-from daemon.service import Service
-from tests.daemon.helpers import DAEMON, ROOT, daemon_env, make_clip, write_config
+from tests.daemon.helpers import (
+    ROOT,
+    connect,
+    folder_io,
+    free_port,
+    make_clip,
+    run_daemon,
+    wait_until,
+    write_config,
+    zmq_sink,
+    zmq_source,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(cond, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-@pytest.fixture
-def service(tmp_path, tiny_models):
-    started: list[Service] = []
-
-    def make(body: str) -> Service:
-        svc = Service(
-            load_config(write_config(tmp_path / "c.toml", tiny_models, body)), Notifier(env={})
-        )
-        svc.start()
-        started.append(svc)
-        return svc
-
-    yield make
-    for s in started:
-        s.stop()
 
 
 class Handshakes:
@@ -100,27 +75,23 @@ def test_curve_on_every_socket_refuses_clients_without_the_key(service):
     src_pub, src_sec = zmq.curve_keypair()
     sink_pub, sink_sec = zmq.curve_keypair()
     cam_pub, cam_sec = zmq.curve_keypair()  # a camera publishing, the daemon subscribing
-    p_in, p_out, p_cam = _port(), _port(), _port()
-    svc = service(f"""
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_in}"
-socket = "pull"
-bind = true
-max_message_bytes = 100000
-curve_secret_key = "{src_sec.decode()}"
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_cam}"
-socket = "sub"
-curve_secret_key = "{zmq.curve_keypair()[1].decode()}"
-curve_server_key = "{cam_pub.decode()}"
-[[sinks]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_out}"
-frames = false
-curve_secret_key = "{sink_sec.decode()}"
-""")
+    p_in, p_out, p_cam = free_port(), free_port(), free_port()
+    svc = service(
+        zmq_source(
+            p_in,
+            socket="pull",
+            bind=True,
+            max_message_bytes=100000,
+            curve_secret_key=src_sec.decode(),
+        )
+        + zmq_source(
+            p_cam,
+            socket="sub",
+            curve_secret_key=zmq.curve_keypair()[1].decode(),
+            curve_server_key=cam_pub.decode(),
+        )
+        + zmq_sink(p_out, frames=False, curve_secret_key=sink_sec.decode())
+    )
     ctx = zmq.Context()
     socks: list[zmq.Socket] = []
     try:
@@ -218,22 +189,22 @@ def test_curve_client_allow_list_refuses_unknown_client_keys(service):
     sink_pub, sink_sec = zmq.curve_keypair()
     sender_pub, sender_sec = zmq.curve_keypair()
     reader_pub, reader_sec = zmq.curve_keypair()
-    p_in, p_out = _port(), _port()
-    svc = service(f"""
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_in}"
-socket = "pull"
-bind = true
-curve_secret_key = "{src_sec.decode()}"
-curve_client_keys = ["{sender_pub.decode()}"]
-[[sinks]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_out}"
-frames = false
-curve_secret_key = "{sink_sec.decode()}"
-curve_client_keys = ["{reader_pub.decode()}"]
-""")
+    p_in, p_out = free_port(), free_port()
+    svc = service(
+        zmq_source(
+            p_in,
+            socket="pull",
+            bind=True,
+            curve_secret_key=src_sec.decode(),
+            curve_client_keys=[sender_pub.decode()],
+        )
+        + zmq_sink(
+            p_out,
+            frames=False,
+            curve_secret_key=sink_sec.decode(),
+            curve_client_keys=[reader_pub.decode()],
+        )
+    )
     ctx = zmq.Context()
     try:
 
@@ -289,23 +260,8 @@ def test_config_pointing_at_a_malicious_checkpoint_fails_start_up(tmp_path, tiny
     if key == "generator":
         shutil.copy(tiny_models["G"].with_suffix(".json"), evil.with_suffix(".json"))
     models = {**tiny_models, "G" if key == "generator" else "parser": evil}
-    cfg = write_config(
-        tmp_path / "c.toml",
-        models,
-        f"""
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{_port()}"
-""",
-        guard=True,
-    )
-    r = subprocess.run(
-        [*DAEMON, "run", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        env=daemon_env(),
-        timeout=120,
-    )
+    cfg = write_config(tmp_path / "c.toml", models, zmq_source(free_port()), guard=True)
+    r = run_daemon("run", "--config", str(cfg), timeout=120)
     out = r.stdout + r.stderr
     assert r.returncode != 0
     assert not marker.exists()  # the payload never ran
@@ -340,27 +296,10 @@ def test_systemd_unit_exposure_score():
 
 
 def test_no_path_from_stream_ids_or_file_names_leaves_the_folders(service, tmp_path):
-    p_in, p_out = _port(), _port()
+    p_in, p_out = free_port(), free_port()
     root = tmp_path / "root"  # everything configured lives under here
     svc = service(
-        f"""
-[[sources]]
-kind = "folder"
-path = "{root / "inbox"}"
-stable_s = 0.2
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_in}"
-socket = "pull"
-bind = true
-[[sinks]]
-kind = "folder"
-path = "{root / "outbox"}"
-[[sinks]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_out}"
-frames = false
-""".replace(str(tmp_path / "state"), str(root / "state"))
+        folder_io(root) + zmq_source(p_in, socket="pull", bind=True) + zmq_sink(p_out, frames=False)
     )
     configured = {root, tmp_path / "state"}  # folders, work_dir
 
@@ -373,12 +312,8 @@ frames = false
 
     before = outside()
     ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"verdict.")
-    sub.setsockopt(zmq.RCVTIMEO, 10000)
-    sub.connect(f"tcp://127.0.0.1:{p_out}")
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{p_in}")
+    sub = connect(ctx, zmq.SUB, p_out, SUBSCRIBE=b"verdict.", RCVTIMEO=10000)
+    push = connect(ctx, zmq.PUSH, p_in)
     img = np.zeros((8, 8, 3), np.uint8)
     try:
         time.sleep(0.4)
@@ -393,7 +328,7 @@ frames = false
             seen.add(json.loads(body)["stream"])
             assert topic == b"verdict." + json.loads(body)["stream"].encode()
         assert seen == set(accepted)  # labels only: echoed in the verdict, never a path
-        assert _wait(
+        assert wait_until(
             lambda: svc.metrics.bad_input.value(source="zmq1", reason="bad_header") == len(refused),
             5,
         )
@@ -417,7 +352,7 @@ frames = false
             os.rename(stage / "x.png", inbox / n)
         make_clip(stage / "v.mp4", frames=2, size=(32, 32))
         os.rename(stage / "v.mp4", inbox / ("b" * 250 + ".mp4"))
-        assert _wait(lambda: len(list(outbox.glob("*.summary.json"))) == len(names) + 1, 60), [
+        assert wait_until(lambda: len(list(outbox.glob("*.summary.json"))) == len(names) + 1, 60), [
             p.name
             for d in (outbox, inbox, root / "failed", tmp_path / "state" / "claimed" / "0")
             if d.exists()
