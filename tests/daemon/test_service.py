@@ -3,79 +3,41 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from fractions import Fraction
 
 import numpy as np
-import pytest
 import zmq
 
 from daemon import wire
-from daemon.config import load_config
 from daemon.notify import Notifier
-from daemon.service import Service
-from tests.daemon.helpers import make_clip, read_pts, write_config
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(cond, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-@pytest.fixture
-def service(tmp_path, tiny_models):
-    started = []
-
-    def make(body: str, guard: bool = False, profile: str = "profile") -> Service:
-        models = {**tiny_models, "profile": tiny_models[profile]}
-        cfg = load_config(write_config(tmp_path / "c.toml", models, body, guard=guard))
-        svc = Service(cfg, Notifier(env={}))
-        svc.start()
-        started.append(svc)
-        return svc
-
-    yield make
-    for s in started:
-        s.stop()
+from tests.daemon.helpers import (
+    connect,
+    folder_io,
+    free_port,
+    make_clip,
+    read_pts,
+    wait_until,
+    zmq_sink,
+    zmq_source,
+)
 
 
 def _sub(ctx: zmq.Context, port: int) -> zmq.Socket:
-    s = ctx.socket(zmq.SUB)
-    s.setsockopt(zmq.SUBSCRIBE, b"")
-    s.setsockopt(zmq.RCVTIMEO, 10000)
-    s.connect(f"tcp://127.0.0.1:{port}")
-    return s
+    return connect(ctx, zmq.SUB, port, SUBSCRIBE=b"", RCVTIMEO=10000)
 
 
 def test_folder_to_outbox_and_pub(service, tmp_path):
-    out_port = _port()
-    svc = service(f"""
-[[sources]]
-kind = "folder"
-path = "{tmp_path / "inbox"}"
-stable_s = 0.2
-[[sinks]]
-kind = "folder"
-path = "{tmp_path / "outbox"}"
-[[sinks]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{out_port}"
-format = "png"
+    out_port = free_port()
+    svc = service(
+        folder_io(tmp_path)
+        + zmq_sink(out_port, format="png")
+        + """
 [metrics]
 enabled = true
 port = 0
-""")
+"""
+    )
     ctx = zmq.Context()
     sub = _sub(ctx, out_port)
     time.sleep(0.3)  # PUB/SUB joins are asynchronous
@@ -89,12 +51,13 @@ port = 0
     for p in stage.iterdir():
         p.rename(tmp_path / "inbox" / p.name)
     outbox, failed = tmp_path / "outbox", tmp_path / "failed"
-    assert _wait(
+    assert wait_until(
         lambda: (
             (outbox / "clip.summary.json").exists()
             and (outbox / "still.summary.json").exists()
             and (failed / "broken.error.json").exists()
-        )
+        ),
+        20,
     )
     # the cleaned video: same frame count and timestamps, verdicts one line per frame in order
     got, tb = read_pts(outbox / "clip.mp4")
@@ -148,41 +111,20 @@ port = 0
 
 
 def test_zmq_sources_sub_pull_rep(service, tmp_path):
-    p_pub, p_pull, p_rep, p_out = (_port() for _ in range(4))
+    p_pub, p_pull, p_rep, p_out = (free_port() for _ in range(4))
     svc = service(
-        f"""
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_pub}"
-socket = "sub"
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_pull}"
-socket = "pull"
-bind = true
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_rep}"
-socket = "rep"
-bind = true
-protocol = "imagezmq"
-stream = "pi"
-[[sinks]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{p_out}"
-frames = false
-""",
+        zmq_source(p_pub, socket="sub")
+        + zmq_source(p_pull, socket="pull", bind=True)
+        + zmq_source(p_rep, socket="rep", bind=True, protocol="imagezmq", stream="pi")
+        + zmq_sink(p_out, frames=False),
         guard=True,
     )
     ctx = zmq.Context()
     sub = _sub(ctx, p_out)
     pub = ctx.socket(zmq.PUB)
     pub.bind(f"tcp://127.0.0.1:{p_pub}")
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{p_pull}")
-    req = ctx.socket(zmq.REQ)
-    req.setsockopt(zmq.RCVTIMEO, 10000)
-    req.connect(f"tcp://127.0.0.1:{p_rep}")
+    push = connect(ctx, zmq.PUSH, p_pull)
+    req = connect(ctx, zmq.REQ, p_rep, RCVTIMEO=10000)
     time.sleep(0.5)
     img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     for i in range(3):
@@ -209,7 +151,7 @@ frames = false
         assert v["profile"] == "test-detect-only" and v["score"] is not None
         assert v["disrupted"] is False and len(v["faces"]) == 1
     assert seen == {"cam": [0, 1, 2], "line": [0, 1, 2], "pi": [1, 2, 3]}
-    assert _wait(lambda: svc.metrics.bad_input.total() == 3, 5)
+    assert wait_until(lambda: svc.metrics.bad_input.total() == 3, 5)
     m = svc.metrics
     assert m.bad_input.value(source="zmq1", reason="bad_json") == 1
     assert m.bad_input.value(source="zmq0", reason="bad_version") == 1
@@ -217,7 +159,7 @@ frames = false
     assert m.frames_out.value(source="zmq0") == 3
     # an unknown attribute in a header's cond is a bad message, not a crash
     push.send_multipart(wire.encode_frame("line", 9, img, "rgb24", cond={"Purple_Hair": 1}))
-    assert _wait(lambda: m.bad_input.value(source="zmq1", reason="bad_condition") == 1, 5)
+    assert wait_until(lambda: m.bad_input.value(source="zmq1", reason="bad_condition") == 1, 5)
     for s in (sub, pub, push, req):
         s.close(0)
     ctx.term()
@@ -256,34 +198,27 @@ def test_drop_oldest_counts_drops(tmp_path, tiny_models):
 def test_curve_encrypted_pull(service, tmp_path):
     server_pub, server_sec = zmq.curve_keypair()
     client_pub, client_sec = zmq.curve_keypair()
-    port, out = _port(), _port()
+    port, out = free_port(), free_port()
     import os
 
     os.environ["MAGDR_TEST_CURVE"] = server_sec.decode()
     try:
-        svc = service(f"""
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{port}"
-socket = "pull"
-bind = true
-curve_secret_key = "env:MAGDR_TEST_CURVE"
-[[sinks]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{out}"
-frames = false
-""")
+        svc = service(
+            zmq_source(port, socket="pull", bind=True, curve_secret_key="env:MAGDR_TEST_CURVE")
+            + zmq_sink(out, frames=False)
+        )
     finally:
         del os.environ["MAGDR_TEST_CURVE"]
     ctx = zmq.Context()
     sub = _sub(ctx, out)
-    push = ctx.socket(zmq.PUSH)
-    push.curve_secretkey, push.curve_publickey, push.curve_serverkey = (
-        client_sec,
-        client_pub,
-        server_pub,
+    push = connect(
+        ctx,
+        zmq.PUSH,
+        port,
+        CURVE_SECRETKEY=client_sec,
+        CURVE_PUBLICKEY=client_pub,
+        CURVE_SERVERKEY=server_pub,
     )
-    push.connect(f"tcp://127.0.0.1:{port}")
     time.sleep(0.3)
     push.send_multipart(wire.encode_frame("sec", 0, np.zeros((8, 8, 3), np.uint8), "rgb24"))
     assert json.loads(sub.recv_multipart()[1])["stream"] == "sec"
@@ -295,27 +230,16 @@ frames = false
 
 def test_disrupted_faces_are_reconstructed(service, tmp_path):
     """The guard's disrupted path end to end: verdict, chain, and x* pasted when asked."""
-    port, out = _port(), _port()
+    port, out = free_port(), free_port()
     svc = service(
-        f"""
-[[sources]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{port}"
-socket = "pull"
-bind = true
-[[sinks]]
-kind = "zmq"
-endpoint = "tcp://127.0.0.1:{out}"
-format = "rgb24"
-""",
+        zmq_source(port, socket="pull", bind=True) + zmq_sink(out, format="rgb24"),
         guard=True,
         profile="flag_all",
     )
     svc.engine.cfg.guard.publish_purified = True
     ctx = zmq.Context()
     sub = _sub(ctx, out)
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"tcp://127.0.0.1:{port}")
+    push = connect(ctx, zmq.PUSH, port)
     time.sleep(0.3)
     img = np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     push.send_multipart(wire.encode_frame("adv", 0, img, "rgb24"))
