@@ -142,6 +142,8 @@ def test_hostile_files_fail_clearly_and_the_daemon_goes_on(daemon, tmp_path):
     assert json.loads((outbox / "good.summary.json").read_text())["frames"] == 4
     assert all(t.is_alive() for t in daemon._workers)
     m = daemon.metrics
+    # good.summary.json (the commit) lands a moment before the claim is removed and counted
+    wait_until(lambda: m.files.value(outcome="done") == 2, 10)
     assert m.bad_input.value(source="folder0", reason="decode") == 4
     assert m.bad_input.value(source="folder0", reason="empty") == 1
     assert m.bad_input.value(source="folder0", reason="corrupt_packet") == 1
