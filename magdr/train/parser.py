@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--run-dir", type=Path, default=Path("runs/parser"))
@@ -224,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     net = ParseNet(width=a.width, depth=a.depth)
     if a.init is not None:
         net = ParseNet.from_state_dict(torch.load(a.init, map_location="cpu", weights_only=True))
+    dev = torch.device(a.device)
+    net.to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=a.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.lr, total_steps=a.steps, pct_start=0.05)
     ckpt = a.run_dir / "ckpt.pt"
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         log.info("resumed at step %d", start)
     losses = LossLog(a.run_dir)
     # Class weights: thin parts (brows, eyes, lips) are few pixels but what MagDR's regions need.
-    w = torch.ones(len(BISENET_CLASSES))
+    w = torch.ones(len(BISENET_CLASSES), device=dev)
     for n in ("l_brow", "r_brow", "l_eye", "r_eye", "u_lip", "l_lip", "nose", "mouth"):
         w[BISENET_CLASSES.index(n)] = 3.0
     net.train()
@@ -243,8 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         xc, yc = celeba_batch(
             cel["images"], cel_labels, rng.choice(cel_train, a.celeba_batch), rng
         )  # fmt: skip
-        x = D.to_tensor(np.concatenate([xi, xc]))
-        y = torch.from_numpy(np.concatenate([yi, yc]).astype(np.int64))
+        x = D.to_tensor(np.concatenate([xi, xc])).to(dev)
+        y = torch.from_numpy(np.concatenate([yi, yc]).astype(np.int64)).to(dev)
         logits = net(x)
         ce = F.cross_entropy(logits, y, weight=w, ignore_index=D.IGNORE, reduction="none")
         valid = (y != D.IGNORE).float()
@@ -264,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
             net.train()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(tensor_state_dict(net), a.out)
+    net.cpu()
     ims, lbs = zip(*[fs_warp_plain(fs, i, anchor) for i in fs_val], strict=True)
     table = iou_table(predict(net, np.stack(ims)), np.stack(lbs))
     log.info("Face Synthetics val IoU: %s", " ".join(f"{k}={v:.3f}" for k, v in table.items()))

@@ -220,7 +220,7 @@ def sample_conditions(
 
 def gradient_penalty(d: Discriminator, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """WGAN-GP: ``(‖∇ D(x̂)‖₂ − 1)²`` on random interpolates (StarGAN's ``gradient_penalty``)."""
-    a = torch.rand(real.shape[0], 1, 1, 1)
+    a = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
     xh = (a * real + (1 - a) * fake).requires_grad_(True)
     src, _ = d(xh)
     (g,) = torch.autograd.grad(src.sum(), xh, create_graph=True)
@@ -244,6 +244,10 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     ap.add_argument("--lambda-gp", type=float, default=10.0)
     ap.add_argument("--flip-prob", type=float, default=0.3, help="stage 2 Male/Young flips")
     ap.add_argument("--w-inside", type=float, default=0.1)
+    ap.add_argument("--cond-gain", type=float, default=1.0,
+                    help="scale the first conv's condition weights of --init (see code)")
+    ap.add_argument("--hair-weight", type=float, default=1.0,
+                    help="extra pixel-loss weight on recoloured hair")
     ap.add_argument("--hair-spread", type=float, default=1.5,
                     help="exaggerate the differences between the hair-colour targets")
     ap.add_argument("--parser", type=Path, default=WEIGHTS / "parser.pt")
@@ -255,6 +259,7 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
                     help="use the first N train faces")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--run-dir", type=Path, default=None, help="default runs/stargan")
@@ -306,6 +311,11 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     size = images.shape[1]
     G = StarGAN(conv_dim=a.conv_dim, c_dim=5, repeat_num=a.repeat_num, image_size=size)
     Dnet = Discriminator(image_size=size, conv_dim=16, repeat_num=6 if size >= 64 else 4)
+    dev = torch.device(a.device)
+    G.to(dev)
+    Dnet.to(dev)
+    aux.to(dev)
+    mus, sds = mus.to(dev), sds.to(dev)
     opt_g = torch.optim.Adam(G.parameters(), lr=a.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(Dnet.parameters(), lr=a.lr2, betas=(0.5, 0.999))
     ckpt = a.run_dir / "ckpt.pt"
@@ -314,8 +324,16 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
         start = load_ckpt(ckpt, rng, G=G, D=Dnet, opt_g=opt_g, opt_d=opt_d)
         log.info("resumed at step %d", start)
     elif a.init is not None:
-        G.load_state_dict(torch.load(a.init, map_location="cpu", weights_only=True))
+        G.load_state_dict(torch.load(a.init, map_location=dev, weights_only=True))
         log.info("initialised G from %s", a.init)
+        if a.cond_gain != 1.0:
+            # StarGAN tiles c as constant channels and the first InstanceNorm removes constants:
+            # only an attenuated offset (from the zero-padded border) reaches the interior, so
+            # an auto-encoder warm start hardly sees c. Scaling the first conv's c weights makes
+            # that offset large enough for G to learn the conditional edit in few steps.
+            with torch.no_grad():
+                G.main[0].weight[:, 3:] *= a.cond_gain
+            log.info("scaled the first conv's condition weights by %g", a.cond_gain)
     losses = LossLog(a.run_dir)
     G.train()
     Dnet.train()
@@ -331,24 +349,25 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
         for g in opt_g.param_groups:
             g["lr"] = lr
         idx = rng.choice(train, a.batch)
-        x = D.to_tensor(images[idx])
-        reg = torch.from_numpy(regions[idx]).float() / 255
+        x = D.to_tensor(images[idx]).to(dev)
+        reg = torch.from_numpy(regions[idx]).to(dev).float() / 255
         real = attrs[idx]
-        flip = rng.random(a.batch) < 0.5
-        x = torch.where(torch.from_numpy(flip)[:, None, None, None], x.flip(3), x)
-        reg = torch.where(torch.from_numpy(flip)[:, None, None, None], reg.flip(3), reg)
+        flip = torch.from_numpy(rng.random(a.batch) < 0.5).to(dev)[:, None, None, None]
+        x = torch.where(flip, x.flip(3), x)
+        reg = torch.where(flip, reg.flip(3), reg)
         hair, facehair = hair_blend_mask(reg[:, :1]), reg[:, 1:]
         c_np, t_np, k_np, fl_np = sample_conditions(real, rng, a.flip_prob if stage2 else 0.0)
         if a.ae_only:  # keep-conditions only: the hair part of c is the real labels or zeros
             c_np[k_np >= 0, :3] = real[k_np >= 0, :3]
             k_np[:] = -1
-        c, t = torch.from_numpy(c_np), torch.from_numpy(t_np)
-        k = torch.from_numpy(np.maximum(k_np, 0))
-        rec = torch.from_numpy(k_np >= 0)[:, None, None, None].float()
+        c, t = torch.from_numpy(c_np).to(dev), torch.from_numpy(t_np).to(dev)
+        real_t = torch.from_numpy(real).to(dev)
+        k = torch.from_numpy(np.maximum(k_np, 0)).to(dev)
+        rec = torch.from_numpy(k_np >= 0).to(dev)[:, None, None, None].float()
         with torch.no_grad():
             y = torch.where(rec > 0, recolour_hair(x, hair, k, mus, sds), x)
-        w = 1 + rec * hair
-        fl = torch.from_numpy(fl_np)[:, None, None, None].float()
+        w = 1 + a.hair_weight * rec * hair
+        fl = torch.from_numpy(fl_np).to(dev)[:, None, None, None].float()
         w = w * (1 - fl * (1 - a.w_inside) * facehair)
         logs: dict[str, float] = {}
 
@@ -357,7 +376,7 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
                 fake = G(x, c)
             src_r, cls_r = Dnet(x)
             src_f, _ = Dnet(fake)
-            d_cls = F.binary_cross_entropy_with_logits(cls_r, torch.from_numpy(real))
+            d_cls = F.binary_cross_entropy_with_logits(cls_r, real_t)
             gp = gradient_penalty(Dnet, x, fake)
             d_loss = -src_r.mean() + src_f.mean() + a.lambda_cls * d_cls + a.lambda_gp * gp
             opt_d.zero_grad(set_to_none=True)
@@ -375,7 +394,7 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
             g_adv = -src_f.mean()
             g_cls = F.binary_cross_entropy_with_logits(cls_f, t)
             g_aux = F.binary_cross_entropy_with_logits(aux(fake), t)
-            back = G(fake, torch.from_numpy(real))
+            back = G(fake, real_t)
             g_cyc = (back - x).abs().mean()
             g_loss = g_loss + a.lambda_adv * g_adv + a.lambda_cls * g_cls
             g_loss = g_loss + a.lambda_aux * g_aux + a.lambda_cyc * g_cyc
