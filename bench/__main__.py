@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     out.mkdir(parents=True, exist_ok=True)
 
     import magdr
-    from magdr.guard import resolve_device
+    from magdr.checkpoints import resolve_device
 
     device = resolve_device(args.device)
     G = magdr.load_generator(args.generator, kind=args.kind, device=device)

@@ -20,6 +20,7 @@ import structlog
 import torch
 
 from daemon.config import Config
+from magdr.checkpoints import resolve_device
 
 log = structlog.get_logger()
 
@@ -58,13 +59,6 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> the first CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class Engine:
