@@ -32,7 +32,8 @@ def _timed(
     dev = bench.device
     batches = list(bench._batches(x, c))
     with torch.inference_mode():
-        fn(*batches[0])  # warm-up (cuDNN autotuning, allocator)
+        xb, cb = batches[0]
+        fn(xb[:2], None if cb is None else cb[:2])  # warm-up (cuDNN autotuning, allocator)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     _sync(dev)
