@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t_start = time.time()
+    code_commit = commit()  # the code this run executes (taken before anything can change)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     out = Path(args.out)
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     wall = time.time() - t_start
     results = {
         "command": "python -m bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "commit": commit(),
+        "commit": code_commit,
         "machine": machine(device),
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t_start)),
         "wall_s": round(wall, 1),

@@ -369,7 +369,7 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
     lines += ["## Throughput", ""]
     if tp:
         rows = [
-            [k, _f(v["faces_per_s"], 1), _f(v["ratio"], 3), _f(v.get("peak_mem_mib"), 0)]
+            [k, _f(v["faces_per_s"], 1), f"{v['ratio']:.3g}", _f(v.get("peak_mem_mib"), 0)]
             for k, v in tp.items()
             if isinstance(v, dict)
         ]
