@@ -6,6 +6,7 @@
     magdr-guard process INPUT... --out DIR [--config FILE] [--no-guard]
     magdr-guard demo [--out DIR]
     magdr-guard calibrate ...
+    magdr-guard bench ...
     magdr-guard attack INPUT... --out DIR [--method pgd|ifgsm|cw|adaptive] [--eps 0.05]
     magdr-guard --validate-config [FILE]    magdr-guard --version
 
@@ -331,24 +332,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return rc
 
 
-# ---- calibrate ------------------------------------------------------------------------------
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    """Thin wrapper over ``magdr.calibrate``: every argument goes to its ``main(argv)``."""
-    try:
-        from magdr import calibrate
-    except ImportError as e:
-        dlog.say(
-            f"magdr-guard calibrate: the calibration module is not available ({e})", file=sys.stderr
-        )
-        return 2
-    main = getattr(calibrate, "main", None)
-    if main is None:
-        dlog.say(
-            "magdr-guard calibrate: magdr.calibrate has no command-line entry (main) yet",
-            file=sys.stderr,
-        )
-        return 2
-    return int(main(args.rest) or 0)
+# ---- calibrate, bench ----------------------------------------------------------------------
+#: Subcommands that hand every argument (``--help`` included) to another module's ``main(argv)``.
+PASS_THROUGH = {"calibrate": "magdr.calibrate", "bench": "bench.__main__"}
+
+
+def cmd_pass_through(args: argparse.Namespace) -> int:
+    """``magdr-guard calibrate|bench ...``: the module's own command line, unchanged."""
+    from importlib import import_module
+
+    return int(import_module(PASS_THROUGH[args.cmd]).main(args.rest) or 0)
 
 
 # ---- demo -----------------------------------------------------------------------------------
@@ -483,9 +476,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: D103
     _model_args(p)
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("calibrate", help="fit thresholds and the Rec-Net profile", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_calibrate)
+    for name, text in (
+        ("calibrate", "fit thresholds and the Rec-Net profile (python -m magdr.calibrate)"),
+        ("bench", "reproduce the paper's tables, write bench/results/REPORT.md (python -m bench)"),
+    ):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(fn=cmd_pass_through)
 
     p = sub.add_parser("attack", help="disrupted copies, for red-team tests")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
@@ -509,8 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``magdr-guard`` console script."""
     ap = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["calibrate"]:  # its options (--help included) belong to magdr.calibrate
-        return cmd_calibrate(argparse.Namespace(rest=argv[1:]))
+    if argv[:1] and argv[0] in PASS_THROUGH:  # their options (--help too) are the module's
+        return cmd_pass_through(argparse.Namespace(cmd=argv[0], rest=argv[1:]))
     args = ap.parse_args(argv)
     if args.cmd is None:
         if args.validate_config:

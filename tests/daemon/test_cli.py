@@ -143,10 +143,14 @@ def test_bundled_clip_is_small_and_licensed():
     assert len(got) > 10
 
 
-def test_calibrate_is_wired(capsys):
+@pytest.mark.parametrize(
+    ("cmd", "own_option"), [("calibrate", "--success-mse"), ("bench", "--skip-adaptive")]
+)
+def test_pass_through_commands_are_wired(capsys, cmd, own_option):
     try:
-        rc = main(["calibrate", "--help"])  # the options are magdr.calibrate's own
+        rc = main([cmd, "--help"])  # the options are the module's own
     except SystemExit as e:
         rc = e.code
     assert rc == 0
-    assert "usage" in capsys.readouterr().out.lower()
+    out = capsys.readouterr().out
+    assert "usage" in out.lower() and own_option in out
