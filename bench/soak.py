@@ -71,8 +71,8 @@ def slope_per_min(t: list[float], y: list[float]) -> float:
     return float(np.polyfit(np.asarray(t) / 60.0, np.asarray(y), 1)[0])
 
 
-def tiny_models(d: Path) -> dict[str, Path]:
-    """A tiny random StarGAN (32 px), a tiny parser, and a detection-only profile."""
+def tiny_models(d: Path, profile_name: str = "soak-detect-only") -> dict[str, Path]:
+    """A tiny random StarGAN (32 px), a tiny parser, and a detection-only profile (seeded)."""
     import torch
 
     from magdr.faces.parsenet import ParseNet
@@ -84,7 +84,7 @@ def tiny_models(d: Path) -> dict[str, Path]:
     (d / "G.json").write_text(json.dumps({"image_size": 32}))
     torch.save(ParseNet(width=4, depth=2).state_dict(), d / "parser.pt")
     Profile(
-        name="soak-detect-only",
+        name=profile_name,
         threshold=1e6,
         consistency=[{"name": "jpeg", "params": {"quality": 75}}],
     ).save(d / "profile.json")

@@ -3,7 +3,6 @@ folder-to-folder config, a stand-in systemd notify socket. Plain helpers: ``help
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -45,21 +44,11 @@ def fresh_logging():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random G (32 px), tiny parser, and a detection-only profile (huge threshold)."""
-    from magdr.faces.parsenet import ParseNet
-    from magdr.models.stargan import StarGAN
+    from bench.soak import tiny_models as build_tiny_models
     from magdr.profile import Profile, RecNetSettings
 
     d = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    G = StarGAN(conv_dim=8, c_dim=5, repeat_num=1, image_size=32)
-    torch.save(G.state_dict(), d / "G.pt")
-    (d / "G.json").write_text(json.dumps({"image_size": 32}))
-    torch.save(ParseNet(width=4, depth=2).state_dict(), d / "parser.pt")
-    Profile(
-        name="test-detect-only",
-        threshold=1e6,
-        consistency=[{"name": "jpeg", "params": {"quality": 75}}],
-    ).save(d / "profile.json")
+    build_tiny_models(d, profile_name="test-detect-only")
     # Flags every face and reconstructs with one cheap search: the disrupted path, fast.
     Profile(
         name="test-flag-all",
