@@ -31,13 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from magdr.detect import (
-    consistency_score,
-    distortion_score,
-    outputs_under_transforms,
-    region_distances,
-    region_presence,
-)
+from magdr.detect import distortion_score, region_presence
 from magdr.profile import DEFAULT_PROFILE, Profile
 from magdr.reconstruct import pretrain
 from magdr.transforms import apply
@@ -119,13 +113,15 @@ def _features(guard: Any, x: torch.Tensor, c: torch.Tensor | None, chunk: int = 
         xb = x[i : i + chunk].to(guard.device)
         cb = None if c is None else c[i : i + chunk].to(guard.device)
         regions = guard.regions(xb)
-        y, y_k = outputs_under_transforms(guard.G, xb, cb, p.consistency)
+        targets = guard.G.target_regions(cb, batch=xb.shape[0]).to(guard.device)
+        # The detector's own pass: what is fitted is exactly what the Guard computes.
+        det = guard.detector(xb, cb, regions, targets)
         parts.append(
             _Features(
-                region_distances(xb, y, regions, p.distances).cpu(),
-                guard.G.target_regions(cb, batch=xb.shape[0]).cpu(),
+                det.distances.cpu(),
+                targets.cpu(),
                 region_presence(regions, p.min_region_area).cpu(),
-                consistency_score(y, y_k, p.cons_distance).cpu(),
+                det.s_cons.cpu(),
             )
         )
     return _Features.cat(parts)
