@@ -284,7 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--extra-negatives", action="append", default=[], metavar="NPZ",
+        help="more clean faces: an .npz with 'images' uint8 [N,H,W,3] RGB, e.g. video frames "
+        "framed by the daemon (python -m daemon.face_crops); repeatable",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    try:
+        extra = [(p, load_negatives(p)) for p in args.extra_negatives]
+    except (OSError, ValueError, KeyError) as e:
+        ap.error(f"--extra-negatives: {e}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     import magdr
@@ -302,6 +311,23 @@ def main(argv: list[str] | None = None) -> int:
     c = _conditions(G, celeba["attrs"][idx], rng)
     x_neg = torch.cat([x, benign_copies(x)])
     c_neg = torch.cat([c] * (1 + len(BENIGN)))
+    extra_meta = []
+    if extra:
+        # A separate stream, so the CelebA draw above is the same with or without extras.
+        erng = np.random.default_rng([args.seed, 1])
+        for path, images in extra:
+            if not len(images):  # a clip set where no face was found: nothing to add
+                extra_meta.append({"path": str(path), "faces": 0, "negatives": 0})
+                continue
+            xe = _resize(to_tensor(images), int(G.image_size))
+            # Video crops have no attribute labels: borrow those of random CelebA train faces,
+            # so the edits asked of G are distributed like the CelebA negatives' edits.
+            ce = _conditions(G, celeba["attrs"][erng.integers(8000, size=len(xe))], erng)
+            x_neg = torch.cat([x_neg, xe, benign_copies(xe)])
+            c_neg = torch.cat([c_neg, *[ce] * (1 + len(BENIGN))])
+            extra_meta.append({"path": str(path), "faces": len(xe),
+                               "negatives": len(xe) * (1 + len(BENIGN))})  # fmt: skip
+            log.info("extra negatives %s: %d faces (+ benign copies)", path, len(xe))
     adv, adv_c = [], []
     xd, cd = x.to(guard.device), c.to(guard.device)
     with torch.no_grad():
@@ -321,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         {"generator": str(args.generator), "attacks": args.attacks, "seed": args.seed,
          "faces": "CelebA train split", "wall_s": round(time.time() - t0, 1)}
     )  # fmt: skip
+    if extra_meta:
+        profile.meta["extra_negatives"] = extra_meta
+        profile.meta["faces"] += f" + {sum(e['faces'] for e in extra_meta)} extra clean faces"
     profile.save(args.out)
     m = profile.meta
     log.info(
@@ -328,6 +357,33 @@ def main(argv: list[str] | None = None) -> int:
         *(args.out, profile.lam, profile.threshold, m["auroc_train"], m["tpr_train"], m["wall_s"]),
     )
     return 0
+
+
+def load_negatives(path: str | Path) -> np.ndarray:
+    """The ``images`` of an extra-negatives ``.npz``: uint8 ``[N, H, W, 3]`` RGB, square.
+
+    Why a file and not video: ``magdr`` does no video I/O; ``python -m daemon.face_crops``
+    writes these from clips, framed exactly as the daemon frames faces.
+
+    Raises:
+        ValueError / KeyError: not such an array.
+    """
+    with np.load(path) as z:
+        images = z["images"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"{path}: 'images' must be uint8 [N,H,W,3], got {images.dtype} "
+                         f"{list(images.shape)}")  # fmt: skip
+    if images.shape[1] != images.shape[2]:
+        raise ValueError(f"{path}: faces must be square, got {images.shape[1]}x{images.shape[2]}")
+    return images
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Faces ``(B, 3, S, S)`` to G's side (antialiased, as the daemon's crops are area-resized)."""
+    if x.shape[-1] == size:
+        return x
+    y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return y.clamp(-1, 1)
 
 
 def _conditions(G: nn.Module, attrs: np.ndarray, rng: np.random.Generator) -> torch.Tensor:

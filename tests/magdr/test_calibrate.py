@@ -163,3 +163,85 @@ def test_cli_help(capsys):
         calibrate.main(["--help"])
     assert e.value.code == 0
     assert "--fpr" in capsys.readouterr().out
+
+
+class TestExtraNegatives:
+    """``main --extra-negatives``: video face crops (``python -m daemon.face_crops``) join the
+    clean negatives, with their benign copies, and are counted in ``profile.meta``."""
+
+    @pytest.fixture
+    def run_main(self, monkeypatch, face_parser, tmp_path):
+        """``calibrate.main`` in a second or two: a tiny StarGAN, the layout parser, fabricated
+        "CelebA" faces, one PGD attack, and ``fit`` without Rec-Net pretraining (its arguments
+        are recorded)."""
+        import magdr
+        import magdr.train.data as data
+
+        torch.manual_seed(0)
+        G = StarGAN(conv_dim=4, c_dim=5, repeat_num=1, image_size=SIZE).eval()
+        rng = np.random.default_rng(0)
+        celeba = {
+            "images": rng.integers(0, 256, (8000, SIZE, SIZE, 3), dtype=np.uint8),
+            "attrs": rng.integers(0, 2, (8000, 5)).astype(np.float32),
+        }
+        real_guard, real_fit = magdr.Guard, calibrate.fit
+        seen: dict = {}
+
+        def fit_fast(guard, x_neg, c_neg, x_pos, c_pos, **kw):
+            seen.update(x_neg=x_neg, c_neg=c_neg)
+            return real_fit(guard, x_neg, c_neg, x_pos, c_pos, **{**kw, "pretrain_recnet": False})
+
+        monkeypatch.setattr(magdr, "load_generator", lambda *a, **k: G)
+        monkeypatch.setattr(
+            magdr, "Guard", lambda G, parser=None, **k: real_guard(G, parser=face_parser, **k)
+        )
+        monkeypatch.setattr(data, "load_celeba", lambda root=None: celeba)
+        monkeypatch.setattr(calibrate, "fit", fit_fast)
+
+        def run(*extra: str) -> tuple[Profile, dict]:
+            out = tmp_path / "p.json"
+            argv = ["--n", "4", "--attacks", "pgd", "--device", "cpu", "--out", str(out)]
+            assert calibrate.main(argv + list(extra)) == 0
+            return Profile.load(out), dict(seen)
+
+        return run
+
+    def test_counted_and_added(self, run_main, tmp_path):
+        rng = np.random.default_rng(1)
+        a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+        # b at twice G's side: resized to it.
+        np.savez(a, images=rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8))
+        np.savez(b, images=rng.integers(0, 256, (2, 2 * SIZE, 2 * SIZE, 3), dtype=np.uint8),
+                 sources=np.array(["clip.mp4#0", "clip.mp4#5"]))  # fmt: skip
+        base, seen0 = run_main()
+        assert "extra_negatives" not in base.meta
+        p, seen = run_main("--extra-negatives", str(a), "--extra-negatives", str(b))
+        k = 1 + len(BENIGN)
+        assert p.meta["extra_negatives"] == [
+            {"path": str(a), "faces": 3, "negatives": 3 * k},
+            {"path": str(b), "faces": 2, "negatives": 2 * k},
+        ]
+        assert p.meta["n_clean"] == 4 * k + 5 * k
+        assert seen["x_neg"].shape == (9 * k, 3, SIZE, SIZE)
+        assert seen["c_neg"].shape == (9 * k, 5)
+        # The CelebA part is unchanged by the extras; then each file's faces and benign copies.
+        torch.testing.assert_close(seen["x_neg"][: 4 * k], seen0["x_neg"])
+        torch.testing.assert_close(seen["c_neg"][: 4 * k], seen0["c_neg"])
+        from magdr.train.data import to_tensor
+
+        xa = to_tensor(np.load(a)["images"])
+        torch.testing.assert_close(seen["x_neg"][4 * k : 4 * k + 3], xa)
+        torch.testing.assert_close(seen["x_neg"][4 * k + 3 : 4 * k + 3 * k], benign_copies(xa))
+        # One edit per extra face, drawn like the CelebA faces' (a one-hot change of G's five
+        # attributes' condition), repeated for its benign copies.
+        ca = seen["c_neg"][4 * k : 4 * k + 3 * k]
+        torch.testing.assert_close(ca, ca[:3].repeat(k, 1))
+
+    def test_bad_file_is_a_usage_error(self, run_main, tmp_path, capsys):
+        bad = tmp_path / "bad.npz"
+        np.savez(bad, images=np.zeros((2, SIZE, SIZE), np.float32))
+        for path in (bad, tmp_path / "missing.npz"):
+            with pytest.raises(SystemExit) as e:
+                run_main("--extra-negatives", str(path))
+            assert e.value.code == 2
+            assert "--extra-negatives" in capsys.readouterr().err

@@ -1,0 +1,153 @@
+"""Face crops of real video frames, cut exactly the way the daemon cuts them.
+
+Why: the shipped profile's threshold is fitted on CelebA-aligned crops, but the daemon guards
+faces it located and framed itself (OpenCV boxes on a downscaled frame, the CelebA-like square
+of :func:`magdr.faces.locate.crop_faces`, a video codec's artefacts). Clean faces framed that
+way score higher than CelebA crops, so clean video frames raised false alarms. These crops are
+extra clean negatives for ``python -m magdr.calibrate --extra-negatives`` (the ``magdr``
+package does no video I/O, so the video side lives here).
+
+The framing is not re-implemented: every frame goes through :meth:`daemon.engine.Engine.find_faces`
+with the daemon's ``[guard]`` settings (``detect_side``, ``min_face``, ``max_faces``, ``faces``)
+and crop side, and frames come from the daemon's own decoder, :func:`daemon.media.decode`::
+
+    python -m daemon.face_crops CLIP [CLIP ...] --out crops.npz [--every N] [--max-per-clip M]
+
+The ``.npz`` holds ``images`` uint8 ``[N, S, S, 3]`` RGB and ``sources`` (``"clip.mp4#frame"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemon import media
+from daemon.config import Config, load_config
+from daemon.engine import Engine
+
+
+@dataclass
+class _Framing:
+    """What :meth:`Engine.find_faces` reads of its engine: the config and the crop side.
+
+    Locating and cropping needs no model; calling the engine's own method on this stand-in
+    keeps the crops on the daemon's code path without loading G, the parser and the profile.
+    """
+
+    cfg: Config
+    size: int
+
+    find_faces = Engine.find_faces
+
+
+def clip_crops(
+    path: str | Path,
+    cfg: Config | None = None,
+    size: int = 128,
+    every: int = 1,
+    max_per_clip: int = 0,
+    on_corrupt: Any = None,
+) -> tuple[np.ndarray, list[str]]:
+    """Crops of the faces in every ``every``-th frame of one clip (or image), daemon-framed.
+
+    Args:
+        path: the video or image.
+        cfg: the daemon configuration whose ``[guard]`` settings frame the faces (defaults:
+            ``Config()``, the documented defaults of ``config/default.toml``).
+        size: crop side (the generator's ``image_size``: the daemon's ``Engine.size``).
+        every: take frames 0, N, 2N, ... (consecutive frames of a talking head are near
+            duplicates).
+        max_per_clip: stop after this many crops (0 = no limit).
+        on_corrupt: ``(pts, error)`` callback for video packets the decoder rejects (as the
+            daemon does, they are skipped); None fails the clip on the first one.
+
+    Returns:
+        ``(images, sources)``: uint8 ``[N, size, size, 3]`` RGB and ``"NAME#frame"`` per crop
+        (several faces of one frame share the frame's source).
+
+    Raises:
+        media.MediaError: missing, unreadable, corrupt or truncated clip.
+    """
+    if every < 1:
+        raise ValueError(f"every: expected >= 1, got {every}")
+    cfg = cfg or Config()
+    framing = _Framing(cfg, size)
+    name = Path(path).name
+    images: list[np.ndarray] = []
+    sources: list[str] = []
+    for frame in media.decode(path, cfg.guard.max_frame_pixels, on_corrupt=on_corrupt):
+        if frame.index % every:
+            continue
+        crops = framing.find_faces(frame.image)  # no stream: no box reuse across frames
+        if not crops.boxes:
+            continue
+        pix = ((crops.x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        for face in pix:
+            images.append(face)
+            sources.append(f"{name}#{frame.index}")
+            if max_per_clip and len(images) >= max_per_clip:
+                return np.stack(images), sources
+    if not images:
+        return np.zeros((0, size, size, 3), np.uint8), []
+    return np.stack(images), sources
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m daemon.face_crops``: write daemon-framed face crops of clips to an .npz."""
+    ap = argparse.ArgumentParser(
+        prog="python -m daemon.face_crops", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument("clips", nargs="+", metavar="CLIP", help="videos (or images)")
+    ap.add_argument("--out", required=True, help="the .npz to write")
+    ap.add_argument("--every", type=int, default=1, help="take every Nth frame")
+    ap.add_argument("--max-per-clip", type=int, default=0, help="at most M crops a clip (0: all)")
+    ap.add_argument("--size", type=int, default=128, help="crop side (the generator's size)")
+    ap.add_argument("--config", help="daemon TOML config whose [guard] settings frame the faces")
+    args = ap.parse_args(argv)
+    if args.every < 1 or args.max_per_clip < 0 or args.size < 1:
+        ap.error("--every and --size must be >= 1, --max-per-clip >= 0")
+    try:
+        cfg = load_config(args.config) if args.config else Config()
+    except (OSError, ValueError) as e:
+        print(f"face_crops: config error: {e}", file=sys.stderr)
+        return 2
+
+    all_images: list[np.ndarray] = []
+    all_sources: list[str] = []
+    for clip in args.clips:
+        skipped: list[int | None] = []
+        try:
+            images, sources = clip_crops(
+                clip, cfg, args.size, args.every, args.max_per_clip,
+                on_corrupt=lambda pts, err, s=skipped: s.append(pts),
+            )  # fmt: skip
+        except (media.MediaError, OSError) as e:
+            # Nothing is written: a calibration set silently missing a clip is worse than none.
+            print(f"face_crops: {clip}: {e}", file=sys.stderr)
+            return 1
+        frames = len(set(sources))
+        note = f", {len(skipped)} corrupt packets skipped" if skipped else ""
+        if len(images):
+            print(f"{clip}: {len(images)} crops from {frames} frames{note}")
+        else:
+            print(f"{clip}: no faces found, 0 crops{note}")
+        all_images.extend(images)
+        all_sources.extend(sources)
+
+    images = (np.stack(all_images) if all_images
+              else np.zeros((0, args.size, args.size, 3), np.uint8))  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, images=images, sources=np.array(all_sources, dtype=str))
+    print(f"wrote {out}: {len(images)} crops from {len(args.clips)} clips")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
