@@ -48,6 +48,28 @@ class LossLog:
         log.info("step %d %s", step, " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
 
 
+class Budget:
+    """Training progress in [0, 1] by steps or by wall time, whichever runs out first.
+
+    ``--max-minutes`` makes a run end on time on an unknown machine (a lent GPU): schedules
+    that read :meth:`fraction` then still decay to their end instead of stopping mid-way.
+    """
+
+    def __init__(self, steps: int, max_minutes: float | None = None, start_step: int = 0) -> None:
+        self.steps, self.start_step = steps, start_step
+        self.seconds = None if max_minutes is None else max_minutes * 60.0
+        self.t0 = time.monotonic()
+
+    def fraction(self, step: int) -> float:  # noqa: D102
+        f = step / max(self.steps, 1)
+        if self.seconds is not None:
+            f = max(f, (time.monotonic() - self.t0) / self.seconds)
+        return min(f, 1.0)
+
+    def done(self, step: int) -> bool:  # noqa: D102
+        return step >= self.steps or self.fraction(step) >= 1.0
+
+
 def save_ckpt(path: Path, step: int, rng: np.random.Generator, **state: object) -> None:
     """Atomically write a resumable checkpoint (models, optimisers, step, RNG states)."""
     obj = {

@@ -89,8 +89,9 @@ def psnr_masked(a: torch.Tensor, b: torch.Tensor, m: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def eval_generator(G: StarGAN, parser: ParseNet, clf: AttrNet, cel: dict, n: int,
-                   batch: int = 25) -> dict:  # fmt: skip
+                   batch: int = 25, device: str | torch.device = "cpu") -> dict:  # fmt: skip
     """Generator metrics per target attribute (see the module docstring)."""
+    G, parser, clf = G.to(device), parser.to(device), clf.to(device)
     val = np.arange(len(D.CELEBA_TRAIN), len(D.CELEBA_TRAIN) + n)
     names = list(G.attributes)
     acc: dict[str, dict[str, list]] = {
@@ -100,23 +101,23 @@ def eval_generator(G: StarGAN, parser: ParseNet, clf: AttrNet, cel: dict, n: int
     parser.eval()
     for s in tqdm(range(0, len(val), batch), desc="evaluate G"):
         idx = val[s : s + batch]
-        x = D.to_tensor(cel["images"][idx])
-        real = torch.from_numpy(cel["attrs"][idx])
+        x = D.to_tensor(cel["images"][idx]).to(device)
+        real = torch.from_numpy(cel["attrs"][idx]).to(device)
         lab = parser(x).argmax(1)
         onehot = torch.nn.functional.one_hot(lab, len(BISENET_CLASSES)).permute(0, 3, 1, 2).float()
         regions = group_regions(onehot)
         hair = (lab == HAIR).float()[:, None]
-        neutral = torch.tensor(G.neutral).expand(len(idx), -1)
+        neutral = torch.tensor(G.neutral, device=device).expand(len(idx), -1)
         for t in [*names, "keep"]:
             c = neutral.clone()
             j = names.index(t) if t != "keep" else -1
             if t.endswith("_Hair"):
                 c[:, j] = 1.0
-                want = torch.ones(len(idx))
+                want = torch.ones(len(idx), device=device)
                 changed = ~((real[:, j] == 1) & (real[:, :3].sum(1) == 1))
             elif t != "keep":
                 c[:, j] = 1 - real[:, j]
-                want, changed = c[:, j], torch.ones(len(idx), dtype=torch.bool)
+                want, changed = c[:, j], torch.ones(len(idx), dtype=torch.bool, device=device)
             y = G(x, c)
             tm = (regions * G.target_regions(c)[:, :, None, None]).sum(1, keepdim=True)
             if t == "keep":
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: D103
     ap.add_argument("--out", type=Path, default=RUNS / "eval.json")
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where G is evaluated (cpu | cuda)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cel = D.load_celeba(a.data)
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: D103
         val = np.arange(len(D.CELEBA_TRAIN), len(D.CELEBA_TRAIN) + a.n)
         ra = accuracy(clf, cel["images"][val], cel["attrs"][val])
         res["real_classifier_accuracy"] = dict(zip(D.STARGAN_ATTRS, ra.tolist(), strict=True))
-        res["G"] = eval_generator(load_G(a.G), parser, clf, cel, a.n)
+        res["G"] = eval_generator(load_G(a.G), parser, clf, cel, a.n, device=a.device)
     res["bars"] = bars(res)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1) + "\n")

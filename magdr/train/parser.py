@@ -16,7 +16,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
+import time
 from pathlib import Path
 
 import cv2
@@ -29,6 +31,7 @@ from magdr.faces.parsenet import ParseNet
 from magdr.faces.regions import BISENET_CLASSES
 from magdr.train import data as D
 from magdr.train.common import (
+    Budget,
     LossLog,
     load_ckpt,
     log,
@@ -173,6 +176,18 @@ def celeba_batch(images, labels, idx, rng) -> tuple[np.ndarray, np.ndarray]:  # 
     return np.stack(ims), np.stack(lbs)
 
 
+def one_cycle(lr: float, frac: float, warmup: float = 0.05) -> float:
+    """The shape of torch's ``OneCycleLR`` (cosine, ``div_factor`` 25, ``final_div_factor``
+    1e4) at training fraction ``frac``.
+
+    Written out so that the schedule can follow wall time (``--max-minutes``) as well as steps.
+    """
+    lo, end = lr / 25, lr / 25 / 1e4
+    if frac < warmup:
+        return lo + (lr - lo) * (1 - math.cos(math.pi * frac / warmup)) / 2
+    return end + (lr - end) * (1 + math.cos(math.pi * (frac - warmup) / (1 - warmup))) / 2
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--steps", type=int, default=1200)
@@ -191,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     ap.add_argument("--out", type=Path, default=WEIGHTS)
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--init", type=Path, default=None, help="ParseNet weights to start from")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="end (and finish the lr schedule) after this much wall time")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="2 steps on 4 images into a temp dir")
     a = ap.parse_args(argv)
@@ -228,12 +245,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     dev = torch.device(a.device)
     net.to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=a.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.lr, total_steps=a.steps, pct_start=0.05)
     ckpt = a.run_dir / "ckpt.pt"
     start = 0
     if a.resume and ckpt.exists():
-        start = load_ckpt(ckpt, rng, net=net, opt=opt, sched=sched)
+        start = load_ckpt(ckpt, rng, net=net, opt=opt)
         log.info("resumed at step %d", start)
+    budget = Budget(a.steps, a.max_minutes)
     losses = LossLog(a.run_dir)
     # Class weights: thin parts (brows, eyes, lips) are few pixels but what MagDR's regions need.
     w = torch.ones(len(BISENET_CLASSES), device=dev)
@@ -241,7 +258,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         w[BISENET_CLASSES.index(n)] = 3.0
     net.train()
     bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="parser")
-    for step in bar:
+    step = start
+    for step in bar:  # noqa: B007 - the last step is saved after the loop
+        if budget.done(step):
+            break
+        for g in opt.param_groups:
+            g["lr"] = one_cycle(a.lr, budget.fraction(step))
         xi, yi = fs_batch(fs, anchor, rng.choice(fs_train, a.fs_batch), rng)
         xc, yc = celeba_batch(
             cel["images"], cel_labels, rng.choice(cel_train, a.celeba_batch), rng
@@ -258,13 +280,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
         bar.set_postfix(fs=f"{l_fs.item():.3f}", celeba=f"{l_cel.item():.3f}")
         if (step + 1) % a.log_every == 0 or step + 1 == a.steps:
             losses.write(step + 1, {"fs": l_fs.item(), "celeba": l_cel.item()})
         if (step + 1) % a.ckpt_every == 0 or step + 1 == a.steps:
-            save_ckpt(ckpt, step + 1, rng, net=net, opt=opt, sched=sched)
-            net.train()
+            save_ckpt(ckpt, step + 1, rng, net=net, opt=opt)
+    else:
+        step = a.steps
+    log.info("stopped at step %d after %.0f s", step, time.monotonic() - budget.t0)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(tensor_state_dict(net), a.out)
     net.cpu()

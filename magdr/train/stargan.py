@@ -39,6 +39,7 @@ import argparse
 import hashlib
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ from magdr.faces.regions import BISENET_CLASSES, CLASS_TO_REGION, TARGETS
 from magdr.models.stargan import StarGAN
 from magdr.train import data as D
 from magdr.train.common import (
+    Budget,
     LossLog,
     load_ckpt,
     log,
@@ -159,28 +161,30 @@ class Discriminator(nn.Module):
         return self.conv1(h), self.conv2(h).flatten(1)
 
 
-def region_probs(parser: ParseNet, images: np.ndarray, batch: int = 64) -> np.ndarray:
+def region_probs(parser: ParseNet, images: np.ndarray, batch: int = 64,
+                 device: str | torch.device = "cpu") -> np.ndarray:  # fmt: skip
     """Soft hair and face+hair (Male/Young target) masks, ``[B,2,H,W]`` uint8 (0..255)."""
     hair_i = BISENET_CLASSES.index("hair")
     fh = [i for i, c in enumerate(BISENET_CLASSES) if CLASS_TO_REGION[c] in TARGETS["face+hair"]]
     out = np.zeros((len(images), 2, *images.shape[1:3]), np.uint8)
-    parser.eval()
+    parser.eval().to(device)
     with torch.no_grad():
         for s in tqdm(range(0, len(images), batch), desc="parsing faces"):
-            p = parser(D.to_tensor(images[s : s + batch])).softmax(1)
+            p = parser(D.to_tensor(images[s : s + batch]).to(device)).softmax(1)
             m = torch.stack([p[:, hair_i], p[:, fh].sum(1)], 1)
-            out[s : s + batch] = (m * 255).round().byte().numpy()
+            out[s : s + batch] = (m * 255).round().byte().cpu().numpy()
     return out
 
 
-def cached_region_probs(parser_path: Path, images: np.ndarray) -> np.ndarray:
+def cached_region_probs(parser_path: Path, images: np.ndarray,
+                        device: str | torch.device = "cpu") -> np.ndarray:  # fmt: skip
     """:func:`region_probs` of the 9000 CelebA faces, cached per parser file content."""
     digest = hashlib.sha1(parser_path.read_bytes()).hexdigest()[:12]
     path = D.cache_dir() / f"regions_{digest}_{len(images)}.npy"
     if path.exists():
         return np.load(path)
     sd = torch.load(parser_path, map_location="cpu", weights_only=True)
-    out = region_probs(ParseNet.from_state_dict(sd), images)
+    out = region_probs(ParseNet.from_state_dict(sd), images, device=device)
     np.save(path, out)
     return out
 
@@ -244,6 +248,12 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     ap.add_argument("--lambda-gp", type=float, default=10.0)
     ap.add_argument("--flip-prob", type=float, default=0.3, help="stage 2 Male/Young flips")
     ap.add_argument("--w-inside", type=float, default=0.1)
+    ap.add_argument("--stage2-target", choices=["identity", "pseudo"], default="identity",
+                    help="stage 2 pixel target: x outside the edited region (identity) or "
+                    "stage 1's recoloured hair (pseudo)")
+    ap.add_argument("--d-dim", type=int, default=16, help="discriminator width")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="end (and finish the lr decay) after this much wall time")
     ap.add_argument("--cond-gain", type=float, default=1.0,
                     help="scale the first conv's condition weights of --init (see code)")
     ap.add_argument("--hair-weight", type=float, default=1.0,
@@ -293,7 +303,7 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
         if a.ae_only:
             regions = np.zeros((len(cel["images"]), 2, D.SIZE, D.SIZE), np.uint8)
         else:
-            regions = cached_region_probs(a.parser, cel["images"][train])
+            regions = cached_region_probs(a.parser, cel["images"][train], a.device)
         if a.stage1_steps < a.steps:
             sd = torch.load(a.aux, map_location="cpu", weights_only=True)
             aux = AttrNet.from_state_dict(sd).eval()
@@ -303,14 +313,17 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
         p.requires_grad_(False)
     images, attrs = cel["images"], cel["attrs"]
     min_area = 0.0 if a.smoke else 0.03
-    mus, sds = hair_colour_stats(images[train], regions[train, 0], attrs[train], min_area)
-    mus = spread(mus, a.hair_spread)
+    if a.ae_only:  # no recolouring, and no hair maps to take colour statistics from
+        mus, sds = torch.zeros(3, 3), torch.zeros(3, 3)
+    else:
+        mus, sds = hair_colour_stats(images[train], regions[train, 0], attrs[train], min_area)
+        mus = spread(mus, a.hair_spread)
     log.info("hair YCbCr target means (black, blond, brown): %s", mus.numpy().round(3).tolist())
     log.info("hair YCbCr target stds: %s", sds.numpy().round(3).tolist())
 
     size = images.shape[1]
     G = StarGAN(conv_dim=a.conv_dim, c_dim=5, repeat_num=a.repeat_num, image_size=size)
-    Dnet = Discriminator(image_size=size, conv_dim=16, repeat_num=6 if size >= 64 else 4)
+    Dnet = Discriminator(image_size=size, conv_dim=a.d_dim, repeat_num=6 if size >= 64 else 4)
     dev = torch.device(a.device)
     G.to(dev)
     Dnet.to(dev)
@@ -335,17 +348,22 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
                 G.main[0].weight[:, 3:] *= a.cond_gain
             log.info("scaled the first conv's condition weights by %g", a.cond_gain)
     losses = LossLog(a.run_dir)
+    budget = Budget(a.steps, a.max_minutes)
     G.train()
     Dnet.train()
     bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="stargan")
-    for step in bar:
+    step = start
+    for step in bar:  # noqa: B007 - the last step is saved after the loop
+        if budget.done(step):
+            break
         stage2 = step >= a.stage1_steps
-        # Stage 1: constant lr then linear decay to 10%; stage 2: lr2 constant.
+        # Stage 1: constant lr then linear decay to 10% (by steps, or by time with
+        # --max-minutes); stage 2: lr2, decayed the same way once stage 1 is over.
+        prog = budget.fraction(step)
         if stage2:
-            lr = a.lr2
+            lr = a.lr2 * decay(prog)
         else:
-            frac = step / max(a.stage1_steps, 1)
-            lr = a.lr * (1.0 if frac < 0.6 else 1.0 - 0.9 * (frac - 0.6) / 0.4)
+            lr = a.lr * decay(max(step / max(a.stage1_steps, 1), prog if a.ae_only else 0.0))
         for g in opt_g.param_groups:
             g["lr"] = lr
         idx = rng.choice(train, a.batch)
@@ -364,12 +382,18 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
         real_t = torch.from_numpy(real).to(dev)
         k = torch.from_numpy(np.maximum(k_np, 0)).to(dev)
         rec = torch.from_numpy(k_np >= 0).to(dev)[:, None, None, None].float()
-        with torch.no_grad():
-            y = torch.where(rec > 0, recolour_hair(x, hair, k, mus, sds), x)
-        w = 1 + a.hair_weight * rec * hair
         fl = torch.from_numpy(fl_np).to(dev)[:, None, None, None].float()
-        w = w * (1 - fl * (1 - a.w_inside) * facehair)
-        logs: dict[str, float] = {}
+        if stage2 and a.stage2_target == "identity":
+            # StarGAN's own objective plus an identity loss *outside* the edited region: the
+            # classifiers decide what the hair / face becomes, the pixel loss only keeps the
+            # rest of the image (the hair-ratio and PSNR bars) where it was.
+            y = x
+            w = 1 - (1 - a.w_inside) * torch.maximum(rec * hair, fl * facehair)
+        else:
+            with torch.no_grad():
+                y = torch.where(rec > 0, recolour_hair(x, hair, k, mus, sds), x)
+            w = (1 + a.hair_weight * rec * hair) * (1 - fl * (1 - a.w_inside) * facehair)
+        logs: dict[str, torch.Tensor] = {}
 
         if stage2:  # --- D step (WGAN-GP + domain classification on real faces) ---
             with torch.no_grad():
@@ -382,13 +406,14 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
-            logs.update(d_w=(src_r.mean() - src_f.mean()).item(), d_cls=d_cls.item(), gp=gp.item())
+            logs.update(d_w=(src_r.mean() - src_f.mean()).detach(), d_cls=d_cls.detach(),
+                        gp=gp.detach())  # fmt: skip
 
         # --- G step ---
         fake = G(x, c)
         l_pix = (w * (fake - y).abs()).mean()
         g_loss = a.lambda_rec * l_pix
-        logs["pix"] = l_pix.item()
+        logs["pix"] = l_pix.detach()
         if stage2:
             src_f, cls_f = Dnet(fake)
             g_adv = -src_f.mean()
@@ -398,18 +423,31 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
             g_cyc = (back - x).abs().mean()
             g_loss = g_loss + a.lambda_adv * g_adv + a.lambda_cls * g_cls
             g_loss = g_loss + a.lambda_aux * g_aux + a.lambda_cyc * g_cyc
-            logs.update(g_adv=g_adv.item(), g_cls=g_cls.item(), g_aux=g_aux.item())
-            logs["cyc"] = g_cyc.item()
+            logs.update(g_adv=g_adv.detach(), g_cls=g_cls.detach(), g_aux=g_aux.detach())
+            logs["cyc"] = g_cyc.detach()
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
-        bar.set_postfix(pix=f"{logs['pix']:.4f}", stage=2 if stage2 else 1)
         if (step + 1) % a.log_every == 0 or step + 1 == a.steps:
-            losses.write(step + 1, {"lr": lr, **logs})
+            # .item() syncs a GPU: only on logged steps.
+            vals = {k: v.item() for k, v in logs.items()}
+            bar.set_postfix(pix=f"{vals['pix']:.4f}", stage=2 if stage2 else 1)
+            losses.write(step + 1, {"lr": lr, **vals})
         if (step + 1) % a.ckpt_every == 0 or step + 1 == a.steps:
             save_ckpt(ckpt, step + 1, rng, G=G, D=Dnet, opt_g=opt_g, opt_d=opt_d)
             save_generator(G, a.run_dir / f"G_{step + 1:06d}.pt")
+    else:
+        step = a.steps
+    if step % a.ckpt_every:  # stopped by --max-minutes: keep the last state too
+        save_ckpt(ckpt, step, rng, G=G, D=Dnet, opt_g=opt_g, opt_d=opt_d)
+        save_generator(G, a.run_dir / f"G_{step:06d}.pt")
+    log.info("stopped at step %d after %.0f s", step, time.monotonic() - budget.t0)
     return save_generator(G, a.out)
+
+
+def decay(frac: float) -> float:
+    """Learning-rate factor: 1 for the first 60% of training, then linear down to 0.1."""
+    return 1.0 if frac < 0.6 else 1.0 - 0.9 * (frac - 0.6) / 0.4
 
 
 def save_generator(G: StarGAN, path: Path) -> Path:
