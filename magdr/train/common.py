@@ -55,15 +55,16 @@ class Budget:
     that read :meth:`fraction` then still decay to their end instead of stopping mid-way.
     """
 
-    def __init__(self, steps: int, max_minutes: float | None = None, start_step: int = 0) -> None:
-        self.steps, self.start_step = steps, start_step
+    def __init__(self, steps: int, max_minutes: float | None = None) -> None:
+        self.steps = steps
         self.seconds = None if max_minutes is None else max_minutes * 60.0
         self.t0 = time.monotonic()
 
     def fraction(self, step: int) -> float:  # noqa: D102
         f = step / max(self.steps, 1)
         if self.seconds is not None:
-            f = max(f, (time.monotonic() - self.t0) / self.seconds)
+            spent = time.monotonic() - self.t0
+            f = max(f, spent / self.seconds if self.seconds > 0 else 1.0)
         return min(f, 1.0)
 
     def done(self, step: int) -> bool:  # noqa: D102

@@ -65,6 +65,58 @@ def test_stargan_resume_continues_from_checkpoint(tmp_path: Path) -> None:
     assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 2
 
 
+def test_stargan_max_minutes_stops_on_time_and_keeps_the_last_state(tmp_path: Path) -> None:
+    from magdr.train import stargan
+
+    run = tmp_path / "run"
+    out = stargan.main(["--smoke", "--threads", "1", "--steps", "1000", "--ckpt-every", "1000",
+                        "--max-minutes", "0.001", "--run-dir", str(run)])  # fmt: skip
+    step = torch.load(run / "ckpt.pt", weights_only=False)["step"]
+    assert 0 <= step < 1000 and out.exists()
+    assert (run / f"G_{step:06d}.pt").exists() or step == 0
+
+
+def test_stargan_ae_only_smoke_needs_no_hair_maps(tmp_path: Path) -> None:
+    from magdr.train import stargan
+
+    out = stargan.main(["--smoke", "--threads", "1", "--ae-only", "--run-dir", str(tmp_path)])
+    assert out.exists()
+
+
+def test_budget_fraction_follows_steps_or_time() -> None:
+    from magdr.train.common import Budget
+
+    b = Budget(100)
+    assert b.fraction(25) == 0.25 and not b.done(99) and b.done(100)
+    t = Budget(100, max_minutes=0.0)  # no time at all: done before the first step
+    assert t.fraction(0) == 1.0 and t.done(0)
+
+
+def test_one_cycle_matches_torch_one_cycle_shape() -> None:
+    from magdr.train.parser import one_cycle
+
+    net = torch.nn.Linear(1, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=201, pct_start=0.05)
+    ours, theirs = [], []
+    for i in range(201):
+        theirs.append(opt.param_groups[0]["lr"])
+        ours.append(one_cycle(1e-3, i / 200))
+        opt.step()
+        sched.step()
+    assert ours[0] == pytest.approx(1e-3 / 25) and max(ours) == pytest.approx(1e-3)
+    assert ours[-1] == pytest.approx(1e-3 / 25 / 1e4)
+    # Same curve up to torch's one-step offset of the warm-up's end.
+    assert np.abs(np.array(ours) - np.array(theirs)).max() < 0.1 * 1e-3
+
+
+def test_stage2_decay_holds_then_falls_to_a_tenth() -> None:
+    from magdr.train.stargan import decay
+
+    assert decay(0.0) == decay(0.59) == 1.0
+    assert decay(0.8) == pytest.approx(0.55) and decay(1.0) == pytest.approx(0.1)
+
+
 # --- pieces ------------------------------------------------------------------------------
 
 
