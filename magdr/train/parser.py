@@ -177,10 +177,11 @@ def celeba_batch(images, labels, idx, rng) -> tuple[np.ndarray, np.ndarray]:  # 
 
 
 def one_cycle(lr: float, frac: float, warmup: float = 0.05) -> float:
-    """The shape of torch's ``OneCycleLR`` (cosine, ``div_factor`` 25, ``final_div_factor``
-    1e4) at training fraction ``frac``.
+    """The learning rate of torch's ``OneCycleLR`` shape at training fraction ``frac``.
 
-    Written out so that the schedule can follow wall time (``--max-minutes``) as well as steps.
+    Cosine warm-up from ``lr/25`` over ``warmup``, then cosine down to ``lr/25/1e4`` (torch's
+    ``div_factor`` and ``final_div_factor``). Written out so that the schedule can follow wall
+    time (``--max-minutes``) as well as steps.
     """
     lo, end = lr / 25, lr / 25 / 1e4
     if frac < warmup:
