@@ -289,7 +289,17 @@ def main(argv: list[str] | None = None) -> int:
         help="more clean faces: an .npz with 'images' uint8 [N,H,W,3] RGB, e.g. video frames "
         "framed by the daemon (python -m daemon.face_crops); repeatable",
     )  # fmt: skip
+    ap.add_argument(
+        "--edits", default="random", metavar="LIST",
+        help="comma list of the edits asked of G: 'random' (each face one changed attribute) "
+        "and/or fixed conditions 'NAME=V[+NAME=V]' such as the daemon's [model] condition; "
+        "every face is used once per entry (default: random)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    try:
+        edits = parse_edits(args.edits)
+    except ValueError as e:
+        ap.error(f"--edits: {e}")
     try:
         extra = [(p, load_negatives(p)) for p in args.extra_negatives]
     except (OSError, ValueError, KeyError) as e:
@@ -306,9 +316,17 @@ def main(argv: list[str] | None = None) -> int:
     celeba = load_celeba(Path(args.data) if args.data else None)
     rng = np.random.default_rng(args.seed)
     idx = rng.choice(8000, size=args.n, replace=False)
-    x = to_tensor(celeba["images"][idx])
-    # Conditions: each face gets one of G's attributes changed (as Ruiz et al. attack StarGAN).
-    c = _conditions(G, celeba["attrs"][idx], rng)
+    x1 = to_tensor(celeba["images"][idx])
+    # Conditions: each face gets one of G's attributes changed (as Ruiz et al. attack StarGAN),
+    # and/or the fixed edits a deployment asks for: how far G's output moves outside the
+    # target region, hence the clean scores, depends on the edit (paper §3.2.2, Eq. 5).
+    cs = []
+    for e in edits:
+        if e == "random":
+            cs.append(_conditions(G, celeba["attrs"][idx], rng))
+        else:
+            cs.append(magdr.condition(G, e, batch=len(idx)).cpu())
+    x, c = torch.cat([x1] * len(cs)), torch.cat(cs)
     x_neg = torch.cat([x, benign_copies(x)])
     c_neg = torch.cat([c] * (1 + len(BENIGN)))
     extra_meta = []
@@ -345,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = fit(guard, x_neg, c_neg, x_pos, c_pos, fpr=args.fpr, name=name)
     profile.meta.update(
         {"generator": str(args.generator), "attacks": args.attacks, "seed": args.seed,
-         "faces": "CelebA train split", "wall_s": round(time.time() - t0, 1)}
+         "edits": args.edits, "faces": "CelebA train split", "wall_s": round(time.time() - t0, 1)}
     )  # fmt: skip
     if extra_meta:
         profile.meta["extra_negatives"] = extra_meta
@@ -384,6 +402,30 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
         return x
     y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
     return y.clamp(-1, 1)
+
+
+def parse_edits(text: str) -> list[str | dict[str, float]]:
+    """``"random,Blond_Hair=1,Male=1+Young=0"`` -> ``["random", {"Blond_Hair": 1.0}, ...]``.
+
+    Example:
+        >>> parse_edits("random,Blond_Hair=1")
+        ['random', {'Blond_Hair': 1.0}]
+    """
+    out: list[str | dict[str, float]] = []
+    for entry in (e.strip() for e in text.split(",")):
+        if entry == "random":
+            out.append(entry)
+            continue
+        cond = {}
+        for part in entry.split("+"):
+            name, eq, value = part.partition("=")
+            if not eq or not name.strip():
+                raise ValueError(f"expected 'random' or NAME=V[+NAME=V], got {entry!r}")
+            cond[name.strip()] = float(value)
+        out.append(cond)
+    if not out:
+        raise ValueError("no edits")
+    return out
 
 
 def _conditions(G: nn.Module, attrs: np.ndarray, rng: np.random.Generator) -> torch.Tensor:

@@ -245,3 +245,29 @@ class TestExtraNegatives:
                 run_main("--extra-negatives", str(path))
             assert e.value.code == 2
             assert "--extra-negatives" in capsys.readouterr().err
+
+    def test_fixed_edits_repeat_every_face_once_per_entry(self, run_main):
+        _, seen0 = run_main()
+        p, seen = run_main("--edits", "random,Blond_Hair=1,Male=1+Young=0")
+        k = 1 + len(BENIGN)
+        assert p.meta["edits"] == "random,Blond_Hair=1,Male=1+Young=0"
+        assert p.meta["n_clean"] == 3 * 4 * k
+        c = seen["c_neg"][: 3 * 4]  # the faces themselves (benign copies follow)
+        torch.testing.assert_close(c[:4], seen0["c_neg"][:4])  # 'random' as before
+        torch.testing.assert_close(c[4:8], torch.tensor([[0, 1, 0, 0, 0]] * 4).float())
+        torch.testing.assert_close(c[8:12], torch.tensor([[0, 0, 0, 1, 0]] * 4).float())
+        torch.testing.assert_close(seen["x_neg"][:4], seen["x_neg"][4:8])
+
+    def test_bad_edits_are_a_usage_error(self, run_main, capsys):
+        with pytest.raises(SystemExit) as e:
+            run_main("--edits", "Blond_Hair")
+        assert e.value.code == 2 and "--edits" in capsys.readouterr().err
+
+
+def test_parse_edits():
+    assert calibrate.parse_edits("random, Blond_Hair=1 ,Male=1+Young=0") == [
+        "random", {"Blond_Hair": 1.0}, {"Male": 1.0, "Young": 0.0},
+    ]  # fmt: skip
+    for bad in ("", "Blond_Hair", "=1", "random,,"):
+        with pytest.raises(ValueError):
+            calibrate.parse_edits(bad)
