@@ -2,10 +2,11 @@
 
 Why: the shipped profile's threshold is fitted on CelebA-aligned crops, but the daemon guards
 faces it located and framed itself (OpenCV boxes on a downscaled frame, the CelebA-like square
-of :func:`magdr.faces.locate.crop_faces`, a video codec's artefacts). Clean faces framed that
-way score higher than CelebA crops, so clean video frames raised false alarms. These crops are
-extra clean negatives for ``python -m magdr.calibrate --extra-negatives`` (the ``magdr``
-package does no video I/O, so the video side lives here).
+of :func:`magdr.faces.locate.crop_faces`, a video codec's artefacts). These crops let a
+deployment check its false-alarm rate on its own kind of footage, and add clean negatives to
+``python -m magdr.calibrate --extra-negatives`` (the ``magdr`` package does no video I/O, so
+the video side lives here). Measured with the shipped models, most clips' crops score *lower*
+than CelebA's, and one green-screen clip far higher: check per clip before pooling.
 
 The framing is not re-implemented: every frame goes through :meth:`daemon.engine.Engine.find_faces`
 with the daemon's ``[guard]`` settings (``detect_side``, ``min_face``, ``max_faces``, ``faces``)
