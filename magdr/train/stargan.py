@@ -25,9 +25,10 @@ split, :mod:`magdr.train.classifier` ``aux``, so the edit direction is known fro
 cycle reconstruction ``|G(G(x, c), r) − x|``. The pixel loss becomes an identity loss
 ``|G(x, c) − x|`` outside the edited region (``--stage2-target identity``, the default):
 inside the hair of a recoloured face, and inside the face and hair of a flipped one, it is
-down-weighted to ``--w-inside``, so the classifiers decide what those become. (``pseudo`` keeps stage 1's
-recoloured target instead: the evaluation classifier recognises those targets as the requested
-colour for only 15–29% of faces, so they cannot carry the recognisability bar.)
+down-weighted to ``--w-inside``, so the classifiers decide what those become. (``pseudo``
+keeps stage 1's recoloured target instead: the evaluation classifier recognises those targets
+as the requested colour for only 15–29% of faces, so they cannot carry the recognisability
+bar.)
 
 Usage::
 
