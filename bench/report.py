@@ -385,6 +385,16 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
         lines += ["Skipped in this run.", ""]
 
     lines += ["## Figures", ""]
+    grids = [p for p in pngs if p.startswith(("fig1_", "fig4_"))]
+    if grids:
+        # .gitignore keeps them out of bench/results: they show CelebA faces.
+        lines += [
+            " and ".join(f"`{p}`" for p in grids) + " (image grids in the style of the paper's "
+            "Figures 1 and 4: input, disrupted output, reconstructed input, recovered output) are "
+            "written beside this report but never committed: they show CelebA faces, which may "
+            "not be redistributed (their links work in the run's own folder).",
+            "",
+        ]
     lines += [f"![{p}]({p})" for p in pngs]
     lines += [""]
     path = out / "REPORT.md"
