@@ -22,14 +22,16 @@ import torch
 
 log = structlog.get_logger()
 
-#: ``fn(x, c) -> (rows, per_row)``: x ``(N, 3, S, S)``, c ``(N, c_dim)``; rows ``(N, ...)``.
-BatchFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[Any]]]
+#: ``fn(x, c[, hints=...]) -> (rows, per_row)``: x ``(N, 3, S, S)``, c ``(N, c_dim)``, hints
+#: one entry per row (only passed when some item has them); rows ``(N, ...)``.
+BatchFn = Callable[..., tuple[torch.Tensor, list[Any]]]
 
 
 @dataclass
 class _Item:
     x: torch.Tensor
     c: torch.Tensor
+    hints: list[Any] | None = None
     future: Future = field(default_factory=Future)
     t: float = field(default_factory=time.monotonic)
 
@@ -63,11 +65,11 @@ class Batcher:
     def start(self) -> None:  # noqa: D102
         self._thread.start()
 
-    def submit(self, x: torch.Tensor, c: torch.Tensor) -> Future:
-        """Queue F rows ``x`` ``(F, ...)`` with conditions ``c`` ``(F, c_dim)``."""
+    def submit(self, x: torch.Tensor, c: torch.Tensor, hints: list[Any] | None = None) -> Future:
+        """Queue F rows ``x`` ``(F, ...)`` with conditions ``c`` ``(F, c_dim)`` (and F hints)."""
         if self._closed:
             raise RuntimeError("batcher is closed")
-        item = _Item(x, c)
+        item = _Item(x, c, hints)
         self._q.put(item)
         return item.future
 
@@ -143,7 +145,11 @@ class Batcher:
         t0 = time.monotonic()
         try:
             x, c = torch.cat([i.x for i in items]), torch.cat([i.c for i in items])
-            rows, per_row = self.fn(x, c)
+            if any(i.hints is not None for i in items):
+                hints = [h for i in items for h in (i.hints or [None] * i.x.shape[0])]
+                rows, per_row = self.fn(x, c, hints=hints)
+            else:
+                rows, per_row = self.fn(x, c)
         except torch.OutOfMemoryError as e:
             # magdr.Guard already split down to one face; what escapes is retried per frame,
             # so that only the frame(s) that cannot fit fail, each with this error

@@ -80,6 +80,10 @@ class GuardConfig:
         default=1, metadata=doc("detect on every Nth frame of a stream, reuse boxes between",
                                 min=1, max=100)
     )
+    reuse_chains: bool = field(
+        default=True, metadata=doc("try a face's Rec-Net chain of the stream's previous frame "
+                                   "before searching a new one")
+    )
     publish_purified: bool = field(
         default=False, metadata=doc("paste the cleaned input x* instead of the edit y*")
     )

@@ -167,26 +167,30 @@ class Engine:
 
     # ---- the adapter --------------------------------------------------------------------
     @torch.no_grad()
-    def guard_faces(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    def guard_faces(
+        self, x: torch.Tensor, c: torch.Tensor, hints: list[Any] | None = None
+    ) -> tuple[torch.Tensor, list[dict]]:
         """Guard a batch of faces; the only place the daemon calls ``magdr.Guard``.
 
         Args:
             x: faces :math:`(B, 3, S, S)` in [-1, 1] (CPU).
             c: conditions :math:`(B, c_dim)`.
+            hints: per face, a chain to try before Rec-Net searches (``Guard``'s ``hints``).
 
         Returns:
             ``(faces, verdicts)``: the faces to paste back :math:`(B, 3, S, S)` on the CPU
             (``output`` = y*, or ``purified`` = x* with ``publish_purified``), and per face
-            ``{"disrupted", "score", "s_dist", "s_cons", "chain"}``.
+            ``{"disrupted", "score", "s_dist", "s_cons", "chain", "reused"}``.
         """
         x, c = x.to(self.device), c.to(self.device)
         if self.guard is None:
             y = self.G(x, c)
             return y.float().cpu(), [
-                {"disrupted": False, "score": None, "s_dist": None, "s_cons": None, "chain": []}
+                {"disrupted": False, "score": None, "s_dist": None, "s_cons": None, "chain": [],
+                 "reused": False}
                 for _ in range(x.shape[0])
             ]
-        r = self.guard(x, c)
+        r = self.guard(x, c, hints=hints)
         faces = r.purified if self.cfg.guard.publish_purified else r.output
         verdicts = [
             {
@@ -195,6 +199,9 @@ class Engine:
                 "s_dist": _jsonable(float(r.s_dist[i])),
                 "s_cons": _jsonable(float(r.s_cons[i])),
                 "chain": _jsonable(r.chains[i]),
+                "reused": bool(r.reused[i]),
+                # Reconstructed below the threshold: this chain is worth trying next frame.
+                "cured": bool(r.disrupted[i]) and float(r.score_after[i]) <= r.threshold,
             }
             for i in range(x.shape[0])
         ]

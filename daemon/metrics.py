@@ -149,6 +149,9 @@ class Metrics:
         )
         self.faces = Counter("magdr_faces_total", "Faces guarded")
         self.disrupted = Counter("magdr_disrupted_total", "Faces found disrupted")
+        self.chains_reused = Counter(
+            "magdr_chains_reused_total", "Disrupted faces cured by the previous frame's chain"
+        )
         self.bad_input = Counter(
             "magdr_bad_input_total", "Malformed messages or failed files", ["source", "reason"]
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -56,6 +57,26 @@ class FramePipeline:
 
     def __init__(self, engine: Engine, batcher: Batcher, metrics: Metrics) -> None:
         self.engine, self.batcher, self.metrics = engine, batcher, metrics
+        # stream -> per face of its last guarded frame, the chain that cured it (or None):
+        # the hints of the stream's next frame ([guard] reuse_chains).
+        self._chains: dict[str, list[Any]] = {}
+        self._chains_lock = threading.Lock()
+
+    def _hints(self, stream: str, faces: int) -> list[Any] | None:
+        if not self.engine.cfg.guard.reuse_chains:
+            return None
+        with self._chains_lock:
+            last = self._chains.get(stream)
+        # Faces are matched by position: same count, same order of the locator's boxes.
+        return last if last is not None and len(last) == faces and any(last) else None
+
+    def _remember(self, stream: str, per: list[dict[str, Any]]) -> None:
+        if not self.engine.cfg.guard.reuse_chains:
+            return
+        with self._chains_lock:
+            if len(self._chains) > 1024 and stream not in self._chains:  # streams come and go
+                self._chains.clear()
+            self._chains[stream] = [p["chain"] if p.get("cured") else None for p in per]
 
     def submit(self, image: np.ndarray, *, stream: str, seq: int, source: str,
                pts: int | None = None, time_base: tuple[int, int] | None = None,
@@ -76,11 +97,13 @@ class FramePipeline:
         if not crops.boxes:
             out.set_result(self._finish(image, image, [], [], meta, time_base))
             return out
-        inner = self.batcher.submit(crops.x, c[None].expand(len(crops.boxes), -1))
+        hints = self._hints(stream, len(crops.boxes))
+        inner = self.batcher.submit(crops.x, c[None].expand(len(crops.boxes), -1), hints)
 
         def done(f: Future) -> None:
             try:
                 faces, per = f.result()
+                self._remember(stream, per)
                 pasted = self.engine.paste(image, faces, crops)
                 out.set_result(self._finish(image, pasted, crops.boxes, per, meta, time_base))
             except Exception as e:
@@ -99,6 +122,7 @@ class FramePipeline:
         n_bad = sum(p["disrupted"] for p in per)
         self.metrics.faces.inc(len(per))
         self.metrics.disrupted.inc(n_bad)
+        self.metrics.chains_reused.inc(sum(bool(p.get("reused")) for p in per))
         latency = time.monotonic() - meta["t0"]
         self.metrics.latency.observe(latency, source=meta["source"])
         verdict = {

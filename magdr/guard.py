@@ -24,6 +24,7 @@ from magdr.detect import Detection, Detector
 from magdr.faces.regions import REGIONS, group_regions
 from magdr.profile import Profile, load_profile
 from magdr.reconstruct import infer
+from magdr.transforms import apply_chain
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class GuardResult:
         threshold: the profile's threshold on S_final.
         score_after: S_final of ``purified`` :math:`(B,)` (== ``score`` where not disrupted).
         flags: V_i (Eq. 5), bool :math:`(B, N)` over ``magdr.faces.regions.REGIONS``.
+        reused: bool :math:`(B,)`, the item's chain is the ``hints`` chain it was given (no
+            Rec-Net search ran for it).
     """
 
     disrupted: torch.Tensor
@@ -55,6 +58,7 @@ class GuardResult:
     threshold: float
     score_after: torch.Tensor
     flags: torch.Tensor
+    reused: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.score.shape[0])
@@ -123,6 +127,24 @@ class Guard(nn.Module):
         idx = [[REGIONS.index(r) for r in patch] for patch in self.profile.recnet.patches]
         return torch.stack([regions[:, i].sum(1) for i in idx], dim=1)
 
+    @staticmethod
+    def _apply_hint(
+        x: torch.Tensor, patches: torch.Tensor, names: list[str], chain: list[dict[str, Any]]
+    ) -> torch.Tensor:
+        """One face ``(3, S, S)`` through a chain, each step inside its region patch.
+
+        A chain that names a patch or transform this profile does not have (it was built under
+        another profile) leaves the face unchanged, so the search runs for it.
+        """
+        try:
+            out = x[None]
+            for step in chain:
+                mask = patches[names.index(step["region"])][None, None]
+                out = apply_chain(out, [step], mask)
+            return out[0]
+        except (KeyError, ValueError, TypeError):
+            return x
+
     def detect(self, x: torch.Tensor, c: torch.Tensor | None = None) -> Detection:
         """Run only the detectors (no reconstruction)."""
         x, c = self._prepare(x, c)
@@ -176,19 +198,33 @@ class Guard(nn.Module):
         return self.detector(xc, cc, regions[idx], targets[idx], transforms).score
 
     # ---- the guard ----------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> GuardResult:
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor | None = None,
+        hints: list[list[dict[str, Any]] | None] | None = None,
+    ) -> GuardResult:
         """Guard a batch: detect, reconstruct the disrupted items, re-run G on them.
 
         Args:
             x: faces x̂, :math:`(B, 3, S, S)` in [-1, 1], S = ``G.image_size``.
             c: conditions :math:`(B, c_dim)` (``magdr.condition``); ``None`` if G has none.
+            hints: per item, a chain to try before searching (e.g. the chain the same face got
+                in the previous video frame: a perturbation and its cure change little from
+                frame to frame). A disrupted item whose hint brings S_final below the threshold
+                keeps it and skips Rec-Net's search (hundreds of G passes); otherwise, and for
+                ``None`` entries, the search runs as usual.
         """
         home = x.device
         x, c = self._prepare(x, c)
+        if hints is not None and len(hints) != x.shape[0]:
+            raise ValueError(f"hints: expected {x.shape[0]} entries, got {len(hints)}")
         with torch.inference_mode():
             parts = [
                 self._guard_split(
-                    x[i : i + self.max_batch], None if c is None else c[i : i + self.max_batch]
+                    x[i : i + self.max_batch],
+                    None if c is None else c[i : i + self.max_batch],
+                    None if hints is None else hints[i : i + self.max_batch],
                 )
                 for i in range(0, x.shape[0], self.max_batch)
             ]
@@ -199,10 +235,12 @@ class Guard(nn.Module):
                 setattr(r, f.name, v.to(home))
         return r
 
-    def _guard_split(self, x: torch.Tensor, c: torch.Tensor | None) -> GuardResult:
+    def _guard_split(
+        self, x: torch.Tensor, c: torch.Tensor | None, hints: list[Any] | None = None
+    ) -> GuardResult:
         """Guard a sub-batch; on out-of-memory split it in halves and retry (never drop)."""
         try:
-            return self._guard(x, c)
+            return self._guard(x, c, hints)
         except torch.OutOfMemoryError:
             b = x.shape[0]
             if b == 1:
@@ -213,12 +251,16 @@ class Guard(nn.Module):
             h = b // 2
             return GuardResult.cat(
                 [
-                    self._guard_split(x[:h], None if c is None else c[:h]),
-                    self._guard_split(x[h:], None if c is None else c[h:]),
+                    self._guard_split(x[:h], None if c is None else c[:h],
+                                      None if hints is None else hints[:h]),
+                    self._guard_split(x[h:], None if c is None else c[h:],
+                                      None if hints is None else hints[h:]),
                 ]
             )
 
-    def _guard(self, x: torch.Tensor, c: torch.Tensor | None) -> GuardResult:
+    def _guard(
+        self, x: torch.Tensor, c: torch.Tensor | None, hints: list[Any] | None = None
+    ) -> GuardResult:
         p = self.profile
         b = x.shape[0]
         regions = self.regions(x)
@@ -226,10 +268,24 @@ class Guard(nn.Module):
         det = self.detector(x, c, regions, targets)
         purified, output, score_after = x.clone(), det.output.clone(), det.score.clone()
         chains: list[list[dict[str, Any]]] = [[] for _ in range(b)]
+        reused = torch.zeros(b, dtype=torch.bool, device=x.device)
         patches = self._patches(regions)
         names = ["+".join(patch) for patch in p.recnet.patches]
         search_transforms = p.consistency[: max(1, p.recnet.score_transforms)]
         todo = det.disrupted.nonzero().flatten()
+        tried = [i for i in todo.tolist() if hints is not None and hints[i]]
+        if tried:
+            idx = torch.tensor(tried, device=x.device)
+            x_h = torch.stack([self._apply_hint(x[i], patches[i], names, hints[i]) for i in tried])
+            sub_c = None if c is None else c[idx]
+            again = self.detector(x_h, sub_c, regions[idx], targets[idx])
+            cured = ~again.disrupted
+            for j, i in enumerate(tried):
+                if cured[j]:
+                    purified[i], output[i], score_after[i] = x_h[j], again.output[j], again.score[j]
+                    chains[i] = [dict(step) for step in hints[i]]
+                    reused[i] = True
+            todo = todo[~reused[todo]]
         for _ in range(p.recnet.max_rounds):
             if todo.numel() == 0:
                 break
@@ -260,4 +316,5 @@ class Guard(nn.Module):
             threshold=float(p.threshold),
             score_after=score_after,
             flags=det.flags,
+            reused=reused,
         )

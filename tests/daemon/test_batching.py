@@ -105,3 +105,22 @@ def test_streams_share_batches():
         f.result(2)
     assert max(rec.calls) > 4  # at least one batch mixed both streams
     b.close(2)
+
+
+def test_hints_ride_along_per_row_and_only_when_given():
+    seen: list = []
+
+    def fn(x, c, **kw):
+        seen.append(kw.get("hints", "absent"))
+        return x, [None] * x.shape[0]
+
+    b = Batcher(fn, batch_size=5, timeout_s=5.0)
+    b.start()
+    futs = [b.submit(_x(2, 0), torch.zeros(2, 5), ["a", None]),
+            b.submit(_x(1, 1), torch.zeros(1, 5)),
+            b.submit(_x(2, 2), torch.zeros(2, 5), [None, "e"])]  # fmt: skip
+    futs[-1].result(2)
+    fut = b.submit(_x(5, 3), torch.zeros(5, 5))
+    fut.result(2)
+    b.close(2)
+    assert seen == [["a", None, None, None, "e"], "absent"]

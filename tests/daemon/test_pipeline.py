@@ -96,3 +96,48 @@ def test_detect_every_reuses_boxes_per_stream(pipeline):
     assert faces(blank, "b") == 0  # other streams keep their own boxes
     pipe.engine.cfg.guard.detect_every = 1
     assert faces(face, "c") == 1 and faces(blank, "c") == 0
+
+
+def test_a_stream_reuses_the_chain_that_cured_its_previous_frame(tmp_path, tiny_models):
+    """[guard] reuse_chains: the second frame of a stream tries the first frame's chain and
+    keeps it (no search); another stream, or reuse_chains = false, searches."""
+    from magdr.profile import Profile
+
+    frame = np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    flag_all = Profile.load(tiny_models["flag_all"])
+
+    def build(threshold: float, reuse: bool = True):
+        prof = tmp_path / f"p{len(made)}.json"
+        Profile(**{**flag_all.__dict__, "threshold": threshold}).save(prof)
+        models = {**tiny_models, "profile": prof}
+        cfg = load_config(write_config(tmp_path / "c.toml", models, guard=True))
+        cfg.guard.reuse_chains = reuse
+        metrics = Metrics()
+        _, batcher, pipe = build_pipeline(cfg, metrics)
+        made.append(batcher)
+        return pipe, metrics
+
+    def guard(pipe, stream):
+        return pipe.submit(frame, stream=stream, seq=0, source="t").result(30).verdict["faces"][0]
+
+    made: list = []
+    try:
+        # A threshold just under the frame's score: flagged, and Rec-Net's first improvement
+        # brings it below, so the chain cures it.
+        probe, _ = build(1e6)
+        score = guard(probe, "a")["score"]
+        pipe, metrics = build(score - 1e-4 * abs(score))
+        first = guard(pipe, "a")
+        assert first["disrupted"] and first["chain"]
+        again = guard(pipe, "a")
+        assert again["disrupted"] and again["chain"] == first["chain"]
+        assert metrics.chains_reused.value() == 1
+        other = guard(pipe, "b")  # another stream: its own search
+        assert other["chain"] == first["chain"] and metrics.chains_reused.value() == 1
+        off, off_metrics = build(score - 1e-4 * abs(score), reuse=False)
+        guard(off, "a")
+        guard(off, "a")
+        assert off_metrics.chains_reused.value() == 0
+    finally:
+        for b in made:
+            b.close(5)

@@ -236,37 +236,38 @@ def test_cuda_matches_cpu(small_g, face_parser, batch):
 # ---- end to end ---------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def run(tiny_stargan, face_parser):
+    G = tiny_stargan
+    g = torch.Generator().manual_seed(1)
+    x, c = synthetic_faces(104, g), synthetic_conditions(104, g)
+    # Train: 96 clean faces (+ 3 benign copies each) and 24 attacked; held out: the last 8.
+    train, test = slice(0, 96), slice(96, 104)
+    adv_idx = torch.cat([torch.arange(24), torch.arange(96, 104)])
+    x_adv = attacks.pgd(
+        G, x[adv_idx], c[adv_idx], eps=0.05, step=0.01, steps=10,
+        generator=torch.Generator().manual_seed(2),
+    )  # fmt: skip
+    with torch.no_grad():
+        y, y_adv = G(x[adv_idx], c[adv_idx]), G(x_adv, c[adv_idx])
+    base = Guard(G, parser=face_parser, profile=Profile(), device="cpu")
+    x_neg = torch.cat([x[train], calibrate.benign_copies(x[train])])
+    c_neg = c[train].repeat(1 + len(calibrate.BENIGN), 1)
+    # The threshold is a quantile of the 384 clean scores; at fpr 0.5 % it sits near their
+    # top, so a held-out clean face is flagged with probability ~0.5 % (measured over 5
+    # seeds of G and data: 1 of 320 held-out clean faces).
+    profile = calibrate.fit(base, x_neg, c_neg, x_adv[:24], c[:24], fpr=0.005)
+    guard = Guard(G, parser=face_parser, profile=profile, device="cpu")
+    return {
+        "x": x[test], "c": c[test], "x_adv": x_adv[24:], "y": y[24:], "y_adv": y_adv[24:],
+        "mse_train": _mse(y_adv[:24], y[:24]), "profile": profile, "guard": guard,
+        "clean": guard(x[test], c[test]), "attacked": guard(x_adv[24:], c[test]),
+    }  # fmt: skip
+
+
 @pytest.mark.slow
 class TestEndToEnd:
     """PGD (ε 0.05, step 0.01, 10 steps) → calibrate → Guard on held-out faces (tests/conftest)."""
-
-    @pytest.fixture(scope="class")
-    def run(self, tiny_stargan, face_parser):
-        G = tiny_stargan
-        g = torch.Generator().manual_seed(1)
-        x, c = synthetic_faces(104, g), synthetic_conditions(104, g)
-        # Train: 96 clean faces (+ 3 benign copies each) and 24 attacked; held out: the last 8.
-        train, test = slice(0, 96), slice(96, 104)
-        adv_idx = torch.cat([torch.arange(24), torch.arange(96, 104)])
-        x_adv = attacks.pgd(
-            G, x[adv_idx], c[adv_idx], eps=0.05, step=0.01, steps=10,
-            generator=torch.Generator().manual_seed(2),
-        )  # fmt: skip
-        with torch.no_grad():
-            y, y_adv = G(x[adv_idx], c[adv_idx]), G(x_adv, c[adv_idx])
-        base = Guard(G, parser=face_parser, profile=Profile(), device="cpu")
-        x_neg = torch.cat([x[train], calibrate.benign_copies(x[train])])
-        c_neg = c[train].repeat(1 + len(calibrate.BENIGN), 1)
-        # The threshold is a quantile of the 384 clean scores; at fpr 0.5 % it sits near their
-        # top, so a held-out clean face is flagged with probability ~0.5 % (measured over 5
-        # seeds of G and data: 1 of 320 held-out clean faces).
-        profile = calibrate.fit(base, x_neg, c_neg, x_adv[:24], c[:24], fpr=0.005)
-        guard = Guard(G, parser=face_parser, profile=profile, device="cpu")
-        return {
-            "x": x[test], "c": c[test], "x_adv": x_adv[24:], "y": y[24:], "y_adv": y_adv[24:],
-            "mse_train": _mse(y_adv[:24], y[:24]), "profile": profile,
-            "clean": guard(x[test], c[test]), "attacked": guard(x_adv[24:], c[test]),
-        }  # fmt: skip
 
     def test_pgd_disrupts(self, run):
         mse = torch.cat([run["mse_train"], _mse(run["y_adv"], run["y"])])
@@ -296,3 +297,55 @@ class TestEndToEnd:
         assert after.mean() < 0.25 * before.mean()
         assert (r.score_after < r.score).all()
         assert all(r.chains)
+
+
+@pytest.mark.slow
+class TestHints:
+    """``guard(x, c, hints=...)``: a chain that cures a disrupted face is kept without a search
+    (the daemon passes a face's chain from the previous frame); anything else searches."""
+
+    @staticmethod
+    def _count_g(G, fn):
+        calls = []
+        h = G.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        try:
+            return fn(), sum(calls)
+        finally:
+            h.remove()
+
+    def test_a_curing_chain_is_reused_without_search(self, run, tiny_stargan):
+        guard, x_adv, c, first = run["guard"], run["x_adv"], run["c"], run["attacked"]
+        cured = first.score_after < first.threshold
+        assert cured.any()
+        searched, n_search = self._count_g(tiny_stargan, lambda: guard(x_adv, c))
+        hinted, n_hint = self._count_g(
+            tiny_stargan, lambda: guard(x_adv, c, hints=first.chains)
+        )  # fmt: skip
+        assert torch.equal(hinted.reused, cured)
+        for i in cured.nonzero().flatten().tolist():
+            assert hinted.chains[i] == first.chains[i]
+        torch.testing.assert_close(hinted.purified[cured], first.purified[cured])
+        assert (hinted.score_after[cured] < hinted.threshold).all()
+        assert torch.equal(hinted.disrupted, searched.disrupted)  # the verdict is the input's
+        assert n_hint < n_search / 5, (n_hint, n_search)
+
+    def test_useless_or_foreign_hints_fall_back_to_the_search(self, run):
+        guard, x_adv, c, first = run["guard"], run["x_adv"], run["c"], run["attacked"]
+        n = len(x_adv)
+        foreign = [{"name": "median", "params": {"k": 3}, "region": "no-such-patch", "layer": 0}]
+        identity = [{"name": "jpeg", "params": {"quality": 100}, "region": "hair", "layer": 0}]
+        for hints in ([None] * n, [[]] * n, [foreign] * n):
+            r = guard(x_adv, c, hints=hints)
+            assert not r.reused.any()
+            assert r.chains == first.chains
+        r = guard(x_adv, c, hints=[identity] * n)  # runs, but cannot cure: searched instead
+        assert not r.reused.any() and r.chains == first.chains
+
+    def test_clean_faces_ignore_hints(self, run):
+        r = run["guard"](run["x"], run["c"], hints=run["attacked"].chains)
+        assert not r.disrupted.any() and not r.reused.any() and not any(r.chains)
+        assert torch.equal(r.purified, run["x"])
+
+    def test_hints_length_is_checked(self, run):
+        with pytest.raises(ValueError, match="hints"):
+            run["guard"](run["x"], run["c"], hints=[None])
