@@ -131,36 +131,43 @@ def infer(
             s_q = _score_chunked(score_fn, xs.flatten(0, 1), items.repeat_interleave(len(q)), chunk)
             s_q = s_q.view(b, len(q))
             top = s_q.argsort(dim=1)[:, :top_categories]  # [B, top]
-            # Line 9: B'_i = the full grids of the chosen categories (Q_i's entries are scored).
-            chosen = sorted({int(j) for j in top.flatten()})
+            # Line 9: B'_i = the full grids of each item's chosen categories (Q_i's entries are
+            # scored already). Only an item's own categories are scored for it: in a batch the
+            # union of everyone's top categories is most of the grid.
             extra = [
-                {"name": q[j]["name"], "params": dict(p_)}
-                for j in chosen
-                for p_ in get(q[j]["name"]).grid
-                if p_ != q[j]["params"]
+                {"name": m["name"], "params": dict(p_), "category": j}
+                for j, m in enumerate(q)
+                for p_ in get(m["name"]).grid
+                if p_ != m["params"]
             ]
-            methods, scores = q, s_q
-            if extra:
-                xe = _candidates(cur, mask, extra)
-                s_e = _score_chunked(
-                    score_fn, xe.flatten(0, 1), items.repeat_interleave(len(extra)), chunk
-                ).view(b, len(extra))
-                methods, scores = q + extra, torch.cat([s_q, s_e], dim=1)
-                xs = torch.cat([xs, xe], dim=1)
-            allowed = torch.zeros_like(scores, dtype=torch.bool)
-            allowed.scatter_(1, top, True)
-            cat_of = [m["name"] for m in methods]
-            for j in range(len(q), len(methods)):
-                allowed[:, j] = allowed[
-                    :, [k for k in range(len(q)) if q[k]["name"] == cat_of[j]]
-                ].any(1)
+            chosen = torch.zeros(b, len(q), dtype=torch.bool, device=x.device)
+            chosen.scatter_(1, top, True)
+            s_e = torch.full((b, len(extra)), math.inf, device=x.device)
+            xe: dict[tuple[int, int], torch.Tensor] = {}
+            need = chosen[:, [m["category"] for m in extra]] & active[:, None]  # [B, E]
+            if need.any():
+                pairs = need.nonzero()
+                parts = []
+                for j in pairs[:, 1].unique().tolist():
+                    who = pairs[pairs[:, 1] == j, 0]
+                    parts.append((who, j, _candidates(cur[who], mask[who], [extra[j]])[:, 0]))
+                cand = torch.cat([t for _, _, t in parts])
+                owner = torch.cat([who for who, _, _ in parts])
+                s_pairs = _score_chunked(score_fn, cand, owner, chunk)
+                k = 0
+                for who, j, t in parts:
+                    s_e[who, j] = s_pairs[k : k + len(who)]
+                    for n, i in enumerate(who.tolist()):
+                        xe[(i, j)] = t[n]
+                    k += len(who)
+            methods = q + [{"name": m["name"], "params": m["params"]} for m in extra]
             # Line 10-11: the top-1 method of B'_i joins R_i where it lowers S_final.
-            scores = scores.masked_fill(~allowed, math.inf)
+            scores = torch.cat([s_q.masked_fill(~chosen, math.inf), s_e], dim=1)
             best_score, best = scores.min(dim=1)
             better = active & (best_score < cur_score)
             for i in better.nonzero().flatten().tolist():
-                m = methods[int(best[i])]
-                chains[i].append({**m, "region": pname, "layer": layer})
-            cur = torch.where(better[:, None, None, None], xs[items, best], cur)
+                j = int(best[i])
+                chains[i].append({**methods[j], "region": pname, "layer": layer})
+                cur[i] = xs[i, j] if j < len(q) else xe[(i, j - len(q))]
             cur_score = torch.where(better, best_score, cur_score)
     return cur, chains, cur_score

@@ -195,6 +195,28 @@ class TestInfer:
                               "layer": 0}]  # fmt: skip
         assert after[0].item() == pytest.approx(5e-4) and after[1].item() == 0
 
+    def test_each_item_scores_only_its_own_grids(self):
+        # Line 9 per item: a batch must not score item 0 on item 1's category grid (in a batch
+        # the union of the top categories is most of the grid, which would double the work).
+        g = torch.Generator().manual_seed(6)
+        x = (_smooth(2, seed=7) + 0.2 * torch.randn(2, 3, 16, 16, generator=g)).clamp(-1, 1)
+        hidden = torch.stack([gaussian_blur(x, 1.5)[0], bitdepth(x, 4)[1]])
+        q = [[{"name": "gaussian_blur", "params": {"sigma": 0.5}},
+              {"name": "bitdepth", "params": {"bits": 6}}]]  # fmt: skip
+        seen: list[tuple[int, ...]] = []
+
+        def score(xc: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(idx.tolist()))
+            return (xc - hidden[idx]).square().mean((1, 2, 3))
+
+        _, chains, _ = infer(x, score, torch.ones(2, 1, 16, 16), q, ["all"], top_categories=1)
+        owners = [i for call in seen for i in call]
+        n_blur, n_bits = len(REGISTRY["gaussian_blur"].grid), len(REGISTRY["bitdepth"].grid)
+        # x itself, Q_i, then the rest of each item's own grid only.
+        assert owners.count(0) == 1 + 2 + (n_blur - 1)
+        assert owners.count(1) == 1 + 2 + (n_bits - 1)
+        assert chains[0][0]["params"] == {"sigma": 1.5} and chains[1][0]["params"] == {"bits": 4}
+
     def test_start_score_and_small_patches(self, setup):
         clean, x, patches = setup
         patches = patches.clone()
