@@ -142,24 +142,21 @@ def infer(
             ]
             chosen = torch.zeros(b, len(q), dtype=torch.bool, device=x.device)
             chosen.scatter_(1, top, True)
-            s_e = torch.full((b, len(extra)), math.inf, device=x.device)
-            xe: dict[tuple[int, int], torch.Tensor] = {}
             need = chosen[:, [m["category"] for m in extra]] & active[:, None]  # [B, E]
-            if need.any():
-                pairs = need.nonzero()
-                parts = []
-                for j in pairs[:, 1].unique().tolist():
-                    who = pairs[pairs[:, 1] == j, 0]
-                    parts.append((who, j, _candidates(cur[who], mask[who], [extra[j]])[:, 0]))
-                cand = torch.cat([t for _, _, t in parts])
-                owner = torch.cat([who for who, _, _ in parts])
-                s_pairs = _score_chunked(score_fn, cand, owner, chunk)
-                k = 0
-                for who, j, t in parts:
-                    s_e[who, j] = s_pairs[k : k + len(who)]
-                    for n, i in enumerate(who.tolist()):
-                        xe[(i, j)] = t[n]
-                    k += len(who)
+            # Candidate (item i, extra j) is row[i, j] of ``cand``; -1 where not scored.
+            row = torch.full((b, len(extra)), -1, dtype=torch.long, device=x.device)
+            cands, owners, n = [], [], 0
+            for j in need.any(0).nonzero().flatten().tolist():
+                who = need[:, j].nonzero().flatten()
+                row[who, j] = torch.arange(n, n + len(who), device=x.device)
+                n += len(who)
+                cands.append(_candidates(cur[who], mask[who], [extra[j]])[:, 0])
+                owners.append(who)
+            s_e = torch.full((b, len(extra)), math.inf, device=x.device)
+            if cands:
+                cand = torch.cat(cands)
+                s_cand = _score_chunked(score_fn, cand, torch.cat(owners), chunk)
+                s_e[need] = s_cand[row[need]]
             methods = q + [{"name": m["name"], "params": m["params"]} for m in extra]
             # Line 10-11: the top-1 method of B'_i joins R_i where it lowers S_final.
             scores = torch.cat([s_q.masked_fill(~chosen, math.inf), s_e], dim=1)
@@ -168,6 +165,6 @@ def infer(
             for i in better.nonzero().flatten().tolist():
                 j = int(best[i])
                 chains[i].append({**methods[j], "region": pname, "layer": layer})
-                cur[i] = xs[i, j] if j < len(q) else xe[(i, j - len(q))]
+                cur[i] = xs[i, j] if j < len(q) else cand[row[i, j - len(q)]]
             cur_score = torch.where(better, best_score, cur_score)
     return cur, chains, cur_score
