@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
             save_generator(G, a.run_dir / f"G_{step + 1:06d}.pt")
     else:
         step = a.steps
-    if step % a.ckpt_every:  # stopped by --max-minutes: keep the last state too
+    if step < a.steps and step % a.ckpt_every:  # stopped by --max-minutes: keep the last state
         save_ckpt(ckpt, step, rng, G=G, D=Dnet, opt_g=opt_g, opt_d=opt_d)
         save_generator(G, a.run_dir / f"G_{step:06d}.pt")
     log.info("stopped at step %d after %.0f s", step, time.monotonic() - budget.t0)
