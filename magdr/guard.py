@@ -29,6 +29,11 @@ from magdr.transforms import apply_chain
 log = logging.getLogger(__name__)
 
 
+def _rows(v: Any, index: Any) -> Any:
+    """``v[index]``, or None for an absent ``v`` (no condition, no hints)."""
+    return None if v is None else v[index]
+
+
 @dataclass
 class GuardResult:
     """The guard's verdict for a batch; tensors are batched on the input's device.
@@ -199,7 +204,7 @@ class Guard(nn.Module):
         transforms: list[dict[str, Any]],
     ) -> torch.Tensor:
         """S_final of Rec-Net candidates ``xc``, each scored against item ``idx``'s regions."""
-        cc = None if c is None else c[idx]
+        cc = _rows(c, idx)
         return self.detector(xc, cc, regions[idx], targets[idx], transforms).score
 
     # ---- the guard ----------------------------------------------------------------------
@@ -225,14 +230,8 @@ class Guard(nn.Module):
         if hints is not None and len(hints) != x.shape[0]:
             raise ValueError(f"hints: expected {x.shape[0]} entries, got {len(hints)}")
         with torch.inference_mode():
-            parts = [
-                self._guard_split(
-                    x[i : i + self.max_batch],
-                    None if c is None else c[i : i + self.max_batch],
-                    None if hints is None else hints[i : i + self.max_batch],
-                )
-                for i in range(0, x.shape[0], self.max_batch)
-            ]
+            batches = [slice(i, i + self.max_batch) for i in range(0, x.shape[0], self.max_batch)]
+            parts = [self._guard_split(x[s], _rows(c, s), _rows(hints, s)) for s in batches]
         r = GuardResult.cat(parts)
         for f in fields(GuardResult):
             v = getattr(r, f.name)
@@ -254,13 +253,9 @@ class Guard(nn.Module):
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             h = b // 2
+            halves = [slice(None, h), slice(h, None)]
             return GuardResult.cat(
-                [
-                    self._guard_split(x[:h], None if c is None else c[:h],
-                                      None if hints is None else hints[:h]),
-                    self._guard_split(x[h:], None if c is None else c[h:],
-                                      None if hints is None else hints[h:]),
-                ]
+                [self._guard_split(x[s], _rows(c, s), _rows(hints, s)) for s in halves]
             )
 
     def _guard(
@@ -282,7 +277,7 @@ class Guard(nn.Module):
         if tried:
             idx = torch.tensor(tried, device=x.device)
             x_h = torch.stack([self._apply_hint(x[i], patches[i], names, hints[i]) for i in tried])
-            sub_c = None if c is None else c[idx]
+            sub_c = _rows(c, idx)
             again = self.detector(x_h, sub_c, regions[idx], targets[idx])
             cured = ~again.disrupted
             for j, i in enumerate(tried):
@@ -294,7 +289,7 @@ class Guard(nn.Module):
         for _ in range(p.recnet.max_rounds):
             if todo.numel() == 0:
                 break
-            sub_c = None if c is None else c[todo]
+            sub_c = _rows(c, todo)
             sub_regions, sub_targets = regions[todo], targets[todo]
 
             score_fn = partial(
