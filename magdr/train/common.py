@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +34,17 @@ def setup_logging(run_dir: Path) -> None:
     for h in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler()):
         h.setFormatter(fmt)
         root.addHandler(h)
+
+
+def smoke_settings(a: argparse.Namespace, argv: list[str] | None, **values: object) -> None:
+    """Set ``--smoke``'s small values on ``a``, except for options given on the command line.
+
+    So a test can still ask a smoke run for, say, ``--ckpt-every 1000`` and see it honoured.
+    """
+    given = {arg.split("=")[0] for arg in (sys.argv[1:] if argv is None else argv)}
+    for name, value in values.items():
+        if "--" + name.replace("_", "-") not in given:
+            setattr(a, name, value)
 
 
 class LossLog:

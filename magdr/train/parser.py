@@ -38,6 +38,7 @@ from magdr.train.common import (
     save_ckpt,
     seed_all,
     setup_logging,
+    smoke_settings,
     tensor_state_dict,
 )
 
@@ -215,8 +216,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     torch.set_num_threads(a.threads)
     if a.smoke:
         tmp = Path(tempfile.mkdtemp(prefix="magdr-parser-"))
-        a.steps, a.fs_batch, a.celeba_batch, a.width, a.depth = 2, 2, 2, 4, 3
-        a.run_dir, a.out, a.ckpt_every, a.log_every = tmp, tmp / "parser.pt", 1, 1
+        smoke_settings(a, argv, steps=2, fs_batch=2, celeba_batch=2, width=4, depth=3,
+                       run_dir=tmp, ckpt_every=1, log_every=1)  # fmt: skip
+        smoke_settings(a, argv, out=a.run_dir / "parser.pt")
     setup_logging(a.run_dir)
     rng = seed_all(a.seed)
 
@@ -288,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
             save_ckpt(ckpt, step + 1, rng, net=net, opt=opt)
     else:
         step = a.steps
+    if step < a.steps and step % a.ckpt_every:  # stopped by --max-minutes: keep the last state
+        save_ckpt(ckpt, step, rng, net=net, opt=opt)
     log.info("stopped at step %d after %.0f s", step, time.monotonic() - budget.t0)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(tensor_state_dict(net), a.out)

@@ -65,6 +65,7 @@ from magdr.train.common import (
     save_ckpt,
     seed_all,
     setup_logging,
+    smoke_settings,
     tensor_state_dict,
 )
 
@@ -288,9 +289,8 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
 
     if a.smoke:
         a.run_dir = a.run_dir or Path(tempfile.mkdtemp(prefix="magdr-stargan-"))
-        a.steps = a.steps if "--steps" in (argv or []) else 2
-        a.stage1_steps, a.batch, a.conv_dim, a.repeat_num = 1, 2, 4, 1
-        a.out, a.ckpt_every, a.log_every = a.run_dir / "G.pt", 1, 1
+        smoke_settings(a, argv, steps=2, stage1_steps=1, batch=2, conv_dim=4, repeat_num=1,
+                       out=a.run_dir / "G.pt", ckpt_every=1, log_every=1)  # fmt: skip
     a.run_dir = a.run_dir or Path("runs/stargan")
     if a.ae_only:
         a.stage1_steps = a.steps

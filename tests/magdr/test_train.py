@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from magdr.faces.parsenet import ParseNet
 from magdr.faces.regions import BISENET_CLASSES
 from magdr.train import data as D
+from magdr.train.common import Budget
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "magdr/models/weights"
 
@@ -65,15 +67,29 @@ def test_stargan_resume_continues_from_checkpoint(tmp_path: Path) -> None:
     assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 2
 
 
-def test_stargan_max_minutes_stops_on_time_and_keeps_the_last_state(tmp_path: Path) -> None:
-    from magdr.train import stargan
+class _RunsOutAfter3(Budget):
+    """A ``--max-minutes`` budget that runs out after exactly 3 steps (a clock would be flaky)."""
 
+    def done(self, step: int) -> bool:  # noqa: D102
+        return step >= 3 or super().done(step)
+
+
+@pytest.mark.parametrize("script", ["stargan", "parser"])
+def test_a_run_stopped_by_its_budget_keeps_its_last_state_and_resumes(
+    script: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = importlib.import_module(f"magdr.train.{script}")
     run = tmp_path / "run"
-    out = stargan.main(["--smoke", "--threads", "1", "--steps", "1000", "--ckpt-every", "1000",
-                        "--max-minutes", "0.001", "--run-dir", str(run)])  # fmt: skip
-    step = torch.load(run / "ckpt.pt", weights_only=False)["step"]
-    assert 0 <= step < 1000 and out.exists()
-    assert (run / f"G_{step:06d}.pt").exists() or step == 0
+    args = ["--smoke", "--threads", "1", "--steps", "6", "--ckpt-every", "1000",
+            "--run-dir", str(run)]  # fmt: skip
+    monkeypatch.setattr(module, "Budget", _RunsOutAfter3)
+    module.main(args)
+    assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 3  # not a multiple of 1000
+    monkeypatch.setattr(module, "Budget", Budget)
+    module.main([*args, "--resume"])
+    steps = [json.loads(ln)["step"] for ln in (run / "losses.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 6
 
 
 def test_stargan_ae_only_smoke_needs_no_hair_maps(tmp_path: Path) -> None:
@@ -84,8 +100,6 @@ def test_stargan_ae_only_smoke_needs_no_hair_maps(tmp_path: Path) -> None:
 
 
 def test_budget_fraction_follows_steps_or_time() -> None:
-    from magdr.train.common import Budget
-
     b = Budget(100)
     assert b.fraction(25) == 0.25 and not b.done(99) and b.done(100)
     t = Budget(100, max_minutes=0.0)  # no time at all: done before the first step
