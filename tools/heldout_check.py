@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import magdr
+from bench.common import success
 from magdr.train.data import CELEBA_VAL, load_celeba, to_tensor
 
 EDIT = {"Blond_Hair": 1}
@@ -74,8 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     c = magdr.condition(G, EDIT, batch=len(val))
     x_adv = magdr.attacks.pgd(G, val, c, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        disrupted = ((G(x_adv, c) - G(val, c)) ** 2).mean((1, 2, 3)) > 0.05
+    disrupted = success(G, val, x_adv, c)
     s = scores(guard, x_adv[disrupted])
     res["pgd_disrupted_flagged"] = f"{int((s > thr).sum())}/{int(disrupted.sum())}"
     res["pgd_lowest_score"] = round(float(s.min()), 5) if len(s) else None
