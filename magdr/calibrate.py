@@ -2,8 +2,10 @@
 
 The paper leaves these as hyper-parameters; here they are fitted on the training split:
 
-1. ``mu``, ``sigma``: mean and spread of each distance d̄_i (Eq. 4) over the non-target regions
-   of clean faces (standardisation before Eq. 6's sigmoid);
+1. ``mu``, ``sigma``: mean and spread of each distance d̄_i (Eq. 4), or of its excess over the
+   face's benchmark when the profile has a ``reference`` (``--reference``, default a 3×3 median;
+   ``magdr.detect``), over the non-target regions of clean faces (standardisation before Eq. 6's
+   sigmoid);
 2. ``w`` (Eq. 6): each distance weighted by how well it alone separates attacked from clean
    faces (AUROC − 0.5, normalised to sum 1);
 3. ``lam`` (Eq. 9): the λ on a log grid that gives S_final = λ·S_dist + S_cons the best AUROC
@@ -32,9 +34,10 @@ import torch
 from torch import nn
 
 from magdr.detect import distortion_score, region_presence
-from magdr.profile import DEFAULT_PROFILE, Profile
+from magdr.profile import DEFAULT_PROFILE, DEFAULT_REFERENCE, Profile
 from magdr.reconstruct import pretrain
 from magdr.transforms import apply
+from magdr.transforms import get as get_transform
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +121,7 @@ def _features(guard: Any, x: torch.Tensor, c: torch.Tensor | None, chunk: int = 
         det = guard.detector(xb, cb, regions, targets)
         parts.append(
             _Features(
-                det.distances.cpu(),
+                det.excess.cpu(),
                 targets.cpu(),
                 region_presence(regions, p.min_region_area).cpu(),
                 det.s_cons.cpu(),
@@ -283,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(DEFAULT_PROFILE))
     ap.add_argument("--name", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--reference", default=_spec(DEFAULT_REFERENCE), metavar="NAME[:KEY=V,...]|none",
+        help="the transform whose output benchmarks each face's region distances (default "
+        "%(default)s); 'none' for the paper's absolute distances",
+    )  # fmt: skip
     ap.add_argument("--device", default="auto")
     ap.add_argument(
         "--extra-negatives", action="append", default=[], metavar="NPZ",
@@ -301,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(f"--edits: {e}")
     try:
+        reference = parse_transform(args.reference)
+    except (ValueError, KeyError) as e:
+        ap.error(f"--reference: {e}")
+    try:
         extra = [(p, load_negatives(p)) for p in args.extra_negatives]
     except (OSError, ValueError, KeyError) as e:
         ap.error(f"--extra-negatives: {e}")
@@ -312,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     t0 = time.time()
     G = magdr.load_generator(args.generator, kind=args.kind)
-    guard = magdr.Guard(G, parser=args.parser, profile=Profile(), device=args.device)
+    base = Profile(reference=reference)
+    guard = magdr.Guard(G, parser=args.parser, profile=base, device=args.device)
     celeba = load_celeba(Path(args.data) if args.data else None)
     rng = np.random.default_rng(args.seed)
     idx = rng.choice(8000, size=args.n, replace=False)
@@ -426,6 +439,36 @@ def parse_edits(text: str) -> list[str | dict[str, float]]:
     if not out:
         raise ValueError("no edits")
     return out
+
+
+def _spec(t: dict[str, Any]) -> str:
+    """``{"name": "median", "params": {"k": 3}}`` -> ``"median:k=3"`` (the CLI's form)."""
+    params = ",".join(f"{k}={v}" for k, v in t["params"].items())
+    return f"{t['name']}:{params}" if params else t["name"]
+
+
+def parse_transform(text: str) -> dict[str, Any] | None:
+    """``"median:k=3"`` -> ``{"name": "median", "params": {"k": 3}}``; ``"none"`` -> ``None``.
+
+    Example:
+        >>> parse_transform("gaussian_blur:sigma=0.8")
+        {'name': 'gaussian_blur', 'params': {'sigma': 0.8}}
+    """
+    text = text.strip()
+    if text.lower() == "none":
+        return None
+    name, _, rest = text.partition(":")
+    get_transform(name)  # KeyError names the known transforms
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"expected NAME[:KEY=V,...], got {text!r}")
+        try:
+            params[key.strip()] = int(value)
+        except ValueError:
+            params[key.strip()] = float(value)
+    return {"name": name, "params": params}
 
 
 def _conditions(G: nn.Module, attrs: np.ndarray, rng: np.random.Generator) -> torch.Tensor:

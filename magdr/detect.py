@@ -3,6 +3,18 @@
 The functions are pure and batched; :class:`Detector` runs them for a generator G, a face
 parser and a :class:`magdr.profile.Profile`, with G called once on the stacked batch of the
 inputs and their K transforms.
+
+*Per-face benchmark of S_dist.* How far G's output sits from its input in a region depends on
+the face as much as on an attack: a small G reconstructs an unusual face (a green-screen clip, a
+dark frame) badly everywhere, and raw region distances read that as distortion. The paper
+benchmarks each region against the target region (Eq. 5) for this reason, but an attack on G
+moves the target region as much as the rest, so that benchmark cannot separate them. With a
+``reference`` transform in the profile, each region's distance is instead benchmarked against
+the same region for G run on a denoised copy of the input: :func:`excess_distances`,
+d̄_i(x̂) − d̄_i(f_ref(x̂)). A clean face that G reconstructs badly is reconstructed about as
+badly after a 3×3 median; a disrupted one much better, because the median breaks the
+perturbation. G's output for f_ref(x̂) is one of the consistency pass's outputs, so the
+benchmark costs no extra call of G when f_ref is among the K transforms.
 """
 
 from __future__ import annotations
@@ -38,6 +50,21 @@ def region_distances(
     check_images(x)
     check_images(y, "y")
     return region_distance_matrix(x, y, regions, names)
+
+
+def excess_distances(d: torch.Tensor, d_ref: torch.Tensor | None) -> torch.Tensor:
+    """The region distances that S_dist reads: d̄_i − d̄_i^ref, or d̄_i without a reference.
+
+    Args:
+        d: d̄_i of x̂ and G(x̂, c) (Eq. 4), :math:`(B, N, M)`.
+        d_ref: d̄_i of f_ref(x̂) and G(f_ref(x̂), c), the face's own benchmark (module
+            docstring), same shape; ``None`` for the paper's absolute distances.
+
+    Example:
+        >>> excess_distances(torch.tensor([[[0.3]]]), torch.tensor([[[0.2]]]))
+        tensor([[[0.1000]]])
+    """
+    return d if d_ref is None else d - d_ref
 
 
 def region_presence(regions: torch.Tensor, min_area: float) -> torch.Tensor:
@@ -82,13 +109,15 @@ def distortion_score(
 ) -> torch.Tensor:
     """Distortion score S_dist = Σ_{i≠c} w∘sigmoid(d̄_i) (Eq. 6), :math:`(B,)`.
 
-    Each distance is first standardised with the clean statistics ``(d̄ − μ)/σ`` of the profile
-    (raw L1, L2, L∞ and 1−SSIM live on scales an order of magnitude apart), and the sum over
-    regions is divided by the number of non-target regions present, so S_dist does not depend
-    on how many regions a face shows. Items with no non-target region score 0.
+    ``d`` is d̄_i itself (the paper) or its excess over the face's own benchmark
+    (:func:`excess_distances`). Each distance is first standardised with the clean statistics
+    ``(d̄ − μ)/σ`` of the profile (raw L1, L2, L∞ and 1−SSIM live on scales an order of
+    magnitude apart), and the sum over regions is divided by the number of non-target regions
+    present, so S_dist does not depend on how many regions a face shows. Items with no
+    non-target region score 0.
 
     Args:
-        d: region distances d̄_i, :math:`(B, N, M)`.
+        d: region distances d̄_i or their excess, :math:`(B, N, M)`.
         targets: :math:`(B, N)` 0/1 target regions (left out of the sum).
         present: :math:`(B, N)` bool, regions large enough to judge.
         w: the weights of Eq. 6, :math:`(M,)`.
@@ -145,6 +174,14 @@ def outputs_under_transforms(
     return y, y_k
 
 
+def _index_of(transforms: list[dict[str, Any]], t: dict[str, Any]) -> int | None:
+    """Where ``{"name", "params"}`` ``t`` is in ``transforms`` (same name and parameters)."""
+    for i, u in enumerate(transforms):
+        if u["name"] == t["name"] and u.get("params", {}) == t.get("params", {}):
+            return i
+    return None
+
+
 @dataclass
 class Detection:
     """What the detectors found for a batch; every field is batched.
@@ -155,6 +192,8 @@ class Detection:
         disrupted: ``score > threshold``, bool :math:`(B,)`.
         flags: V_i (Eq. 5), bool :math:`(B, N)` over ``REGIONS``.
         distances: d̄_i (Eq. 4), :math:`(B, N, M)`.
+        excess: what S_dist standardises, :math:`(B, N, M)`: d̄_i minus the same distances for
+            G on f_ref(x̂) when the profile has a ``reference``, else d̄_i.
         output: G(x̂, c), :math:`(B, 3, H, W)`.
     """
 
@@ -164,6 +203,7 @@ class Detection:
     disrupted: torch.Tensor
     flags: torch.Tensor
     distances: torch.Tensor
+    excess: torch.Tensor
     output: torch.Tensor
 
 
@@ -211,15 +251,31 @@ class Detector(nn.Module):
         check_images(x)
         check_shape(regions, [str(x.shape[0]), str(len(REGIONS)), "H", "W"], "regions")
         p = self.profile
-        y, y_k = outputs_under_transforms(self.G, x, c, transforms or p.consistency, differentiable)
+        transforms = list(transforms or p.consistency)
+        k = len(transforms)
+        ref = p.reference
+        if ref is not None:
+            # The benchmark input rides along in G's one call (reused when it is an f_k).
+            i_ref = _index_of(transforms, ref)
+            if i_ref is None:
+                i_ref = len(transforms)
+                transforms.append(ref)
+        y, y_all = outputs_under_transforms(self.G, x, c, transforms, differentiable)
+        y_k = y_all[:, :k]
         # The target region M_c rides along as one more mask: one pass over the pixel maps.
         d_all = region_distances(
             x, y, torch.cat([regions, target_mask(regions, targets)], 1), p.distances
         )
         d, d_c = d_all[:, :-1], d_all[:, -1]
+        d_ref = None
+        if ref is not None:
+            f = bpda_apply if differentiable else apply
+            x_ref = f(ref["name"], x, **ref.get("params", {}))
+            d_ref = region_distances(x_ref, y_all[:, i_ref], regions, p.distances)
+        excess = excess_distances(d, d_ref)
         present = region_presence(regions, p.min_region_area)
         w, mu, sigma = self._stats(x)
-        s_dist = distortion_score(d, targets, present, w, mu, sigma)
+        s_dist = distortion_score(excess, targets, present, w, mu, sigma)
         s_cons = consistency_score(y, y_k, p.cons_distance)
         score = final_score(s_dist, s_cons, p.lam)
         return Detection(
@@ -229,5 +285,6 @@ class Detector(nn.Module):
             disrupted=score > p.threshold,
             flags=distortion_flags(d, d_c, targets, present),
             distances=d,
+            excess=excess,
             output=y,
         )

@@ -7,6 +7,9 @@ shipped beside the default weights). Keys:
 - ``mu``, ``sigma``: per distance, mean and spread of clean non-target region distances, used to
   standardise d̄_i before the sigmoid of Eq. 6 (raw distances live on very different scales);
 - ``w``: the weight vector w of Eq. 6, one weight per distance;
+- ``reference``: ``{"name", "params"}`` of the input transform f_ref whose output benchmarks each
+  face's region distances (``magdr.detect``'s module docstring), or ``null`` for the paper's
+  absolute distances (profiles written before it existed mean ``null``);
 - ``lam``: λ of Eq. 9; ``threshold``: S_final above it means *disrupted*;
 - ``consistency``: the K input transforms f_k of Eq. 7, ``[{"name", "params"}, …]``;
 - ``recnet``: Rec-Net's pretrained layers Q_i and search settings (Algorithm 1).
@@ -34,11 +37,17 @@ DEFAULT_LAYERS: list[list[str]] = [
 ]
 
 
+#: The denoiser whose G output benchmarks S_dist per face (``calibrate --reference``'s default).
+DEFAULT_REFERENCE: dict[str, Any] = {"name": "median", "params": {"k": 3}}
+
+
 def _default_consistency() -> list[dict[str, Any]]:
+    # The reference first: Rec-Net's search scores with the first few f_k, and a reference
+    # among them costs no extra call of G.
     return [
+        dict(DEFAULT_REFERENCE, params=dict(DEFAULT_REFERENCE["params"])),
         {"name": "jpeg", "params": {"quality": 75}},
         {"name": "gaussian_blur", "params": {"sigma": 0.8}},
-        {"name": "median", "params": {"k": 3}},
         {"name": "resize", "params": {"scale": 0.7}},
     ]
 
@@ -95,6 +104,7 @@ class Profile:
     mu: list[float] = field(default_factory=lambda: [0.05, 0.008, 0.4, 0.1])
     sigma: list[float] = field(default_factory=lambda: [0.03, 0.008, 0.2, 0.05])
     w: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])
+    reference: dict[str, Any] | None = None
     lam: float = 0.05
     threshold: float = 0.05
     consistency: list[dict[str, Any]] = field(default_factory=_default_consistency)
@@ -113,7 +123,7 @@ class Profile:
         for name in [*self.distances, self.cons_distance]:
             if name not in DISTANCES:
                 raise ValueError(f"profile: unknown distance {name!r}; known: {list(DISTANCES)}")
-        for t in self.consistency:
+        for t in [*self.consistency, *([self.reference] if self.reference else [])]:
             get_transform(t["name"])
         # Rec-Net's names too, so a bad profile fails when loaded, not at the first attack.
         for cat in [c for layer in self.recnet.layers for c in layer]:

@@ -110,9 +110,23 @@ class TestFit:
         keep = (regions.mean((2, 3)) >= p.min_region_area) & (
             G.target_regions(setup["c_neg"]) < 0.5
         )
-        vals = det.distances[keep]  # [n, M]
+        vals = det.excess[keep]  # [n, M]
         torch.testing.assert_close(torch.tensor(p.mu), vals.mean(0), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(torch.tensor(p.sigma), vals.std(0), rtol=1e-4, atol=1e-6)
+
+    def test_with_a_reference_fits_the_excess_and_keeps_it(self, setup, face_parser):
+        ref = {"name": "median", "params": {"k": 3}}
+        base = Guard(setup["G"], parser=face_parser, profile=Profile(reference=ref), device="cpu")
+        x_neg, c_neg = setup["x_neg"], setup["c_neg"]
+        p = fit(base, x_neg, c_neg, setup["x_adv"], setup["c"], fpr=0.1, pretrain_recnet=False)
+        assert p.reference == ref
+        det = base.detect(x_neg, c_neg)
+        keep = (base.regions(x_neg).mean((2, 3)) >= p.min_region_area) & (
+            setup["G"].target_regions(c_neg) < 0.5
+        )
+        vals = det.excess[keep]
+        assert not torch.allclose(vals, det.distances[keep])  # the benchmark did something
+        torch.testing.assert_close(torch.tensor(p.mu), vals.mean(0), rtol=1e-4, atol=1e-6)
 
     def test_w_lam_meta(self, setup):
         p = setup["profile"]
@@ -262,6 +276,25 @@ class TestExtraNegatives:
         with pytest.raises(SystemExit) as e:
             run_main("--edits", "Blond_Hair")
         assert e.value.code == 2 and "--edits" in capsys.readouterr().err
+
+
+    def test_reference_option(self, run_main, capsys):
+        p, _ = run_main()
+        assert p.reference == {"name": "median", "params": {"k": 3}}  # the default
+        p, _ = run_main("--reference", "gaussian_blur:sigma=0.8")
+        assert p.reference == {"name": "gaussian_blur", "params": {"sigma": 0.8}}
+        assert run_main("--reference", "none")[0].reference is None
+        with pytest.raises(SystemExit) as e:
+            run_main("--reference", "sharpen:k=3")
+        assert e.value.code == 2 and "--reference" in capsys.readouterr().err
+
+
+def test_parse_transform():
+    assert calibrate.parse_transform("median:k=3") == {"name": "median", "params": {"k": 3}}
+    assert calibrate.parse_transform(" jpeg ") == {"name": "jpeg", "params": {}}
+    assert calibrate.parse_transform("NONE") is None
+    with pytest.raises(ValueError, match="NAME"):
+        calibrate.parse_transform("median:3")
 
 
 def test_parse_edits():

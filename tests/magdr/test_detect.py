@@ -16,6 +16,7 @@ from magdr.detect import (
     consistency_score,
     distortion_flags,
     distortion_score,
+    excess_distances,
     final_score,
     outputs_under_transforms,
     region_distances,
@@ -267,3 +268,96 @@ class TestDetector:
         x = torch.zeros(2, 3, 16, 16)
         with pytest.raises(ShapeError, match="regions"):
             det(x, torch.zeros(2, 5), torch.ones(2, 3, 16, 16), torch.zeros(2, len(REGIONS)))
+
+
+class TestReference:
+    """S_dist benchmarked per face by G's output for a denoised copy (module docstring)."""
+
+    REF = {"name": "median", "params": {"k": 3}}
+
+    def _inputs(self, small_g, face_parser, b=3):
+        x = torch.rand(b, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        c = torch.eye(5)[:b]
+        return x, c, group_regions(face_parser(x)), small_g.target_regions(c)
+
+    def test_excess_is_the_difference(self):
+        d, d_ref = torch.tensor([[[0.3, 0.5]]]), torch.tensor([[[0.1, 0.7]]])
+        torch.testing.assert_close(excess_distances(d, d_ref), torch.tensor([[[0.2, -0.2]]]))
+        assert excess_distances(d, None) is d
+
+    def test_without_reference_excess_is_the_distances(self, small_g, face_parser):
+        x, c, regions, targets = self._inputs(small_g, face_parser)
+        with torch.no_grad():
+            r = Detector(small_g, Profile())(x, c, regions, targets)
+        assert torch.equal(r.excess, r.distances)
+
+    def test_benchmark_is_g_on_the_reference_input(self, small_g, face_parser):
+        x, c, regions, targets = self._inputs(small_g, face_parser)
+        profile = Profile(reference=self.REF)
+        with torch.no_grad():
+            r = Detector(small_g, profile)(x, c, regions, targets)
+            x_ref = apply("median", x, k=3)
+            d_ref = region_distances(x_ref, small_g(x_ref, c), regions, profile.distances)
+        torch.testing.assert_close(r.excess, r.distances - d_ref)
+        w, mu, sigma = (torch.tensor(v) for v in (profile.w, profile.mu, profile.sigma))
+        present = region_presence(regions, profile.min_region_area)
+        torch.testing.assert_close(
+            r.s_dist, distortion_score(r.distances - d_ref, targets, present, w, mu, sigma)
+        )
+
+    @pytest.mark.parametrize("among", [True, False])
+    def test_one_call_of_g_and_s_cons_over_the_k_only(self, small_g, face_parser, among):
+        x, c, regions, targets = self._inputs(small_g, face_parser)
+        ks = TRANSFORMS if among else TRANSFORMS[:2]  # TRANSFORMS holds the 3x3 median
+        G = CountingG(small_g)
+        with torch.no_grad():
+            r = Detector(G, Profile(reference=self.REF, consistency=ks))(x, c, regions, targets)
+            plain = Detector(small_g, Profile(consistency=ks))(x, c, regions, targets)
+        # One call; the reference adds a copy of the batch only when it is not an f_k.
+        assert G.calls == [3 * (1 + len(ks) + (0 if among else 1))]
+        torch.testing.assert_close(r.s_cons, plain.s_cons)
+        torch.testing.assert_close(r.distances, plain.distances)
+
+    def test_face_g_reconstructs_badly_everywhere_is_not_distorted(self):
+        """A G that is poor on every face (here: it smooths and shifts every colour by 0.3)
+        moves every region far from x; only the absolute distances call that distortion."""
+
+        class Shifting(nn.Module):
+            image_size, c_dim, attribute_targets = 16, 5, {}
+
+            def forward(self, x, c):
+                return (apply("gaussian_blur", x, sigma=2.0) + 0.3).clamp(-1, 1)
+
+            def target_regions(self, c, batch=None):
+                return torch.zeros(batch or 1, len(REGIONS))
+
+        G = Shifting()
+        # Smooth faces (gradients), which a 3x3 median leaves almost as they are.
+        ramp = torch.linspace(-0.6, 0.6, 16)
+        x = torch.stack([ramp[:, None].expand(16, 16), ramp[None, :].expand(16, 16)])
+        x = x[:, None].expand(2, 3, 16, 16).contiguous()
+        regions = torch.zeros(2, len(REGIONS), 16, 16)
+        regions[:, REGIONS.index("skin"), :8] = 1
+        regions[:, REGIONS.index("background"), 8:] = 1
+        targets = torch.zeros(2, len(REGIONS))
+        absolute = Profile(mu=[0.1, 0.01, 0.2, 0.05], sigma=[0.03, 0.01, 0.05, 0.03])
+        # Clean statistics of the excess: about 0 (a clean face scores sigmoid(0) = 0.5).
+        benchmarked = Profile(reference=self.REF, mu=[0.0] * 4, sigma=absolute.sigma)
+        noise = 0.2 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(3)))
+        with torch.no_grad():
+            s_abs = Detector(G, absolute)(x, None, regions, targets).s_dist
+            s_ref = Detector(G, benchmarked)(x, None, regions, targets).s_dist
+            # High-frequency noise on the same faces is what the median takes out: excess.
+            s_noisy = Detector(G, benchmarked)(x + noise, None, regions, targets).s_dist
+        assert (s_abs > 0.9).all()  # every region far beyond the clean mean
+        torch.testing.assert_close(s_ref, torch.full((2,), 0.5), atol=0.05, rtol=0)
+        assert (s_noisy > 0.65).all()
+
+    def test_differentiable(self, small_g, face_parser):
+        x, c, regions, targets = self._inputs(small_g, face_parser, b=1)
+        x = x.clone().requires_grad_(True)
+        r = Detector(small_g, Profile(reference=self.REF))(
+            x, c, regions, targets, differentiable=True
+        )
+        (grad,) = torch.autograd.grad(r.score.sum(), x)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -19,6 +19,7 @@ def _custom() -> Profile:
         w=[0.6, 0.4],
         lam=0.5,
         threshold=0.125,
+        reference={"name": "median", "params": {"k": 3}},
         consistency=[{"name": "jpeg", "params": {"quality": 60}}],
         cons_distance="l1",
         recnet=RecNetSettings(
@@ -52,6 +53,13 @@ class TestJSON:
         p = Profile()
         assert Profile.from_dict(json.loads(json.dumps(p.to_dict()))) == p
 
+    def test_reference_absent_means_absolute_distances(self):
+        # Profiles written before the per-face benchmark keep their meaning.
+        d = _custom().to_dict()
+        del d["reference"]
+        assert Profile.from_dict(d).reference is None
+        assert Profile().reference is None
+
     def test_version_absent_means_1(self):
         d = Profile().to_dict()
         del d["version"]
@@ -79,6 +87,10 @@ class TestRejects:
             Profile(distances=["l1", "l3"], mu=[0, 0], sigma=[1, 1], w=[0.5, 0.5])
         with pytest.raises(ValueError, match="unknown distance 'cosine'"):
             Profile(cons_distance="cosine")
+
+    def test_unknown_reference_transform(self):
+        with pytest.raises(KeyError, match="sharpen"):
+            Profile(reference={"name": "sharpen", "params": {}})
 
     def test_unknown_or_no_consistency_transform(self):
         with pytest.raises(KeyError, match="unknown transform 'sharpen'.*known"):
