@@ -152,20 +152,32 @@ def final_score(s_dist: torch.Tensor, s_cons: torch.Tensor, lam: float) -> torch
     return lam * s_dist + s_cons
 
 
+def transformed_inputs(
+    x: torch.Tensor, transforms: list[dict[str, Any]], differentiable: bool = False
+) -> list[torch.Tensor]:
+    """f_k(x) for each ``{"name", "params"}`` of ``transforms`` (BPDA gradients if asked)."""
+    f = bpda_apply if differentiable else apply
+    return [f(t["name"], x, **t.get("params", {})) for t in transforms]
+
+
 def outputs_under_transforms(
     G: Callable[..., torch.Tensor],
     x: torch.Tensor,
     c: torch.Tensor | None,
     transforms: list[dict[str, Any]],
     differentiable: bool = False,
+    x_k: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """G(x, c) and G(f_k(x), c) for the K transforms, from ONE call of G on the stacked batch.
+
+    ``x_k``: the f_k(x) (:func:`transformed_inputs`) when the caller needs them too.
 
     Returns:
         ``y`` :math:`(B, 3, H, W)` and ``y_k`` :math:`(B, K, 3, H, W)`.
     """
-    f = bpda_apply if differentiable else apply
-    xs = [x] + [f(t["name"], x, **t.get("params", {})) for t in transforms]
+    if x_k is None:
+        x_k = transformed_inputs(x, transforms, differentiable)
+    xs = [x, *x_k]
     cs = None if c is None else c.repeat(len(xs), 1)
     out = G(torch.cat(xs, 0), cs)
     b = x.shape[0]
@@ -260,7 +272,8 @@ class Detector(nn.Module):
             if i_ref is None:
                 i_ref = len(transforms)
                 transforms.append(ref)
-        y, y_all = outputs_under_transforms(self.G, x, c, transforms, differentiable)
+        x_all = transformed_inputs(x, transforms, differentiable)
+        y, y_all = outputs_under_transforms(self.G, x, c, transforms, x_k=x_all)
         y_k = y_all[:, :k]
         # The target region M_c rides along as one more mask: one pass over the pixel maps.
         d_all = region_distances(
@@ -269,9 +282,7 @@ class Detector(nn.Module):
         d, d_c = d_all[:, :-1], d_all[:, -1]
         d_ref = None
         if ref is not None:
-            f = bpda_apply if differentiable else apply
-            x_ref = f(ref["name"], x, **ref.get("params", {}))
-            d_ref = region_distances(x_ref, y_all[:, i_ref], regions, p.distances)
+            d_ref = region_distances(x_all[i_ref], y_all[:, i_ref], regions, p.distances)
         excess = excess_distances(d, d_ref)
         present = region_presence(regions, p.min_region_area)
         w, mu, sigma = self._stats(x)

@@ -21,6 +21,7 @@ from magdr.detect import (
     outputs_under_transforms,
     region_distances,
     region_presence,
+    transformed_inputs,
 )
 from magdr.faces.regions import REGIONS, group_regions
 from magdr.models.stargan import StarGAN
@@ -228,6 +229,14 @@ class TestOutputsUnderTransforms:
             for k, t in enumerate(TRANSFORMS):
                 ref = small_g(apply(t["name"], x, **t["params"]), c)
                 torch.testing.assert_close(y_k[:, k], ref)
+        # The f_k(x) computed once by the caller give the same outputs.
+        x_k = transformed_inputs(x, TRANSFORMS)
+        for k, t in enumerate(TRANSFORMS):
+            torch.testing.assert_close(x_k[k], apply(t["name"], x, **t["params"]))
+        with torch.no_grad():
+            y2, y2_k = outputs_under_transforms(G, x, c, TRANSFORMS, x_k=x_k)
+        torch.testing.assert_close(y2_k, y_k)
+        torch.testing.assert_close(y2, y)
 
     def test_unconditional(self):
         G = CountingG(StarGAN(conv_dim=4, c_dim=0, repeat_num=1, image_size=16))
