@@ -4,8 +4,9 @@
 shipped beside the default weights). Keys:
 
 - ``distances``: names of the distances in the vector D (``magdr.metrics.DISTANCES``);
-- ``mu``, ``sigma``: per distance, mean and spread of clean non-target region distances, used to
-  standardise d̄_i before the sigmoid of Eq. 6 (raw distances live on very different scales);
+- ``mu``, ``sigma``: per distance, mean and spread of clean non-target region distances (of their
+  excess over the ``reference`` when there is one), used to standardise before the sigmoid of
+  Eq. 6 (raw distances live on very different scales);
 - ``w``: the weight vector w of Eq. 6, one weight per distance;
 - ``reference``: ``{"name", "params"}`` of the input transform f_ref whose output benchmarks each
   face's region distances (``magdr.detect``'s module docstring), or ``null`` for the paper's
