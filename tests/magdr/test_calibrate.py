@@ -277,7 +277,6 @@ class TestExtraNegatives:
             run_main("--edits", "Blond_Hair")
         assert e.value.code == 2 and "--edits" in capsys.readouterr().err
 
-
     def test_reference_option(self, run_main, capsys):
         p, _ = run_main()
         assert p.reference == {"name": "median", "params": {"k": 3}}  # the default
