@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -68,6 +70,22 @@ class TestRegistry:
         y = apply(name, x, **p)
         for i in range(3):
             torch.testing.assert_close(y[i : i + 1], apply(name, x[i : i + 1], **p))
+
+    @pytest.mark.parametrize("name", ["jpeg", "nl_means"])
+    def test_threads_do_not_change_the_result(self, name):
+        # OpenCV primitives run per image on torch.get_num_threads() threads (the suite runs
+        # with 1): the same bits in the same order whatever the count.
+        x = _images(b=5, size=24)
+        p = REGISTRY[name].grid[-1]
+        one = apply(name, x, **p)
+        n = torch.get_num_threads()
+        torch.set_num_threads(3)
+        try:
+            three = apply(name, x, **p)
+            assert any(t.name.startswith("magdr-opencv") for t in threading.enumerate())
+        finally:
+            torch.set_num_threads(n)
+        assert torch.equal(one, three)
 
     def test_unknown_name_lists_known(self):
         with pytest.raises(KeyError, match=r"unknown transform 'sharpen'.*bilateral.*jpeg"):
