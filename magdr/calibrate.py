@@ -10,9 +10,10 @@ The paper leaves these as hyper-parameters; here they are fitted on the training
    faces (AUROC − 0.5, normalised to sum 1);
 3. ``lam`` (Eq. 9): the λ on a log grid that gives S_final = λ·S_dist + S_cons the best AUROC
    (ties: the widest margin between the score tails);
-4. ``threshold``: the (1 − fpr) quantile of S_final on the clean faces (benignly processed
-   copies included, so JPEG'd or resized frames do not raise false alarms), or the middle of
-   the gap when the training scores separate completely;
+4. ``threshold`` (:func:`choose_threshold`): the cut between neighbouring S_final scores with
+   the largest TPR − FPR among those flagging at most ``fpr`` of the clean faces (benignly
+   processed copies included, so JPEG'd or resized frames do not raise false alarms), in the
+   middle of its interval: the middle of the gap when the training scores separate completely;
 5. Rec-Net Q_i (Algorithm 1, pretraining) on the attacked faces with the fitted detector.
 
 ``python -m magdr.calibrate --help`` runs it on CelebA train faces (``magdr-guard calibrate``
@@ -73,6 +74,38 @@ def auroc(neg: torch.Tensor | np.ndarray, pos: torch.Tensor | np.ndarray) -> flo
         i = j + 1
     u = ranks[len(neg) :].sum() - len(pos) * (len(pos) + 1) / 2
     return float(u / (len(neg) * len(pos)))
+
+
+def choose_threshold(neg: torch.Tensor, pos: torch.Tensor, fpr: float = 0.05) -> tuple[float, str]:
+    """Step 4: the S_final threshold from clean (``neg``) and attacked (``pos``) training scores.
+
+    Every cut between two neighbouring scores is a candidate. Among those that flag at most
+    ``fpr`` of the clean scores, the one with the largest TPR − FPR (Youden's J) wins, placed in
+    the middle of its interval (the widest on ties). Fully separated scores give the middle of
+    the gap (rule ``gap-midpoint``: no training false alarm, the most room on both sides). When
+    they overlap a little (``youden-midpoint``), one or two attacked faces that G's output hides
+    well do not drag the threshold down to the clean (1 − fpr) quantile, which on video flags far
+    more than ``fpr`` of the frames. Without attacked scores: that quantile (``clean-quantile``).
+
+    Returns:
+        ``(threshold, rule)``; a score is flagged when it is ``> threshold``.
+    """
+    neg, pos = neg.double().flatten(), pos.double().flatten()
+    quantile = float(torch.quantile(neg, 1 - fpr)), "clean-quantile"
+    if pos.numel() == 0:
+        return quantile
+    cuts = torch.unique(torch.cat([neg, pos]))  # sorted; a threshold in (lo, hi) flags >= hi
+    lo, hi = cuts[:-1], cuts[1:]
+    neg_sorted, pos_sorted = neg.sort().values, pos.sort().values
+    fpr_at = (len(neg) - torch.searchsorted(neg_sorted, hi)) / len(neg)
+    tpr_at = (len(pos) - torch.searchsorted(pos_sorted, hi)) / len(pos)
+    j = torch.where(fpr_at <= fpr, tpr_at - fpr_at, torch.tensor(-math.inf, dtype=torch.float64))
+    if not lo.numel() or not torch.isfinite(j.max()):
+        return quantile
+    width = torch.where(j == j.max(), hi - lo, torch.tensor(-1.0, dtype=torch.float64))
+    i = int(width.argmax())
+    rule = "gap-midpoint" if float(j[i]) == 1.0 else "youden-midpoint"
+    return float((lo[i] + hi[i]) / 2), rule
 
 
 def separation_margin(neg: torch.Tensor, pos: torch.Tensor, fpr: float = 0.05) -> float:
@@ -192,15 +225,10 @@ def fit(
             best = cand
     auc, _, lam = best
 
-    # 4. Threshold: the clean (1 - fpr) quantile; where the training scores separate fully, the
-    # middle of the gap instead (no training false alarm, and the most room on both sides).
+    # 4. Threshold.
     s_neg = lam * sd_neg + neg.s_cons
     s_pos = lam * sd_pos + pos.s_cons
-    threshold = float(torch.quantile(s_neg.double(), 1 - fpr))
-    rule = "clean-quantile"
-    if s_pos.numel() and float(s_neg.max()) < float(s_pos.min()):
-        threshold = (float(s_neg.max()) + float(s_pos.min())) / 2
-        rule = "gap-midpoint"
+    threshold, rule = choose_threshold(s_neg, s_pos, fpr)
     tpr = float((s_pos > threshold).double().mean())
 
     profile = replace(

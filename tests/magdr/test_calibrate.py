@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from magdr import attacks, calibrate
-from magdr.calibrate import BENIGN, auroc, benign_copies, fit, separation_margin
+from magdr.calibrate import (
+    BENIGN,
+    auroc,
+    benign_copies,
+    choose_threshold,
+    fit,
+    separation_margin,
+)
 from magdr.guard import Guard
 from magdr.models.stargan import StarGAN
 from magdr.profile import Profile
@@ -42,6 +49,38 @@ class TestAUROC:
     def test_empty_is_nan(self):
         assert math.isnan(auroc([], [1.0]))
         assert math.isnan(auroc([1.0], []))
+
+
+class TestChooseThreshold:
+    def test_separated_scores_give_the_middle_of_the_gap(self):
+        neg, pos = torch.tensor([0.1, 0.3, 0.2]), torch.tensor([0.9, 0.7])
+        assert choose_threshold(neg, pos) == (pytest.approx(0.5), "gap-midpoint")
+
+    def test_one_attacked_outlier_does_not_pull_it_to_the_quantile(self):
+        # 100 clean scores 0.00..0.99, 50 attacked at 2.0 and one hidden at 0.5: the clean 95%
+        # quantile (0.94) would flag 5% of the clean faces to catch it; J prefers the gap above
+        # the clean scores (FPR 0, TPR 50/51).
+        neg = torch.arange(100) / 100
+        pos = torch.cat([torch.tensor([0.5]), torch.full((50,), 2.0)])
+        t, rule = choose_threshold(neg, pos, fpr=0.05)
+        assert rule == "youden-midpoint" and t == pytest.approx((0.99 + 2.0) / 2)
+
+    def test_never_exceeds_the_fpr_cap(self):
+        # Attacked scores spread over the top of the clean ones: J alone would go lower than the
+        # cap allows; the cut stays where at most 10% of the clean scores are above it.
+        g = torch.Generator().manual_seed(0)
+        neg, pos = torch.randn(200, generator=g), torch.randn(80, generator=g) + 1.0
+        t, rule = choose_threshold(neg, pos, fpr=0.1)
+        assert rule == "youden-midpoint"
+        assert float((neg > t).double().mean()) <= 0.1
+        assert float((neg > t).double().mean()) > 0.05  # the cap binds: J wants more recall
+
+    def test_without_attacked_scores_the_clean_quantile(self):
+        neg = torch.arange(101, dtype=torch.float64)
+        assert choose_threshold(neg, torch.empty(0), fpr=0.1) == (
+            pytest.approx(90.0),
+            "clean-quantile",
+        )
 
 
 def test_separation_margin_hand_value():
@@ -96,12 +135,10 @@ class TestFit:
             assert p.threshold == pytest.approx(mid, rel=1e-5)
             assert p.meta["fpr_train"] == 0.0 and p.meta["tpr_train"] == 1.0
         else:
-            assert p.meta["threshold_rule"] == "clean-quantile"
-            q = float(torch.quantile(s_neg.double(), 0.9))
-            assert p.threshold == pytest.approx(q, rel=1e-5)
-            # The interpolated quantile lets at most one more negative than 10 % above it.
+            assert p.meta["threshold_rule"] == "youden-midpoint"
+            assert p.threshold == pytest.approx(choose_threshold(s_neg, s_pos, 0.1)[0], rel=1e-5)
             fpr = float((s_neg > p.threshold).double().mean())
-            assert fpr <= 0.1 + 1 / len(s_neg) and p.meta["fpr_train"] == pytest.approx(fpr)
+            assert fpr <= 0.1 and p.meta["fpr_train"] == pytest.approx(fpr)
 
     def test_mu_sigma_from_clean_non_target_regions(self, setup, face_parser):
         p, G = setup["profile"], setup["G"]
