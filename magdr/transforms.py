@@ -44,7 +44,7 @@ _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 def _image_pool(workers: int) -> ThreadPoolExecutor:
-    """A thread pool of ``workers`` threads, one per process (a forked child gets its own)."""
+    """A cached pool of ``workers`` threads, per process (a forked child makes its own)."""
     key = (os.getpid(), workers)
     if key not in _pools:
         _pools[key] = ThreadPoolExecutor(workers, thread_name_prefix="magdr-opencv")
