@@ -1,4 +1,4 @@
-"""Held-out spot checks of a parser + profile pair, as the model card reports them.
+"""Held-out spot checks of a generator + parser + profile, as the model card reports them.
 
 Every face is asked for the daemon's default edit (``Blond_Hair=1``) and scored by
 ``Guard.detect``; it prints how many are flagged:
@@ -14,6 +14,7 @@ Usage::
         ../shared/data/videos/{d3,d6,d9,s13,d0}.mp4
     python tools/heldout_check.py --crops runs/clips.npz                  # the shipped pair
     python tools/heldout_check.py --parser new.pt --profile new.json --crops runs/clips.npz
+    python tools/heldout_check.py --generator cand/G.pt --profile cand/profile.json ...
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def scores(guard: magdr.Guard, x: torch.Tensor, batch: int = 20) -> torch.Tensor
 def main(argv: list[str] | None = None) -> dict[str, object]:
     """Run the checks; print (and with ``--out`` write) the counts as JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--generator", default="default", help="'default' or a checkpoint path")
     ap.add_argument("--parser", default="default")
     ap.add_argument("--profile", default="default")
     ap.add_argument("--n", type=int, default=40, help="CelebA validation faces")
@@ -54,10 +56,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.time()
-    G = magdr.load_generator("default")
+    G = magdr.load_generator(a.generator)
     guard = magdr.Guard(G, parser=a.parser, profile=a.profile, device="cpu")
     thr = guard.profile.threshold
-    res: dict[str, object] = {"parser": a.parser, "profile": a.profile, "threshold": thr}
+    res: dict[str, object] = {
+        "generator": a.generator,
+        "parser": a.parser,
+        "profile": a.profile,
+        "threshold": thr,
+    }
 
     rows = np.asarray(CELEBA_VAL[: a.n]) - 1  # CelebA image k is row k - 1
     val = to_tensor(load_celeba()["images"][rows])
