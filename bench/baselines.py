@@ -288,9 +288,14 @@ class MagNetAE(Detector):
         return (x - self.ae(x)).abs().flatten(1).mean(1)
 
     def reform(self, x: torch.Tensor) -> torch.Tensor:
-        """MagNet's reformer: the auto-encoder's reconstruction, :math:`(B, 3, S, S)`."""
+        """MagNet's reformer: the auto-encoder's reconstruction of ``x``, on ``x``'s device.
+
+        The other reconstruction baselines are CPU image ops, so Table 2 hands every method CPU
+        faces; the auto-encoder runs wherever it was trained (the GPU on a CUDA run).
+        """
+        device = next(self.ae.parameters()).device
         with torch.no_grad():
-            return self.ae(x).clamp(-1, 1)
+            return self.ae(x.to(device)).clamp(-1, 1).to(x.device)
 
     def modules(self) -> list[nn.Module]:  # noqa: D102
         return [self.ae]
