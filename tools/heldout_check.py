@@ -6,7 +6,9 @@ Every face is asked for the daemon's default edit (``Blond_Hair=1``) and scored 
 - the first ``--n`` CelebA validation faces (clean);
 - face crops of real clips framed by the daemon (``python -m daemon.face_crops``), ``--per-clip``
   of each source clip, for each ``--crops`` file;
-- the validation faces PGD (Ruiz et al.'s budget) disrupted, i.e. moved G's output by MSE > 0.05.
+- the validation faces PGD (Ruiz et al.'s budget) disrupted, i.e. moved G's output by MSE > 0.05;
+- the same attacks carried by a video frame (``--resample``, see :func:`resampled`): the demo's
+  red team attacks the 128×128 crop and adds the perturbation, resized, to the frame.
 
 Usage::
 
@@ -43,6 +45,34 @@ def scores(guard: magdr.Guard, x: torch.Tensor, batch: int = 20) -> torch.Tensor
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def resampled(x: torch.Tensor, x_adv: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and ``x_adv`` as the daemon sees them after a video frame carried them.
+
+    The face is drawn at ``side``×``side`` pixels, the perturbation resized onto it (bilinear, as
+    ``daemon.cli.attack_file`` does), the frame rounded to 8 bits, and the face cropped back to
+    G's size with ``INTER_AREA`` (as ``daemon.engine`` does): the attack arrives smoothed.
+    """
+    import cv2
+
+    size = x.shape[-1]
+
+    def crop(frame: np.ndarray) -> torch.Tensor:
+        pixels = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+        small = cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA)
+        return torch.from_numpy(small.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+    def up(img: torch.Tensor) -> np.ndarray:
+        hwc = np.ascontiguousarray(img.permute(1, 2, 0).numpy() * 127.5)
+        return cv2.resize(hwc, (side, side), interpolation=cv2.INTER_LINEAR)
+
+    clean, carried = [], []
+    for xi, ai in zip(x, x_adv, strict=True):
+        face = up(xi) + 127.5
+        clean.append(crop(face))
+        carried.append(crop(face + up(ai - xi)))
+    return torch.stack(clean), torch.stack(carried)
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     """Run the checks; print (and with ``--out`` write) the counts as JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--n", type=int, default=40, help="CelebA validation faces")
     ap.add_argument("--crops", action="append", default=[], help=".npz from daemon.face_crops")
     ap.add_argument("--per-clip", type=int, default=15)
+    ap.add_argument("--resample", type=int, default=200, help="face side in the frame (0: skip)")
     ap.add_argument("--out", default=None, help="also write the result as JSON here")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -81,11 +112,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             res[f"{clip}_scores"] = [round(float(s.min()), 5), round(float(s.max()), 5)]
 
     c = magdr.condition(G, EDIT, batch=len(val))
-    x_adv = magdr.attacks.pgd(G, val, c, generator=torch.Generator().manual_seed(0))
+    x_adv = magdr.attacks.pgd(G, val, c, generator=torch.Generator().manual_seed(0)).detach()
     disrupted = success(G, val, x_adv, c)
     s = scores(guard, x_adv[disrupted])
     res["pgd_disrupted_flagged"] = f"{int((s > thr).sum())}/{int(disrupted.sum())}"
     res["pgd_lowest_score"] = round(float(s.min()), 5) if len(s) else None
+    if a.resample:
+        x_clean, x_carried = resampled(val, x_adv, a.resample)
+        disrupted = success(G, x_clean, x_carried, c)
+        s = scores(guard, x_carried[disrupted])
+        res["pgd_resampled_flagged"] = f"{int((s > thr).sum())}/{int(disrupted.sum())}"
+        res["pgd_resampled_lowest_score"] = round(float(s.min()), 5) if len(s) else None
     res["wall_s"] = round(time.time() - t0, 1)
     text = json.dumps(res, indent=1)
     print(text)
