@@ -170,7 +170,8 @@ def outputs_under_transforms(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """G(x, c) and G(f_k(x), c) for the K transforms, from ONE call of G on the stacked batch.
 
-    ``x_k``: the f_k(x) (:func:`transformed_inputs`) when the caller needs them too.
+    ``x_k``: the f_k(x) (:func:`transformed_inputs`) when the caller needs them too; then
+    ``differentiable`` (what :func:`transformed_inputs` takes) is already decided and unused.
 
     Returns:
         ``y`` :math:`(B, 3, H, W)` and ``y_k`` :math:`(B, K, 3, H, W)`.
