@@ -6,6 +6,11 @@
 #
 # The report, results and the per-stage log land in $OUT/bench; $OUT/wall.txt says how long the
 # whole run took and whether it finished (a run cut by the timeout still leaves its log).
+#
+# The device's copy of .git can be older than the tree it runs, so the report's commit would be
+# wrong. For the committed bench/results/REPORT.md, first `git bundle create .gpu/head.bundle
+# <device's HEAD>..HEAD` here, then on the device `git fetch -q .gpu/head.bundle HEAD && git reset
+# -q FETCH_HEAD` (git status then checks that the tree is that commit) and `--out bench/results`.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench}
