@@ -28,13 +28,7 @@ mkdir -p "$R" "$MAGDR_CACHE"
 stamp() { echo "[$(($(date +%s) - T0)) s] $*" | tee -a "$OUT/timeline.txt"; }
 
 stamp "start; $(nvidia-smi --query-gpu=name --format=csv,noheader 2>&1 | head -1)"
-python3 - "$DEVICE" "$N_TRAIN" <<'PY' >"$R/setup.log" 2>&1
-import sys
-from magdr.train import data as D
-from magdr.train.stargan import WEIGHTS, cached_region_probs
-cel = D.load_celeba()
-cached_region_probs(WEIGHTS / "parser.pt", cel["images"][: int(sys.argv[2])], sys.argv[1])
-PY
+python3 tools/cache_regions.py "$DEVICE" "$N_TRAIN" >"$R/setup.log" 2>&1
 stamp "region maps cached"
 common=(--n-train "$N_TRAIN" --batch 32 --d-dim 32 --threads 1 --device "$DEVICE"
         --aux "$CLASSIFIERS/aux.pt" --ckpt-every 1000000 --log-every 200 --seed 0)

@@ -29,15 +29,7 @@ left() { echo $((BUDGET - ($(date +%s) - T0))); }
 stamp() { echo "[$(($(date +%s) - T0)) s] $*" | tee -a "$R/timeline.txt"; }
 
 stamp "start; $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
-python3 - "$DEVICE" "$N_TRAIN" <<'EOF' 2>&1 | tee "$R/setup.log"
-import sys
-import torch
-from magdr.train import data as D
-from magdr.train.stargan import WEIGHTS, cached_region_probs
-print("torch", torch.__version__, "cuda", torch.cuda.is_available())
-cel = D.load_celeba()
-cached_region_probs(WEIGHTS / "parser.pt", cel["images"][: int(sys.argv[2])], sys.argv[1])
-EOF
+python3 tools/cache_regions.py "$DEVICE" "$N_TRAIN" 2>&1 | tee "$R/setup.log"
 stamp "caches ready"
 
 # ---- 2. parallel jobs ---------------------------------------------------------------------
