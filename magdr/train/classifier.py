@@ -7,11 +7,16 @@ Two independent networks are trained by this script, each with its own seed and 
   G's training.
 - ``aux``: a frozen *teacher* for G's domain-classification loss (see :mod:`magdr.train.stargan`),
   so G learns from a classifier that already knows the attributes instead of waiting for D's.
+- ``hair``: a second evaluation classifier that sees only the hair (:func:`hair_only`: the
+  shipped parser's hair region of the *input* face, grey elsewhere). :mod:`magdr.train.evaluate`
+  reports its hair-colour recognition beside ``eval``'s: an edit must change the hair itself to
+  be recognised by it, not paint patterns elsewhere that a whole-image classifier reacts to.
 
 Usage::
 
     nice -n 10 python -m magdr.train.classifier --which eval     # ~5 min on 2 CPU cores
     nice -n 10 python -m magdr.train.classifier --which aux --seed 1 --width 24
+    nice -n 10 python -m magdr.train.classifier --which hair --seed 2
     python -m magdr.train.classifier --smoke
 """
 
@@ -80,20 +85,42 @@ def load_classifier(which: str = "eval") -> AttrNet:
     return net.eval()
 
 
+def hair_only(x: torch.Tensor, hair: torch.Tensor) -> torch.Tensor:
+    """The ``hair`` classifier's input: x inside the hair, mid-grey (0) elsewhere.
+
+    ``hair`` is a hair probability map ``[B,1,H,W]``; the hair is where it exceeds 0.5.
+    """
+    return x * (hair > 0.5).to(x)
+
+
+def hair_maps(images: np.ndarray, parser_path: Path | None = None) -> np.ndarray:
+    """Hair probabilities ``[B,1,H,W]`` float of the shipped parser (cached for CelebA)."""
+    from magdr.train.stargan import WEIGHTS, cached_region_probs  # noqa: PLC0415 - no cycle
+
+    maps = cached_region_probs(parser_path or WEIGHTS / "parser.pt", images)
+    return maps[:, :1].astype(np.float32) / 255
+
+
 @torch.no_grad()
-def accuracy(net: AttrNet, images: np.ndarray, attrs: np.ndarray) -> np.ndarray:
-    """Per-attribute accuracy ``[5]`` on uint8 images ``[B,128,128,3]``."""
+def accuracy(net: AttrNet, images: np.ndarray, attrs: np.ndarray,
+             hair: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Per-attribute accuracy ``[5]`` on uint8 images ``[B,128,128,3]``.
+
+    With ``hair`` (maps ``[B,1,H,W]``) the classifier sees :func:`hair_only` images.
+    """
     net.eval()
-    preds = [
-        (net(D.to_tensor(images[i : i + 200])) > 0).float().numpy()
-        for i in range(0, len(images), 200)
-    ]
+    preds = []
+    for i in range(0, len(images), 200):
+        x = D.to_tensor(images[i : i + 200])
+        if hair is not None:
+            x = hair_only(x, torch.from_numpy(hair[i : i + 200]))
+        preds.append((net(x) > 0).float().numpy())
     return (np.concatenate(preds) == attrs).mean(0)
 
 
 def main(argv: list[str] | None = None) -> np.ndarray:  # noqa: D103
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--which", default="eval", choices=["eval", "aux"])
+    ap.add_argument("--which", default="eval", choices=["eval", "aux", "hair"])
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--width", type=int, default=16)
@@ -120,9 +147,13 @@ def main(argv: list[str] | None = None) -> np.ndarray:  # noqa: D103
     if a.smoke:
         cel = D.fake_faces(4)
         train, val = np.arange(4), np.arange(4)
+        hair = rng.random((4, 1, *cel["images"].shape[1:3])).astype(np.float32)
     else:
         cel = D.load_celeba(a.data)
         train, val = np.arange(len(D.CELEBA_TRAIN)), np.arange(len(D.CELEBA_TRAIN), 9000)
+        hair = hair_maps(cel["images"]) if a.which == "hair" else None
+    if a.which != "hair":
+        hair = None
     net = AttrNet(width=a.width)
     opt = torch.optim.Adam(net.parameters(), lr=a.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.lr, total_steps=a.steps, pct_start=0.05)
@@ -135,6 +166,8 @@ def main(argv: list[str] | None = None) -> np.ndarray:  # noqa: D103
     for step in tqdm(range(start, a.steps), initial=start, total=a.steps, desc=f"cls-{a.which}"):
         idx = rng.choice(train, a.batch)
         x = D.to_tensor(cel["images"][idx])
+        if hair is not None:
+            x = hair_only(x, torch.from_numpy(hair[idx]))
         flip = torch.from_numpy(rng.random(a.batch) < 0.5)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         # Mild photometric noise so the classifier keys on attributes, not exact pixel values.
@@ -152,7 +185,7 @@ def main(argv: list[str] | None = None) -> np.ndarray:  # noqa: D103
             net.train()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(tensor_state_dict(net), a.out)
-    acc = accuracy(net, cel["images"][val], cel["attrs"][val])
+    acc = accuracy(net, cel["images"][val], cel["attrs"][val], None if hair is None else hair[val])
     log.info("val accuracy %s", dict(zip(D.STARGAN_ATTRS, acc.round(3).tolist(), strict=True)))
     return acc
 

@@ -17,11 +17,19 @@ Male/Young: flip the face's own label; everything else at ``G.neutral``):
 - recognisability: the *evaluation* classifier (:mod:`magdr.train.classifier` ``eval``, never
   used in G's training) finds the requested value in G's output for ≥ 80% of faces (StarGAN's
   classification accuracy). Reported over all faces and over the faces whose own label differs.
+  For hair colours a second classifier (``hair``, same module) that sees only the input face's
+  hair region reports the same, beside it: an edit recognised by ``eval`` but not by ``hair``
+  changed something else than the hair.
+
+``--G recolour`` evaluates :class:`RecolourReference` instead of a network: the parser's hair
+recoloured to the train faces' colour statistics (stage 1's pseudo-target), nothing else changed.
+It shows what the bars make of a plain, localised hair recolouring.
 
 Usage::
 
     python -m magdr.train.evaluate                  # everything, 1000 val faces -> runs/eval.json
     python -m magdr.train.evaluate --n 200 --only G
+    python -m magdr.train.evaluate --only G --G recolour --out runs/eval_recolour.json
 """
 
 from __future__ import annotations
@@ -37,10 +45,19 @@ from tqdm import tqdm
 
 from magdr.faces.parsenet import ParseNet
 from magdr.faces.regions import BISENET_CLASSES, CLASS_TO_REGION, REGIONS, group_regions
+from magdr.models.base import Generator
 from magdr.models.stargan import StarGAN
 from magdr.train import data as D
-from magdr.train.classifier import RUNS, AttrNet
+from magdr.train.classifier import RUNS, AttrNet, accuracy, hair_maps, hair_only
 from magdr.train.parser import iou_table, predict
+from magdr.train.stargan import (
+    NEUTRAL,
+    cached_region_probs,
+    hair_blend_mask,
+    hair_colour_stats,
+    recolour_hair,
+    spread,
+)
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "models/weights"
 HAIR = BISENET_CLASSES.index("hair")
@@ -52,6 +69,39 @@ def load_G(path: Path) -> StarGAN:
     sd = torch.load(path, map_location="cpu", weights_only=True)
     kw = {k: meta[k] for k in ("image_size", "attributes", "neutral") if k in meta}
     return StarGAN.from_state_dict(sd, **kw).eval()
+
+
+class RecolourReference(Generator):
+    """Not a network: stage 1's hair recolouring (:func:`recolour_hair`) as an "editor".
+
+    A hair-colour request moves the parser's hair to the mean YCbCr statistics of the train faces
+    with that colour (:func:`hair_colour_stats`, spread ×``spread``); Male/Young requests return x.
+    """
+
+    c_dim = 5
+
+    def __init__(self, parser: ParseNet, mus: torch.Tensor, sds: torch.Tensor) -> None:
+        super().__init__()
+        self.parser, self.mus, self.sds = parser, mus, sds
+        self.attributes, self.neutral = list(D.STARGAN_ATTRS), list(NEUTRAL)
+        self.attribute_targets = {
+            a: ("hair" if a.endswith("_Hair") else "face+hair") for a in self.attributes
+        }
+
+    @classmethod
+    def from_train_faces(cls, parser_path: Path, parser: ParseNet, cel: dict,
+                         factor: float = 1.5) -> RecolourReference:  # fmt: skip
+        """Colour statistics from the train split's hair maps (``--hair-spread`` default 1.5)."""
+        train = np.arange(len(D.CELEBA_TRAIN))
+        hair = cached_region_probs(parser_path, cel["images"][train])[:, 0]
+        mus, sds = hair_colour_stats(cel["images"][train], hair, cel["attrs"][train])
+        return cls(parser, spread(mus, factor), sds)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:  # noqa: D102
+        assert c is not None
+        hair = hair_blend_mask(self.parser(x).softmax(1)[:, HAIR : HAIR + 1])
+        y = recolour_hair(x, hair, c[:, :3].argmax(1), self.mus.to(x), self.sds.to(x))
+        return torch.where((c[:, :3].sum(1) > 0)[:, None, None, None], y, x)
 
 
 def eval_parser(parser: ParseNet, cel: dict, fs: dict, n: int) -> dict:
@@ -88,14 +138,17 @@ def psnr_masked(a: torch.Tensor, b: torch.Tensor, m: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def eval_generator(G: StarGAN, parser: ParseNet, clf: AttrNet, cel: dict, n: int,
-                   batch: int = 25, device: str | torch.device = "cpu") -> dict:  # fmt: skip
+def eval_generator(G: Generator, parser: ParseNet, clf: AttrNet, cel: dict, n: int,
+                   batch: int = 25, device: str | torch.device = "cpu",
+                   hair_clf: AttrNet | None = None) -> dict:  # fmt: skip
     """Generator metrics per target attribute (see the module docstring)."""
     G, parser, clf = G.to(device), parser.to(device), clf.to(device)
+    hair_clf = hair_clf.to(device) if hair_clf is not None else None
     val = np.arange(len(D.CELEBA_TRAIN), len(D.CELEBA_TRAIN) + n)
     names = list(G.attributes)
     acc: dict[str, dict[str, list]] = {
-        t: {"ok": [], "changed": [], "psnr": [], "in": [], "out": [], "nin": [], "nout": []}
+        t: {"ok": [], "ok_hair": [], "changed": [], "psnr": [], "in": [], "out": [], "nin": [],
+            "nout": []}
         for t in [*names, "keep"]
     }
     parser.eval()
@@ -103,7 +156,8 @@ def eval_generator(G: StarGAN, parser: ParseNet, clf: AttrNet, cel: dict, n: int
         idx = val[s : s + batch]
         x = D.to_tensor(cel["images"][idx]).to(device)
         real = torch.from_numpy(cel["attrs"][idx]).to(device)
-        lab = parser(x).argmax(1)
+        probs = parser(x).softmax(1)
+        lab = probs.argmax(1)
         onehot = torch.nn.functional.one_hot(lab, len(BISENET_CLASSES)).permute(0, 3, 1, 2).float()
         regions = group_regions(onehot)
         hair = (lab == HAIR).float()[:, None]
@@ -132,6 +186,9 @@ def eval_generator(G: StarGAN, parser: ParseNet, clf: AttrNet, cel: dict, n: int
             if t != "keep":
                 pred = (clf(y)[:, j] > 0).float()
                 rec["ok"] += (pred == want).tolist()
+                if hair_clf is not None and t.endswith("_Hair"):
+                    seen = hair_clf(hair_only(y, probs[:, HAIR : HAIR + 1]))[:, j] > 0
+                    rec["ok_hair"] += (seen.float() == want).tolist()
                 rec["changed"] += changed.tolist()
     out = {}
     for t, rec in acc.items():
@@ -148,6 +205,10 @@ def eval_generator(G: StarGAN, parser: ParseNet, clf: AttrNet, cel: dict, n: int
             ok, ch = np.array(rec["ok"], bool), np.array(rec["changed"], bool)
             r["recognised_all"] = float(ok.mean())
             r["recognised_changed"] = float(ok[ch].mean()) if ch.any() else math.nan
+        if rec["ok_hair"]:
+            ok, ch = np.array(rec["ok_hair"], bool), np.array(rec["changed"], bool)
+            r["hair_only_recognised_all"] = float(ok.mean())
+            r["hair_only_recognised_changed"] = float(ok[ch].mean()) if ch.any() else math.nan
         out[t] = r
     return out
 
@@ -184,27 +245,34 @@ def markdown(res: dict) -> str:
                   f"of {p['celeba_val_faces']}.", ""]  # fmt: skip
     if "G" in res:
         lines += ["| target | PSNR non-target (mean / median) dB | hair ratio | "
-                  "recognised (all / changed faces) |", "|---|---|---|---|"]  # fmt: skip
+                  "recognised (all / changed faces) | hair-only classifier (all / changed) |",
+                  "|---|---|---|---|---|"]  # fmt: skip
         for t, r in res["G"].items():
-            rec = (f"{r['recognised_all']:.3f} / {r['recognised_changed']:.3f}"
-                   if "recognised_all" in r else "–")  # fmt: skip
+            rec, rec_hair = (
+                f"{r[k + 'all']:.3f} / {r[k + 'changed']:.3f}" if k + "all" in r else "–"
+                for k in ("recognised_", "hair_only_recognised_")
+            )
             ratio = f"{r['hair_ratio']:.2f}" if t.endswith("_Hair") else f"({r['hair_ratio']:.2f})"
-            lines.append(f"| {t} | {r['psnr_non_target_mean']:.2f} / "
-                         f"{r['psnr_non_target_median']:.2f} | {ratio} | {rec} |")  # fmt: skip
+            psnr = f"{r['psnr_non_target_mean']:.2f} / {r['psnr_non_target_median']:.2f}"
+            lines.append(f"| {t} | {psnr} | {ratio} | {rec} | {rec_hair} |")
         lines.append("")
-    if "real_classifier_accuracy" in res:
-        ra = res["real_classifier_accuracy"]
-        lines += ["Evaluation classifier accuracy on real val faces: "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in ra.items()), ""]  # fmt: skip
+    for key, name in [("real_classifier_accuracy", "Evaluation classifier"),
+                      ("real_hair_classifier_accuracy", "Hair-only classifier")]:  # fmt: skip
+        if key in res:
+            lines += [f"{name} accuracy on real val faces: "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in res[key].items()), ""]  # fmt: skip
     lines += [f"- {'PASS' if ok else 'FAIL'}: {k}" for k, ok in bars(res).items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:  # noqa: D103
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--G", type=Path, default=WEIGHTS / "default_G.pt")
+    ap.add_argument("--G", type=Path, default=WEIGHTS / "default_G.pt",
+                    help="a StarGAN checkpoint, or 'recolour' (RecolourReference)")
     ap.add_argument("--parser", type=Path, default=WEIGHTS / "parser.pt")
     ap.add_argument("--classifier", type=Path, default=RUNS / "classifier/eval.pt")
+    ap.add_argument("--hair-classifier", type=Path, default=RUNS / "classifier/hair.pt",
+                    help="the hair-only classifier (skipped when the file is missing)")
     ap.add_argument("--n", type=int, default=1000, help="validation faces (from 008001)")
     ap.add_argument("--only", choices=["parser", "G"], default=None)
     ap.add_argument("--out", type=Path, default=RUNS / "eval.json")
@@ -222,12 +290,22 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: D103
     if a.only in (None, "G"):
         sd = torch.load(a.classifier, map_location="cpu", weights_only=True)
         clf = AttrNet.from_state_dict(sd).eval()
-        from magdr.train.classifier import accuracy  # noqa: PLC0415
-
         val = np.arange(len(D.CELEBA_TRAIN), len(D.CELEBA_TRAIN) + a.n)
         ra = accuracy(clf, cel["images"][val], cel["attrs"][val])
         res["real_classifier_accuracy"] = dict(zip(D.STARGAN_ATTRS, ra.tolist(), strict=True))
-        res["G"] = eval_generator(load_G(a.G), parser, clf, cel, a.n, device=a.device)
+        if str(a.G) == "recolour":
+            G: Generator = RecolourReference.from_train_faces(a.parser, parser, cel)
+        else:
+            G = load_G(a.G)
+        hair_clf = None
+        if a.hair_classifier.exists():
+            sd = torch.load(a.hair_classifier, map_location="cpu", weights_only=True)
+            hair_clf = AttrNet.from_state_dict(sd).eval()
+            hair = hair_maps(cel["images"], a.parser)[val]
+            ra = accuracy(hair_clf, cel["images"][val], cel["attrs"][val], hair)
+            names = D.STARGAN_ATTRS[:3]
+            res["real_hair_classifier_accuracy"] = dict(zip(names, ra[:3].tolist(), strict=True))
+        res["G"] = eval_generator(G, parser, clf, cel, a.n, device=a.device, hair_clf=hair_clf)
     res["bars"] = bars(res)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1) + "\n")

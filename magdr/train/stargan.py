@@ -146,6 +146,34 @@ def recolour_hair(
     return x * (1 - m) + rgb * m
 
 
+@torch.no_grad()
+def distillation_target(
+    teacher: StarGAN, x: torch.Tensor, c: torch.Tensor, hair: torch.Tensor, k: torch.Tensor,
+    rec: torch.Tensor, fl: torch.Tensor, mus: torch.Tensor, sds: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """Stage 1's target with a ``--teacher``: its Male/Young edit, then the recoloured hair.
+
+    Faces with Male/Young flipped (``fl``) take the teacher's output for c with the hair part set
+    to "keep" (all zero), so only its face edit is learnt, not its idea of hair colour; faces
+    asked for another hair colour (``rec``) then get :func:`recolour_hair` on top. Every pixel
+    has a target, unlike stage 2's identity loss.
+
+    Args:
+        teacher: a trained generator (frozen).
+        x: faces :math:`(B,3,H,W)` in [-1,1].
+        c: conditions :math:`(B,5)`.
+        hair: soft hair masks :math:`(B,1,H,W)`.
+        k: hair colour index per face :math:`(B,)`.
+        rec: 1 where the hair is recoloured, :math:`(B,1,1,1)`.
+        fl: 1 where Male or Young is flipped, :math:`(B,1,1,1)`.
+        mus: hair colour means (:func:`hair_colour_stats`).
+        sds: hair colour standard deviations.
+    """
+    keep_hair = torch.cat([torch.zeros_like(c[:, :3]), c[:, 3:]], 1)
+    base = torch.where(fl > 0, teacher(x, keep_hair), x)
+    return torch.where(rec > 0, recolour_hair(base, hair, k, mus, sds), base)
+
+
 class Discriminator(nn.Module):
     """StarGAN's PatchGAN discriminator with a source head and a domain-classification head."""
 
@@ -268,9 +296,15 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
                     help="exaggerate the differences between the hair-colour targets")
     ap.add_argument("--parser", type=Path, default=WEIGHTS / "parser.pt")
     ap.add_argument("--aux", type=Path, default=D.cache_dir().parent / "classifier/aux.pt")
+    ap.add_argument("--aux-hair", type=Path, default=None,
+                    help="a hair-only classifier (classifier.py --which hair, not the "
+                    "evaluation one) teaching the hair colours instead of --aux")
     ap.add_argument("--ae-only", action="store_true",
                     help="warm start: identity auto-encoder only (no parser, no edits)")
     ap.add_argument("--init", type=Path, default=None, help="G weights to start from")
+    ap.add_argument("--teacher", type=Path, default=None,
+                    help="stage 1 distillation: Male/Young flips (at --flip-prob) take this "
+                    "generator's output (hair kept) as their target")
     ap.add_argument("--n-train", type=int, default=len(D.CELEBA_TRAIN),
                     help="use the first N train faces")
     ap.add_argument("--seed", type=int, default=0)
@@ -285,7 +319,7 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     ap.add_argument("--smoke", action="store_true", help="2 steps on 4 images into a temp dir")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from magdr.train.classifier import AttrNet  # noqa: PLC0415
+    from magdr.train.classifier import AttrNet, hair_only  # noqa: PLC0415
 
     if a.smoke:
         a.run_dir = a.run_dir or Path(tempfile.mkdtemp(prefix="magdr-stargan-"))
@@ -316,6 +350,13 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
             aux = AttrNet(width=4).eval()  # stage 2 never runs: no teacher needed
     for p in aux.parameters():
         p.requires_grad_(False)
+    aux_hair = None
+    if a.aux_hair is not None:
+        # Sees only the input face's hair: a hair-colour request is learnt from the hair
+        # itself, not from whatever else a whole-image classifier reacts to.
+        sd = torch.load(a.aux_hair, map_location="cpu", weights_only=True)
+        aux_hair = AttrNet.from_state_dict(sd).eval().requires_grad_(False).to(a.device)
+        log.info("hair colours taught by the hair-only classifier %s", a.aux_hair)
     images, attrs = cel["images"], cel["attrs"]
     min_area = 0.0 if a.smoke else 0.03
     if a.ae_only:  # no recolouring, and no hair maps to take colour statistics from
@@ -352,6 +393,11 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
             with torch.no_grad():
                 G.main[0].weight[:, 3:] *= a.cond_gain
             log.info("scaled the first conv's condition weights by %g", a.cond_gain)
+    teacher = None
+    if a.teacher is not None:
+        sd = torch.load(a.teacher, map_location=dev, weights_only=True)
+        teacher = StarGAN.from_state_dict(sd).to(dev).eval().requires_grad_(False)
+        log.info("stage 1 distils Male/Young flips from %s", a.teacher)
     losses = LossLog(a.run_dir)
     budget = Budget(a.steps, a.max_minutes)
     G.train()
@@ -368,7 +414,8 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
         if stage2:
             lr = a.lr2 * decay(prog)
         else:
-            lr = a.lr * decay(max(step / max(a.stage1_steps, 1), prog if a.ae_only else 0.0))
+            only_stage1 = a.stage1_steps >= a.steps  # --max-minutes then sets the decay
+            lr = a.lr * decay(max(step / max(a.stage1_steps, 1), prog if only_stage1 else 0.0))
         for g in opt_g.param_groups:
             g["lr"] = lr
         idx = rng.choice(train, a.batch)
@@ -379,7 +426,8 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
         x = torch.where(flip, x.flip(3), x)
         reg = torch.where(flip, reg.flip(3), reg)
         hair, facehair = hair_blend_mask(reg[:, :1]), reg[:, 1:]
-        c_np, t_np, k_np, fl_np = sample_conditions(real, rng, a.flip_prob if stage2 else 0.0)
+        flip_prob = a.flip_prob if stage2 or teacher is not None else 0.0
+        c_np, t_np, k_np, fl_np = sample_conditions(real, rng, flip_prob)
         if a.ae_only:  # keep-conditions only: the hair part of c is the real labels or zeros
             c_np[k_np >= 0, :3] = real[k_np >= 0, :3]
             k_np[:] = -1
@@ -394,6 +442,9 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
             # rest of the image (the hair-ratio and PSNR bars) where it was.
             y = x
             w = 1 - (1 - a.w_inside) * torch.maximum(rec * hair, fl * facehair)
+        elif teacher is not None:
+            y = distillation_target(teacher, x, c, hair, k, rec, fl, mus, sds)
+            w = 1 + a.hair_weight * rec * hair
         else:
             with torch.no_grad():
                 y = torch.where(rec > 0, recolour_hair(x, hair, k, mus, sds), x)
@@ -423,7 +474,11 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
             src_f, cls_f = Dnet(fake)
             g_adv = -src_f.mean()
             g_cls = F.binary_cross_entropy_with_logits(cls_f, t)
-            g_aux = F.binary_cross_entropy_with_logits(aux(fake), t)
+            aux_logits = aux(fake)
+            if aux_hair is not None:
+                hair_logits = aux_hair(hair_only(fake, reg[:, :1]))
+                aux_logits = torch.cat([hair_logits[:, :3], aux_logits[:, 3:]], 1)
+            g_aux = F.binary_cross_entropy_with_logits(aux_logits, t)
             back = G(fake, real_t)
             g_cyc = (back - x).abs().mean()
             g_loss = g_loss + a.lambda_adv * g_adv + a.lambda_cls * g_cls

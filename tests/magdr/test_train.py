@@ -35,11 +35,24 @@ def test_parser_smoke(tmp_path: Path) -> None:
     assert set(table) == {*parser.EVAL_GROUPS, "mIoU"}
 
 
-def test_classifier_smoke() -> None:
+@pytest.mark.parametrize("which", ["eval", "hair"])
+def test_classifier_smoke(which: str) -> None:
     from magdr.train import classifier
 
-    acc = classifier.main(["--smoke", "--threads", "1"])
+    acc = classifier.main(["--smoke", "--threads", "1", "--which", which])
     assert acc.shape == (5,) and ((acc >= 0) & (acc <= 1)).all()
+
+
+def test_hair_only_input_keeps_the_hair_and_greys_the_rest() -> None:
+    from magdr.train.classifier import hair_only
+
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    hair = torch.zeros(1, 1, 8, 8)
+    hair[..., :3, :] = 0.9
+    hair[..., 3, :] = 0.4  # below one half: not hair
+    y = hair_only(x, hair)
+    torch.testing.assert_close(y[..., :3, :], x[..., :3, :])
+    assert (y[..., 3:, :] == 0).all()
 
 
 def test_stargan_smoke_runs_both_stages_and_writes_registry_metadata() -> None:
@@ -97,6 +110,71 @@ def test_stargan_ae_only_smoke_needs_no_hair_maps(tmp_path: Path) -> None:
 
     out = stargan.main(["--smoke", "--threads", "1", "--ae-only", "--run-dir", str(tmp_path)])
     assert out.exists()
+
+
+def test_stargan_distillation_smoke_loads_its_teacher(tmp_path: Path) -> None:
+    from magdr.train import stargan
+
+    teacher = stargan.main(["--smoke", "--threads", "1", "--run-dir", str(tmp_path / "t")])
+    args = ["--teacher", str(teacher), "--stage1-steps", "2", "--flip-prob", "1"]
+    out = stargan.main(["--smoke", "--threads", "1", "--run-dir", str(tmp_path / "s"), *args])
+    assert "distils Male/Young flips" in (tmp_path / "s/train.log").read_text()
+    assert out.exists()
+
+
+def test_stargan_smoke_with_a_hair_only_teacher(tmp_path: Path) -> None:
+    from magdr.train import stargan
+    from magdr.train.classifier import AttrNet
+
+    torch.save(AttrNet(width=4).state_dict(), tmp_path / "aux_hair.pt")
+    stargan.main(["--smoke", "--threads", "1", "--run-dir", str(tmp_path / "run"),
+                  "--aux-hair", str(tmp_path / "aux_hair.pt")])  # fmt: skip
+    log = (tmp_path / "run/train.log").read_text()
+    assert "taught by the hair-only classifier" in log
+    assert '"g_aux"' in (tmp_path / "run/losses.jsonl").read_text()  # stage 2 ran with it
+
+
+def test_distillation_target_is_the_teachers_face_edit_with_the_hair_recoloured() -> None:
+    from magdr.models.stargan import StarGAN
+    from magdr.train.stargan import distillation_target, recolour_hair
+
+    torch.manual_seed(0)
+    teacher = StarGAN(conv_dim=4, repeat_num=1).eval()
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    c = torch.tensor([[1.0, 0, 0, 1, 0.5], [0, 1, 0, 0.5, 0.5], [0, 0, 0, 0.5, 0.5]])
+    hair = torch.zeros(3, 1, 16, 16)
+    hair[:, :, :5] = 1
+    k = torch.tensor([0, 1, 0])
+    rec = torch.tensor([1.0, 1, 0])[:, None, None, None]
+    fl = torch.tensor([1.0, 0, 0])[:, None, None, None]
+    mus, sds = torch.rand(3, 3) * 0.5, torch.full((3, 3), 0.05)
+    y = distillation_target(teacher, x, c, hair, k, rec, fl, mus, sds)
+    # face 0: Male flipped and black hair asked -> the teacher's edit (hair kept), recoloured
+    t0 = teacher(x[:1], torch.tensor([[0.0, 0, 0, 1, 0.5]]))
+    torch.testing.assert_close(y[:1], recolour_hair(t0, hair[:1], k[:1], mus, sds))
+    # face 1: only the hair recoloured, the rest is x; face 2: nothing asked -> x
+    torch.testing.assert_close(y[1:2, :, 5:], x[1:2, :, 5:])
+    assert (y[1:2, :, :5] - x[1:2, :, :5]).abs().mean() > 0.05
+    torch.testing.assert_close(y[2], x[2])
+
+
+def test_recolour_reference_edits_only_the_parsed_hair() -> None:
+    from magdr.train.evaluate import HAIR, RecolourReference
+
+    class TopHalfHair(torch.nn.Module):  # a "parser" that puts hair in the top rows
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(x.shape[0], len(BISENET_CLASSES), *x.shape[2:])
+            logits[:, HAIR, : x.shape[2] // 2] = 20.0
+            return logits
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    ref = RecolourReference(TopHalfHair(), torch.rand(3, 3) * 0.5, torch.full((3, 3), 0.05))
+    y = ref(x, torch.tensor([[0.0, 1, 0, 0.5, 0.5], [0, 0, 0, 1, 0.5]]))
+    torch.testing.assert_close(y[0, :, 8:], x[0, :, 8:])
+    assert (y[0, :, :8] - x[0, :, :8]).abs().mean() > 0.05
+    torch.testing.assert_close(y[1], x[1])  # a Male request: unchanged
+    assert ref.target_regions(torch.tensor([[0.0, 1, 0, 0.5, 0.5]])).sum() > 0
 
 
 def test_budget_fraction_follows_steps_or_time() -> None:
@@ -244,3 +322,19 @@ def test_shipped_parser_finds_faces_and_hair_on_real_celeba() -> None:
         lab = net(D.to_tensor(np.stack(imgs))).argmax(1)
     share = lambda n: (lab == BISENET_CLASSES.index(n)).float().mean().item()  # noqa: E731
     assert share("skin") > 0.1 and share("hair") > 0.05 and share("background") > 0.02
+
+
+def test_evaluate_markdown_reports_the_hair_only_classifier_beside_the_bars() -> None:
+    from magdr.train.evaluate import bars, markdown
+
+    row = {"psnr_non_target_mean": 25.0, "psnr_non_target_median": 25.5, "hair_ratio": 2.5,
+           "recognised_all": 0.85, "recognised_changed": 0.8}  # fmt: skip
+    g = {t: dict(row) for t in D.STARGAN_ATTRS}
+    g["Blond_Hair"].update(hair_only_recognised_all=0.4, hair_only_recognised_changed=0.3)
+    g["keep"] = {k: v for k, v in row.items() if not k.startswith("recognised")}
+    res = {"G": g, "real_hair_classifier_accuracy": {"Blond_Hair": 0.9}}
+    text = markdown(res)
+    assert "| Blond_Hair | 25.00 / 25.50 | 2.50 | 0.850 / 0.800 | 0.400 / 0.300 |" in text
+    assert "| Male | 25.00 / 25.50 | (2.50) | 0.850 / 0.800 | – |" in text
+    assert "Hair-only classifier accuracy on real val faces: Blond_Hair 0.900" in text
+    assert all(bars(res).values())  # the hair-only numbers are reported, not a bar
