@@ -30,6 +30,15 @@ keeps stage 1's recoloured target instead: the evaluation classifier recognises 
 as the requested colour for only 15–29% of faces, so they cannot carry the recognisability
 bar.)
 
+Options tried on top (model card, generator part 5; none is in the shipped weights):
+
+- ``--teacher G.pt``: stage 1 as distillation. Male/Young are flipped too, their target is the
+  teacher's output (:func:`distillation_target`), hair requests get the recoloured hair on top.
+- ``--aux-hair CLS.pt``: the hair colours of the auxiliary loss come from a classifier that sees
+  only the input face's hair (:func:`magdr.train.classifier.hair_only`), so they are learnt
+  from the hair itself, not from patterns elsewhere that a whole-image classifier reacts to.
+- ``--lambda-tint``: penalises the mean colour shift outside the edit (:func:`colour_shift`).
+
 Usage::
 
     nice -n 10 python -m magdr.train.stargan                # CPU
@@ -256,6 +265,16 @@ def sample_conditions(
     return c, t, k, flipped
 
 
+def colour_shift(fake: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Mean colour change ``[B,3]`` of ``fake`` against ``x``, weighted by ``w`` ``[B,1,H,W]``.
+
+    A small G that recolours the hair tends to tint the whole image a little; per pixel that
+    costs little in an L1 loss, but summed over everything outside the hair it is what the hair
+    ratio and the PSNR bars see. ``--lambda-tint`` penalises it directly.
+    """
+    return ((fake - x) * w).sum((2, 3)) / w.sum((2, 3)).clamp(min=1e-6)
+
+
 def gradient_penalty(d: Discriminator, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """WGAN-GP: ``(‖∇ D(x̂)‖₂ − 1)²`` on random interpolates (StarGAN's ``gradient_penalty``)."""
     a = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
@@ -279,6 +298,8 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     ap.add_argument("--lambda-aux", type=float, default=1.0)
     ap.add_argument("--lambda-adv", type=float, default=1.0)
     ap.add_argument("--lambda-cyc", type=float, default=10.0)
+    ap.add_argument("--lambda-tint", type=float, default=0.0,
+                    help="stage 2 identity: weight of the mean colour shift outside the edit")
     ap.add_argument("--lambda-gp", type=float, default=10.0)
     ap.add_argument("--flip-prob", type=float, default=0.3, help="stage 2 Male/Young flips")
     ap.add_argument("--w-inside", type=float, default=0.1)
@@ -470,6 +491,10 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
         l_pix = (w * (fake - y).abs()).mean()
         g_loss = a.lambda_rec * l_pix
         logs["pix"] = l_pix.detach()
+        if stage2 and a.stage2_target == "identity" and a.lambda_tint > 0:
+            l_tint = colour_shift(fake, x, w).abs().mean()
+            g_loss = g_loss + a.lambda_tint * l_tint
+            logs["tint"] = l_tint.detach()
         if stage2:
             src_f, cls_f = Dnet(fake)
             g_adv = -src_f.mean()

@@ -134,6 +134,20 @@ def test_stargan_smoke_with_a_hair_only_teacher(tmp_path: Path) -> None:
     assert '"g_aux"' in (tmp_path / "run/losses.jsonl").read_text()  # stage 2 ran with it
 
 
+def test_colour_shift_sees_a_tint_outside_the_edit_and_ignores_the_edit() -> None:
+    from magdr.train.stargan import colour_shift
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    w = torch.ones(2, 1, 8, 8)
+    w[:, :, :4] = 0  # the edited region
+    fake = x.clone()
+    fake[:, :, :4] += 0.7  # the edit itself: not a tint
+    fake[1, 0, 4:] += 0.1  # image 1: red tint outside the edit
+    shift = colour_shift(fake, x, w)
+    torch.testing.assert_close(shift, torch.tensor([[0.0, 0, 0], [0.1, 0, 0]]))
+
+
 def test_distillation_target_is_the_teachers_face_edit_with_the_hair_recoloured() -> None:
     from magdr.models.stargan import StarGAN
     from magdr.train.stargan import distillation_target, recolour_hair
