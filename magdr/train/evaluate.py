@@ -75,7 +75,8 @@ class RecolourReference(Generator):
     """Not a network: stage 1's hair recolouring (:func:`recolour_hair`) as an "editor".
 
     A hair-colour request moves the parser's hair to the mean YCbCr statistics of the train faces
-    with that colour (:func:`hair_colour_stats`, spread ×``spread``); Male/Young requests return x.
+    with that colour (:func:`hair_colour_stats`, moved apart by :func:`spread` as in training);
+    Male/Young requests return x.
     """
 
     c_dim = 5
