@@ -50,16 +50,19 @@ def resampled(x: torch.Tensor, x_adv: torch.Tensor, side: int) -> tuple[torch.Te
 
     The face is drawn at ``side``×``side`` pixels, the perturbation resized onto it (bilinear, as
     ``daemon.cli.attack_file`` does), the frame rounded to 8 bits, and the face cropped back to
-    G's size with ``INTER_AREA`` (as ``daemon.engine`` does): the attack arrives smoothed.
+    G's size by the daemon's own :func:`magdr.faces.locate.crop_faces`: the attack arrives
+    smoothed.
     """
     import cv2
 
+    from magdr.faces.locate import FaceBox, crop_faces
+
     size = x.shape[-1]
+    whole = [FaceBox(0, 0, side, side, 1.0)]
 
     def crop(frame: np.ndarray) -> torch.Tensor:
         pixels = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
-        small = cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA)
-        return torch.from_numpy(small.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+        return crop_faces(pixels, whole, size, scale=1.0, shift=0.0)[0][0]
 
     def up(img: torch.Tensor) -> np.ndarray:
         hwc = np.ascontiguousarray(img.permute(1, 2, 0).numpy() * 127.5)
@@ -71,6 +74,14 @@ def resampled(x: torch.Tensor, x_adv: torch.Tensor, side: int) -> tuple[torch.Te
         clean.append(crop(face))
         carried.append(crop(face + up(ai - xi)))
     return torch.stack(clean), torch.stack(carried)
+
+
+def flagged(guard: magdr.Guard, x: torch.Tensor) -> tuple[str, float | None]:
+    """``"k/n"`` of the faces x the guard flags, and their lowest score."""
+    s = scores(guard, x)
+    return f"{int((s > guard.profile.threshold).sum())}/{len(s)}", (
+        round(float(s.min()), 5) if len(s) else None
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -114,15 +125,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     c = magdr.condition(G, EDIT, batch=len(val))
     x_adv = magdr.attacks.pgd(G, val, c, generator=torch.Generator().manual_seed(0)).detach()
     disrupted = success(G, val, x_adv, c)
-    s = scores(guard, x_adv[disrupted])
-    res["pgd_disrupted_flagged"] = f"{int((s > thr).sum())}/{int(disrupted.sum())}"
-    res["pgd_lowest_score"] = round(float(s.min()), 5) if len(s) else None
+    res["pgd_disrupted_flagged"], res["pgd_lowest_score"] = flagged(guard, x_adv[disrupted])
     if a.resample:
         x_clean, x_carried = resampled(val, x_adv, a.resample)
         disrupted = success(G, x_clean, x_carried, c)
-        s = scores(guard, x_carried[disrupted])
-        res["pgd_resampled_flagged"] = f"{int((s > thr).sum())}/{int(disrupted.sum())}"
-        res["pgd_resampled_lowest_score"] = round(float(s.min()), 5) if len(s) else None
+        res["pgd_resampled_flagged"], res["pgd_resampled_lowest_score"] = flagged(
+            guard, x_carried[disrupted]
+        )
     res["wall_s"] = round(time.time() - t0, 1)
     text = json.dumps(res, indent=1)
     print(text)

@@ -147,13 +147,13 @@ def main(argv: list[str] | None = None) -> np.ndarray:  # noqa: D103
     if a.smoke:
         cel = D.fake_faces(4)
         train, val = np.arange(4), np.arange(4)
-        hair = rng.random((4, 1, *cel["images"].shape[1:3])).astype(np.float32)
     else:
         cel = D.load_celeba(a.data)
         train, val = np.arange(len(D.CELEBA_TRAIN)), np.arange(len(D.CELEBA_TRAIN), 9000)
-        hair = hair_maps(cel["images"]) if a.which == "hair" else None
-    if a.which != "hair":
-        hair = None
+    hair = None  # the hair maps of every face, for --which hair
+    if a.which == "hair":
+        shape = (len(cel["images"]), 1, *cel["images"].shape[1:3])
+        hair = rng.random(shape).astype(np.float32) if a.smoke else hair_maps(cel["images"])
     net = AttrNet(width=a.width)
     opt = torch.optim.Adam(net.parameters(), lr=a.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, a.lr, total_steps=a.steps, pct_start=0.05)

@@ -421,6 +421,7 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
         log.info("stage 1 distils Male/Young flips from %s", a.teacher)
     losses = LossLog(a.run_dir)
     budget = Budget(a.steps, a.max_minutes)
+    only_stage1 = a.stage1_steps >= a.steps  # then --max-minutes sets stage 1's lr decay too
     G.train()
     Dnet.train()
     bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="stargan")
@@ -435,7 +436,6 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
         if stage2:
             lr = a.lr2 * decay(prog)
         else:
-            only_stage1 = a.stage1_steps >= a.steps  # --max-minutes then sets the decay
             lr = a.lr * decay(max(step / max(a.stage1_steps, 1), prog if only_stage1 else 0.0))
         for g in opt_g.param_groups:
             g["lr"] = lr
