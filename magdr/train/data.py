@@ -237,6 +237,25 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def shrink(a: np.ndarray, size: int, channels_last: bool = True) -> np.ndarray:
+    """Area-shrink uint8 images ``[B,H,W,C]`` (or ``[B,C,H,W]``) to ``size``, an integer factor.
+
+    The 64×64 generator (issue 3's fallback) trains and is measured on CelebA's 128×128 crops
+    shrunk this way; exact block means, so region maps and faces stay aligned.
+    """
+    side = a.shape[1] if channels_last else a.shape[2]
+    if side == size:
+        return a
+    if side % size:
+        raise ValueError(f"shrink: {side} is not a multiple of {size}")
+    f = side // size
+    if channels_last:
+        blocks = a.reshape(a.shape[0], size, f, size, f, a.shape[3]).mean((2, 4), dtype=np.float32)
+    else:
+        blocks = a.reshape(*a.shape[:2], size, f, size, f).mean((3, 5), dtype=np.float32)
+    return blocks.round().astype(np.uint8)
+
+
 def fake_faces(n: int = 4, size: int = SIZE, seed: int = 0) -> dict[str, np.ndarray]:
     """Tiny fabricated CelebA-like data for ``--smoke`` runs when the real data is absent."""
     rng = np.random.default_rng(seed)

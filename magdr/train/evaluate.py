@@ -21,6 +21,11 @@ Male/Young: flip the face's own label; everything else at ``G.neutral``):
   hair region reports the same, beside it: an edit recognised by ``eval`` but not by ``hair``
   changed something else than the hair.
 
+A generator smaller than the data (``image_size`` 64, issue 3's fallback) is measured at its
+own size: faces area-shrunk (:func:`magdr.train.data.shrink`), the parser run on the 128×128
+face and its probabilities averaged down; the classifiers see G's output upsampled to 128, and
+their accuracy on real faces treated the same way is reported beside their full-size accuracy.
+
 ``--G recolour`` evaluates :class:`RecolourReference` instead of a network: the parser's hair
 recoloured to the train faces' colour statistics (stage 1's pseudo-target), nothing else changed.
 It shows what the bars make of a plain, localised hair recolouring.
@@ -53,6 +58,7 @@ from magdr.train.parser import iou_table, predict
 from magdr.train.stargan import (
     NEUTRAL,
     cached_region_probs,
+    classifier_input,
     hair_blend_mask,
     hair_colour_stats,
     recolour_hair,
@@ -153,11 +159,14 @@ def eval_generator(G: Generator, parser: ParseNet, clf: AttrNet, cel: dict, n: i
         for t in [*names, "keep"]
     }
     parser.eval()
+    size = int(G.image_size)  # 64 for issue 3's fallback: measured at G's own size
     for s in tqdm(range(0, len(val), batch), desc="evaluate G"):
         idx = val[s : s + batch]
-        x = D.to_tensor(cel["images"][idx]).to(device)
+        x_full = D.to_tensor(cel["images"][idx]).to(device)
+        x = D.to_tensor(D.shrink(cel["images"][idx], size)).to(device)
         real = torch.from_numpy(cel["attrs"][idx]).to(device)
-        probs = parser(x).softmax(1)
+        probs_full = parser(x_full).softmax(1)
+        probs = torch.nn.functional.avg_pool2d(probs_full, x_full.shape[-1] // size)
         lab = probs.argmax(1)
         onehot = torch.nn.functional.one_hot(lab, len(BISENET_CLASSES)).permute(0, 3, 1, 2).float()
         regions = group_regions(onehot)
@@ -185,10 +194,11 @@ def eval_generator(G: Generator, parser: ParseNet, clf: AttrNet, cel: dict, n: i
             rec["out"].append(float((d * (1 - hair)).sum()))
             rec["nout"].append(float((1 - hair).sum()))
             if t != "keep":
-                pred = (clf(y)[:, j] > 0).float()
+                y_cls = classifier_input(y, x_full.shape[-1])  # the classifiers' 128×128
+                pred = (clf(y_cls)[:, j] > 0).float()
                 rec["ok"] += (pred == want).tolist()
                 if hair_clf is not None and t.endswith("_Hair"):
-                    seen = hair_clf(hair_only(y, probs[:, HAIR : HAIR + 1]))[:, j] > 0
+                    seen = hair_clf(hair_only(y_cls, probs_full[:, HAIR : HAIR + 1]))[:, j] > 0
                     rec["ok_hair"] += (seen.float() == want).tolist()
                 rec["changed"] += changed.tolist()
     out = {}
@@ -258,6 +268,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {t} | {psnr} | {ratio} | {rec} | {rec_hair} |")
         lines.append("")
     for key, name in [("real_classifier_accuracy", "Evaluation classifier"),
+                      ("real_classifier_accuracy_at_G_size",
+                       "Evaluation classifier, real faces shrunk to G's size and upsampled"),
                       ("real_hair_classifier_accuracy", "Hair-only classifier")]:  # fmt: skip
         if key in res:
             lines += [f"{name} accuracy on real val faces: "
@@ -298,6 +310,14 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: D103
             G: Generator = RecolourReference.from_train_faces(a.parser, parser, cel)
         else:
             G = load_G(a.G)
+        if G.image_size != D.SIZE:
+            # What the classifier makes of real faces at G's size, upsampled as G's output is.
+            small = D.to_tensor(D.shrink(cel["images"][val], int(G.image_size)))
+            blurred = ((classifier_input(small, D.SIZE) + 1) * 127.5).round().clamp(0, 255)
+            blurred_u8 = blurred.byte().permute(0, 2, 3, 1).numpy()
+            ra = accuracy(clf, blurred_u8, cel["attrs"][val])
+            res["real_classifier_accuracy_at_G_size"] = dict(zip(D.STARGAN_ATTRS, ra.tolist(),
+                                                                 strict=True))  # fmt: skip
         hair_clf = None
         if a.hair_classifier.exists():
             sd = torch.load(a.hair_classifier, map_location="cpu", weights_only=True)

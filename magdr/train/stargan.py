@@ -38,6 +38,10 @@ Options tried on top (model card, generator part 5; none is in the shipped weigh
   only the input face's hair (:func:`magdr.train.classifier.hair_only`), so they are learnt
   from the hair itself, not from patterns elsewhere that a whole-image classifier reacts to.
 - ``--lambda-tint``: penalises the mean colour shift outside the edit (:func:`colour_shift`).
+- ``--teacher-edits all``: stage 1 distils the teacher's hair edits too, with the hair itself
+  recoloured on top (the target an editor would need for every hair-ratio and PSNR bar).
+- ``--image-size 64``: issue 3's fallback size. Faces and region maps are area-shrunk
+  (:func:`magdr.train.data.shrink`); the frozen classifiers see G's output upsampled to 128.
 
 Usage::
 
@@ -159,13 +163,18 @@ def recolour_hair(
 def distillation_target(
     teacher: StarGAN, x: torch.Tensor, c: torch.Tensor, hair: torch.Tensor, k: torch.Tensor,
     rec: torch.Tensor, fl: torch.Tensor, mus: torch.Tensor, sds: torch.Tensor,
+    hair_edits: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """Stage 1's target with a ``--teacher``: its Male/Young edit, then the recoloured hair.
+    """Stage 1's target with a ``--teacher``: its edit, then the recoloured hair.
 
     Faces with Male/Young flipped (``fl``) take the teacher's output for c with the hair part set
     to "keep" (all zero), so only its face edit is learnt, not its idea of hair colour; faces
     asked for another hair colour (``rec``) then get :func:`recolour_hair` on top. Every pixel
     has a target, unlike stage 2's identity loss.
+
+    With ``hair_edits`` (``--teacher-edits all``) the teacher sees the whole of c, and a face
+    asked for another hair colour starts from the teacher's own hair edit: the target keeps what
+    the teacher changes to make the colour recognisable and recolours the hair itself on top.
 
     Args:
         teacher: a trained generator (frozen).
@@ -177,9 +186,13 @@ def distillation_target(
         fl: 1 where Male or Young is flipped, :math:`(B,1,1,1)`.
         mus: hair colour means (:func:`hair_colour_stats`).
         sds: hair colour standard deviations.
+        hair_edits: start hair-colour requests from the teacher's output, not from x.
     """
-    keep_hair = torch.cat([torch.zeros_like(c[:, :3]), c[:, 3:]], 1)
-    base = torch.where(fl > 0, teacher(x, keep_hair), x)
+    if hair_edits:
+        base = torch.where(torch.maximum(fl, rec) > 0, teacher(x, c), x)
+    else:
+        keep_hair = torch.cat([torch.zeros_like(c[:, :3]), c[:, 3:]], 1)
+        base = torch.where(fl > 0, teacher(x, keep_hair), x)
     return torch.where(rec > 0, recolour_hair(base, hair, k, mus, sds), base)
 
 
@@ -275,6 +288,13 @@ def colour_shift(fake: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.
     return ((fake - x) * w).sum((2, 3)) / w.sum((2, 3)).clamp(min=1e-6)
 
 
+def classifier_input(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` bilinearly resized to the ``size`` the attribute classifiers were trained at."""
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
 def gradient_penalty(d: Discriminator, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """WGAN-GP: ``(‖∇ D(x̂)‖₂ − 1)²`` on random interpolates (StarGAN's ``gradient_penalty``)."""
     a = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
@@ -291,6 +311,8 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--conv-dim", type=int, default=16)
     ap.add_argument("--repeat-num", type=int, default=3)
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="train at this side (64: issue 3's fallback); default the data's 128")
     ap.add_argument("--lr", type=float, default=1e-3, help="G's stage-1 learning rate")
     ap.add_argument("--lr2", type=float, default=2e-4, help="G's and D's stage-2 learning rate")
     ap.add_argument("--lambda-rec", type=float, default=10.0)
@@ -299,7 +321,8 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     ap.add_argument("--lambda-adv", type=float, default=1.0)
     ap.add_argument("--lambda-cyc", type=float, default=10.0)
     ap.add_argument("--lambda-tint", type=float, default=0.0,
-                    help="stage 2 identity: weight of the mean colour shift outside the edit")
+                    help="weight of the mean colour shift outside the edit (stage 2 "
+                         "identity, or stage 1 with --teacher: against its target)")
     ap.add_argument("--lambda-gp", type=float, default=10.0)
     ap.add_argument("--flip-prob", type=float, default=0.3, help="stage 2 Male/Young flips")
     ap.add_argument("--w-inside", type=float, default=0.1)
@@ -326,6 +349,9 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     ap.add_argument("--teacher", type=Path, default=None,
                     help="stage 1 distillation: Male/Young flips (at --flip-prob) take this "
                     "generator's output (hair kept) as their target")
+    ap.add_argument("--teacher-edits", choices=["flips", "all"], default="flips",
+                    help="what stage 1 takes from --teacher: its Male/Young flips only, or also "
+                         "its hair-colour edits (the recoloured hair goes on top of either)")
     ap.add_argument("--n-train", type=int, default=len(D.CELEBA_TRAIN),
                     help="use the first N train faces")
     ap.add_argument("--seed", type=int, default=0)
@@ -379,6 +405,12 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
         aux_hair = AttrNet.from_state_dict(sd).eval().requires_grad_(False).to(a.device)
         log.info("hair colours taught by the hair-only classifier %s", a.aux_hair)
     images, attrs = cel["images"], cel["attrs"]
+    if a.image_size is not None and a.image_size != images.shape[1]:
+        # Issue 3's fallback: a smaller G, trained on the same crops area-shrunk; the region
+        # maps (from the parser at 128) are shrunk with them. The frozen classifiers still see
+        # 128×128: G's output is upsampled for them (classifier_input).
+        images, regions = D.shrink(images, a.image_size), D.shrink(regions, a.image_size, False)
+        log.info("training at %d×%d", a.image_size, a.image_size)
     min_area = 0.0 if a.smoke else 0.03
     if a.ae_only:  # no recolouring, and no hair maps to take colour statistics from
         mus, sds = torch.zeros(3, 3), torch.zeros(3, 3)
@@ -388,7 +420,7 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     log.info("hair YCbCr target means (black, blond, brown): %s", mus.numpy().round(3).tolist())
     log.info("hair YCbCr target stds: %s", sds.numpy().round(3).tolist())
 
-    size = images.shape[1]
+    size, cel_size = images.shape[1], cel["images"].shape[1]
     G = StarGAN(conv_dim=a.conv_dim, c_dim=5, repeat_num=a.repeat_num, image_size=size)
     Dnet = Discriminator(image_size=size, conv_dim=a.d_dim, repeat_num=6 if size >= 64 else 4)
     dev = torch.device(a.device)
@@ -464,7 +496,8 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
             y = x
             w = 1 - (1 - a.w_inside) * torch.maximum(rec * hair, fl * facehair)
         elif teacher is not None:
-            y = distillation_target(teacher, x, c, hair, k, rec, fl, mus, sds)
+            y = distillation_target(teacher, x, c, hair, k, rec, fl, mus, sds,
+                                    hair_edits=a.teacher_edits == "all")
             w = 1 + a.hair_weight * rec * hair
         else:
             with torch.no_grad():
@@ -491,17 +524,22 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
         l_pix = (w * (fake - y).abs()).mean()
         g_loss = a.lambda_rec * l_pix
         logs["pix"] = l_pix.detach()
-        if stage2 and a.stage2_target == "identity" and a.lambda_tint > 0:
-            l_tint = colour_shift(fake, x, w).abs().mean()
+        tint_applies = a.stage2_target == "identity" if stage2 else teacher is not None
+        if a.lambda_tint > 0 and tint_applies:
+            # Outside the edit: stage 2's weights already say where (w); stage 1's target
+            # covers every pixel, so its tint is measured outside the recoloured hair.
+            outside = w if stage2 else 1 - rec * hair
+            l_tint = colour_shift(fake, y, outside).abs().mean()
             g_loss = g_loss + a.lambda_tint * l_tint
             logs["tint"] = l_tint.detach()
         if stage2:
             src_f, cls_f = Dnet(fake)
             g_adv = -src_f.mean()
             g_cls = F.binary_cross_entropy_with_logits(cls_f, t)
-            aux_logits = aux(fake)
+            aux_logits = aux(classifier_input(fake, cel_size))
             if aux_hair is not None:
-                hair_logits = aux_hair(hair_only(fake, reg[:, :1]))
+                hair_in = hair_only(fake, reg[:, :1])
+                hair_logits = aux_hair(classifier_input(hair_in, cel_size))
                 aux_logits = torch.cat([hair_logits[:, :3], aux_logits[:, 3:]], 1)
             g_aux = F.binary_cross_entropy_with_logits(aux_logits, t)
             back = G(fake, real_t)

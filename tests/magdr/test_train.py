@@ -170,16 +170,36 @@ def test_distillation_target_is_the_teachers_face_edit_with_the_hair_recoloured(
     torch.testing.assert_close(y[1:2, :, 5:], x[1:2, :, 5:])
     assert (y[1:2, :, :5] - x[1:2, :, :5]).abs().mean() > 0.05
     torch.testing.assert_close(y[2], x[2])
+    # --teacher-edits all: a hair request starts from the teacher's whole edit
+    y_all = distillation_target(teacher, x, c, hair, k, rec, fl, mus, sds, hair_edits=True)
+    t_all = recolour_hair(teacher(x[:2], c[:2]), hair[:2], k[:2], mus, sds)
+    torch.testing.assert_close(y_all[:2], t_all)
+    torch.testing.assert_close(y_all[2], x[2])
+
+
+def test_stargan_stage1_distillation_of_every_edit_with_a_tint_penalty(tmp_path: Path) -> None:
+    from magdr.train import stargan
+
+    teacher = stargan.main(["--smoke", "--threads", "1", "--run-dir", str(tmp_path / "t")])
+    args = ["--teacher", str(teacher), "--teacher-edits", "all", "--lambda-tint", "5",
+            "--stage1-steps", "2"]  # fmt: skip
+    stargan.main(["--smoke", "--threads", "1", "--run-dir", str(tmp_path / "s"), *args])
+    assert '"tint"' in (tmp_path / "s/losses.jsonl").read_text()
+
+
+class TopHalfHair(torch.nn.Module):
+    """A "parser" that puts hair in the top rows and background everywhere else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        from magdr.train.evaluate import HAIR
+
+        logits = torch.zeros(x.shape[0], len(BISENET_CLASSES), *x.shape[2:])
+        logits[:, HAIR, : x.shape[2] // 2] = 20.0
+        return logits
 
 
 def test_recolour_reference_edits_only_the_parsed_hair() -> None:
-    from magdr.train.evaluate import HAIR, RecolourReference
-
-    class TopHalfHair(torch.nn.Module):  # a "parser" that puts hair in the top rows
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            logits = torch.zeros(x.shape[0], len(BISENET_CLASSES), *x.shape[2:])
-            logits[:, HAIR, : x.shape[2] // 2] = 20.0
-            return logits
+    from magdr.train.evaluate import RecolourReference
 
     torch.manual_seed(0)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -189,6 +209,41 @@ def test_recolour_reference_edits_only_the_parsed_hair() -> None:
     assert (y[0, :, :8] - x[0, :, :8]).abs().mean() > 0.05
     torch.testing.assert_close(y[1], x[1])  # a Male request: unchanged
     assert ref.target_regions(torch.tensor([[0.0, 1, 0, 0.5, 0.5]])).sum() > 0
+
+
+def test_shrink_takes_exact_block_means_in_either_layout() -> None:
+    a = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    small = D.shrink(a, 2)
+    assert small.shape == (2, 2, 2, 3)
+    assert small[0, 0, 0, 0] == np.round(a[0, :2, :2, 0].mean())
+    np.testing.assert_array_equal(D.shrink(a.transpose(0, 3, 1, 2), 2, False),
+                                  small.transpose(0, 3, 1, 2))  # fmt: skip
+    assert D.shrink(a, 4) is a
+    with pytest.raises(ValueError, match="multiple"):
+        D.shrink(a, 3)
+
+
+def test_a_half_size_generator_is_measured_at_its_own_size(monkeypatch) -> None:
+    """Issue 3's 64×64 fallback: faces and parser maps shrunk to G's side, classifiers at 128."""
+    from magdr.models.stargan import StarGAN
+    from magdr.train.classifier import AttrNet
+    from magdr.train.evaluate import eval_generator
+
+    class BrightensTheTopHalf(StarGAN):  # a 16×16 "editor" that changes only the top rows
+        def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+            assert x.shape[-1] == 16
+            y = x.clone()
+            y[:, :, :8] = (y[:, :, :8] + 0.5).clamp(max=1)
+            return y
+
+    monkeypatch.setattr(D, "CELEBA_TRAIN", range(0))  # validation faces from index 0
+    cel = D.fake_faces(4, 32)
+    G = BrightensTheTopHalf(conv_dim=4, repeat_num=1, image_size=16)
+    res = eval_generator(G, TopHalfHair(), AttrNet(width=4).eval(), cel, 4, batch=2)
+    blond = res["Blond_Hair"]
+    assert blond["hair_diff"] > 0.1 and blond["outside_hair_diff"] == 0  # masks line up at 16
+    assert blond["psnr_non_target_mean"] > 60  # nothing outside the hair moved
+    assert "recognised_all" in res["Male"]  # the 128-side classifier saw the upsampled output
 
 
 def test_budget_fraction_follows_steps_or_time() -> None:
