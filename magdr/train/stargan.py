@@ -234,9 +234,14 @@ def region_probs(parser: ParseNet, images: np.ndarray, batch: int = 64,
 
 def cached_region_probs(parser_path: Path, images: np.ndarray,
                         device: str | torch.device = "cpu") -> np.ndarray:  # fmt: skip
-    """:func:`region_probs` of the 9000 CelebA faces, cached per parser file content."""
-    digest = hashlib.sha1(parser_path.read_bytes()).hexdigest()[:12]
-    path = D.cache_dir() / f"regions_{digest}_{len(images)}.npy"
+    """:func:`region_probs` of CelebA faces, cached per parser file content and image content.
+
+    Keyed by both, not by the number of faces: two sets of the same size (another split,
+    shrunk faces) must not share a cache file. Hashing 9000 faces takes about a second.
+    """
+    parser_digest = hashlib.sha1(parser_path.read_bytes()).hexdigest()[:12]
+    faces_digest = hashlib.sha1(np.ascontiguousarray(images)).hexdigest()[:12]
+    path = D.cache_dir() / f"regions_{parser_digest}_{faces_digest}_{len(images)}.npy"
     if path.exists():
         return np.load(path)
     sd = torch.load(parser_path, map_location="cpu", weights_only=True)

@@ -223,6 +223,24 @@ def test_shrink_takes_exact_block_means_in_either_layout() -> None:
         D.shrink(a, 3)
 
 
+def test_region_cache_tells_apart_two_face_sets_of_the_same_size(tmp_path, monkeypatch) -> None:
+    from magdr.train.stargan import cached_region_probs
+
+    monkeypatch.setenv("MAGDR_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    parser_path = tmp_path / "parser.pt"
+    parser = ParseNet(width=4, depth=2)
+    with torch.no_grad():  # sharper logits, so that different faces get different maps
+        for q in parser.parameters():
+            q.mul_(5)
+    torch.save(parser.state_dict(), parser_path)
+    a, b = D.fake_faces(2, 32, seed=0)["images"], D.fake_faces(2, 32, seed=1)["images"]
+    maps_a, maps_b = cached_region_probs(parser_path, a), cached_region_probs(parser_path, b)
+    assert not np.array_equal(maps_a, maps_b)
+    assert len(list((tmp_path / "cache").glob("regions_*.npy"))) == 2
+    np.testing.assert_array_equal(cached_region_probs(parser_path, a), maps_a)  # a cache hit
+
+
 def test_a_half_size_generator_is_measured_at_its_own_size(monkeypatch) -> None:
     """Issue 3's 64×64 fallback: faces and parser maps shrunk to G's side, classifiers at 128."""
     from magdr.models.stargan import StarGAN
