@@ -35,6 +35,7 @@ Usage::
     python -m magdr.train.evaluate                  # everything, 1000 val faces -> runs/eval.json
     python -m magdr.train.evaluate --n 200 --only G
     python -m magdr.train.evaluate --only G --G recolour --out runs/eval_recolour.json
+    python -m magdr.train.evaluate --only G --G recolour --recolour-on G.pt   # G's edits + recolour
 """
 
 from __future__ import annotations
@@ -82,14 +83,17 @@ class RecolourReference(Generator):
 
     A hair-colour request moves the parser's hair to the mean YCbCr statistics of the train faces
     with that colour (:func:`hair_colour_stats`, moved apart by :func:`spread` as in training);
-    Male/Young requests return x.
+    Male/Young requests return x. With a ``base`` generator the recolouring is applied to
+    ``base(x, c)`` instead of x (``--recolour-on``): what the bars make of that generator's
+    edits with the hair itself recoloured, i.e. the target of ``stargan.py --teacher-edits all``.
     """
 
     c_dim = 5
 
-    def __init__(self, parser: ParseNet, mus: torch.Tensor, sds: torch.Tensor) -> None:
+    def __init__(self, parser: ParseNet, mus: torch.Tensor, sds: torch.Tensor,
+                 base: Generator | None = None) -> None:  # fmt: skip
         super().__init__()
-        self.parser, self.mus, self.sds = parser, mus, sds
+        self.parser, self.mus, self.sds, self.base = parser, mus, sds, base
         self.attributes, self.neutral = list(D.STARGAN_ATTRS), list(NEUTRAL)
         self.attribute_targets = {
             a: ("hair" if a.endswith("_Hair") else "face+hair") for a in self.attributes
@@ -97,18 +101,21 @@ class RecolourReference(Generator):
 
     @classmethod
     def from_train_faces(cls, parser_path: Path, parser: ParseNet, cel: dict,
-                         factor: float = 1.5) -> RecolourReference:  # fmt: skip
+                         factor: float = 1.5, base: Generator | None = None
+                         ) -> RecolourReference:  # fmt: skip
         """Colour statistics from the train split's hair maps (``--hair-spread`` default 1.5)."""
         train = np.arange(len(D.CELEBA_TRAIN))
         hair = cached_region_probs(parser_path, cel["images"][train])[:, 0]
         mus, sds = hair_colour_stats(cel["images"][train], hair, cel["attrs"][train])
-        return cls(parser, spread(mus, factor), sds)
+        return cls(parser, spread(mus, factor), sds, base)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:  # noqa: D102
         assert c is not None
+        edited = x if self.base is None else self.base(x, c)
         hair = hair_blend_mask(self.parser(x).softmax(1)[:, HAIR : HAIR + 1])
-        y = recolour_hair(x, hair, c[:, :3].argmax(1), self.mus.to(x), self.sds.to(x))
-        return torch.where((c[:, :3].sum(1) > 0)[:, None, None, None], y, x)
+        k = c[:, :3].argmax(1)
+        y = recolour_hair(edited, hair, k, self.mus.to(x), self.sds.to(x))
+        return torch.where((c[:, :3].sum(1) > 0)[:, None, None, None], y, edited)
 
 
 def eval_parser(parser: ParseNet, cel: dict, fs: dict, n: int) -> dict:
@@ -282,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: D103
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--G", type=Path, default=WEIGHTS / "default_G.pt",
                     help="a StarGAN checkpoint, or 'recolour' (RecolourReference)")
+    ap.add_argument("--recolour-on", type=Path, default=None,
+                    help="with --G recolour: recolour the hair of this StarGAN's output, not x's")
     ap.add_argument("--parser", type=Path, default=WEIGHTS / "parser.pt")
     ap.add_argument("--classifier", type=Path, default=RUNS / "classifier/eval.pt")
     ap.add_argument("--hair-classifier", type=Path, default=RUNS / "classifier/hair.pt",
@@ -307,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: D103
         ra = accuracy(clf, cel["images"][val], cel["attrs"][val])
         res["real_classifier_accuracy"] = dict(zip(D.STARGAN_ATTRS, ra.tolist(), strict=True))
         if str(a.G) == "recolour":
-            G: Generator = RecolourReference.from_train_faces(a.parser, parser, cel)
+            base = load_G(a.recolour_on) if a.recolour_on is not None else None
+            G: Generator = RecolourReference.from_train_faces(a.parser, parser, cel, base=base)
         else:
             G = load_G(a.G)
         if G.image_size != D.SIZE:

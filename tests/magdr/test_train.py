@@ -210,6 +210,16 @@ def test_recolour_reference_edits_only_the_parsed_hair() -> None:
     torch.testing.assert_close(y[1], x[1])  # a Male request: unchanged
     assert ref.target_regions(torch.tensor([[0.0, 1, 0, 0.5, 0.5]])).sum() > 0
 
+    class Darkens(torch.nn.Module):  # a "generator" whose every edit darkens the whole image
+        def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return x - 0.2
+
+    on_g = RecolourReference(TopHalfHair(), ref.mus, ref.sds, base=Darkens())
+    y_on = on_g(x, torch.tensor([[0.0, 1, 0, 0.5, 0.5], [0, 0, 0, 1, 0.5]]))
+    torch.testing.assert_close(y_on[0, :, 8:], x[0, :, 8:] - 0.2)  # the base's edit outside
+    torch.testing.assert_close(y_on[0, :, :8], y[0, :, :8])  # the same hair colour on top
+    torch.testing.assert_close(y_on[1], x[1] - 0.2)  # a Male request: the base's edit alone
+
 
 def test_shrink_takes_exact_block_means_in_either_layout() -> None:
     a = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
