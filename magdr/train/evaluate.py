@@ -323,9 +323,8 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: D103
         if G.image_size != D.SIZE:
             # What the classifier makes of real faces at G's size, upsampled as G's output is.
             small = D.to_tensor(D.shrink(cel["images"][val], int(G.image_size)))
-            blurred = ((classifier_input(small, D.SIZE) + 1) * 127.5).round().clamp(0, 255)
-            blurred_u8 = blurred.byte().permute(0, 2, 3, 1).numpy()
-            ra = accuracy(clf, blurred_u8, cel["attrs"][val])
+            back_up = ((classifier_input(small, D.SIZE) + 1) * 127.5).round().clamp(0, 255)
+            ra = accuracy(clf, back_up.byte().permute(0, 2, 3, 1).numpy(), cel["attrs"][val])
             res["real_classifier_accuracy_at_G_size"] = dict(zip(D.STARGAN_ATTRS, ra.tolist(),
                                                                  strict=True))  # fmt: skip
         hair_clf = None
