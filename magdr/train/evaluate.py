@@ -276,7 +276,7 @@ def markdown(res: dict) -> str:
         lines.append("")
     for key, name in [("real_classifier_accuracy", "Evaluation classifier"),
                       ("real_classifier_accuracy_at_G_size",
-                       "Evaluation classifier, real faces shrunk to G's size and upsampled"),
+                       "Evaluation classifier (faces shrunk to G's size, upsampled)"),
                       ("real_hair_classifier_accuracy", "Hair-only classifier")]:  # fmt: skip
         if key in res:
             lines += [f"{name} accuracy on real val faces: "
