@@ -1,9 +1,10 @@
-"""Cache the shipped parser's soft region maps of the first N CelebA train faces (MAGDR_CACHE).
+"""Cache the shipped parser's soft region maps of the 9000 CelebA faces (MAGDR_CACHE).
 
-What every generator training on a lent GPU needs before it starts; the device scripts
-(``tools/gpu_session.sh``, ``tools/gpu_scratch.sh``) call it first::
+What every generator training and evaluation needs before it starts (each slices the faces it
+uses out of this one cache); the device scripts (``tools/gpu_session.sh``,
+``tools/gpu_scratch.sh``) call it first::
 
-    python3 tools/cache_regions.py cuda 8000
+    python3 tools/cache_regions.py cuda
 """
 
 from __future__ import annotations
@@ -16,6 +17,6 @@ from magdr.train import data as D
 from magdr.train.stargan import WEIGHTS, cached_region_probs
 
 if __name__ == "__main__":
-    device, n = sys.argv[1], int(sys.argv[2])
+    device = sys.argv[1]
     print("torch", torch.__version__, "cuda", torch.cuda.is_available())
-    cached_region_probs(WEIGHTS / "parser.pt", D.load_celeba()["images"][:n], device)
+    cached_region_probs(WEIGHTS / "parser.pt", D.load_celeba()["images"], device)

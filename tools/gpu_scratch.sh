@@ -28,7 +28,7 @@ mkdir -p "$R" "$MAGDR_CACHE"
 stamp() { echo "[$(($(date +%s) - T0)) s] $*" | tee -a "$OUT/timeline.txt"; }
 
 stamp "start; $(nvidia-smi --query-gpu=name --format=csv,noheader 2>&1 | head -1)"
-python3 tools/cache_regions.py "$DEVICE" "$N_TRAIN" >"$R/setup.log" 2>&1
+python3 tools/cache_regions.py "$DEVICE" >"$R/setup.log" 2>&1
 stamp "region maps cached"
 common=(--n-train "$N_TRAIN" --batch 32 --d-dim 32 --threads 1 --device "$DEVICE"
         --aux "$CLASSIFIERS/aux.pt" --ckpt-every 1000000 --log-every 200 --seed 0)

@@ -2,7 +2,7 @@
 # One lent-GPU session in one script (the device tool runs it from the repo root; results go to
 # $OUT). Everything has a wall-time budget, so the script ends on time on an unknown machine:
 #
-#   1. caches: CelebA at 128 and the parser's soft region maps of the 8000 train faces;
+#   1. caches: CelebA at 128 and the parser's soft region maps of the 9000 CelebA faces;
 #   2. in parallel on the one GPU: three generator recipes (magdr/train/stargan.py) and the CUDA
 #      tests + GPU timings;
 #   3. every saved generator checkpoint scored on 300 validation faces (magdr/train/evaluate.py),
@@ -32,7 +32,7 @@ left() { echo $((BUDGET - ($(date +%s) - T0))); }
 stamp() { echo "[$(($(date +%s) - T0)) s] $*" | tee -a "$R/timeline.txt"; }
 
 stamp "start; $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
-python3 tools/cache_regions.py "$DEVICE" "$N_TRAIN" 2>&1 | tee "$R/setup.log"
+python3 tools/cache_regions.py "$DEVICE" 2>&1 | tee "$R/setup.log"
 stamp "caches ready"
 
 # ---- 2. parallel jobs ---------------------------------------------------------------------

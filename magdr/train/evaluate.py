@@ -105,7 +105,7 @@ class RecolourReference(Generator):
                          ) -> RecolourReference:  # fmt: skip
         """Colour statistics from the train split's hair maps (``--hair-spread`` default 1.5)."""
         train = np.arange(len(D.CELEBA_TRAIN))
-        hair = cached_region_probs(parser_path, cel["images"][train])[:, 0]
+        hair = cached_region_probs(parser_path, cel["images"])[train, 0]  # stargan.py's cache
         mus, sds = hair_colour_stats(cel["images"][train], hair, cel["attrs"][train])
         return cls(parser, spread(mus, factor), sds, base)
 

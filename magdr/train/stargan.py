@@ -394,7 +394,9 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
         if a.ae_only:
             regions = np.zeros((len(cel["images"]), 2, D.SIZE, D.SIZE), np.uint8)
         else:
-            regions = cached_region_probs(a.parser, cel["images"][train], a.device)
+            # The maps of every CelebA face, sliced: one cache file serves every --n-train,
+            # evaluate.py and classifier.py.
+            regions = cached_region_probs(a.parser, cel["images"], a.device)[train]
         if a.stage1_steps < a.steps:
             sd = torch.load(a.aux, map_location="cpu", weights_only=True)
             aux = AttrNet.from_state_dict(sd).eval()
@@ -455,7 +457,8 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     if a.teacher is not None:
         sd = torch.load(a.teacher, map_location=dev, weights_only=True)
         teacher = StarGAN.from_state_dict(sd).to(dev).eval().requires_grad_(False)
-        log.info("stage 1 distils Male/Young flips from %s", a.teacher)
+        what = "every edit" if a.teacher_edits == "all" else "Male/Young flips"
+        log.info("stage 1 distils %s from %s", what, a.teacher)
     losses = LossLog(a.run_dir)
     budget = Budget(a.steps, a.max_minutes)
     only_stage1 = a.stage1_steps >= a.steps  # then --max-minutes sets stage 1's lr decay too
