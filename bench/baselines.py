@@ -19,7 +19,6 @@ Reconstructions (Table 2): :data:`RECONSTRUCTIONS` maps a name to ``f(x, gen) ->
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -319,15 +318,6 @@ class OutputClassifier(Detector):
 
 
 # ---- training (train split only, seeded, cached) ------------------------------------------------
-
-
-def weights_digest(G: nn.Module) -> str:
-    """A short hash of G's weights: caches of trained baselines are per generator."""
-    h = hashlib.sha256()
-    for k, v in sorted(G.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
 
 
 def train_autoencoder(

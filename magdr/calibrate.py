@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     cs = []
     for e in edits:
         if e == "random":
-            cs.append(_conditions(G, celeba["attrs"][idx], rng))
+            cs.append(random_edits(G, celeba["attrs"][idx], rng))
         else:
             cs.append(magdr.condition(G, e, batch=len(idx)).cpu())
     x, c = torch.cat([x1] * len(cs)), torch.cat(cs)
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             xe = _resize(to_tensor(images), int(G.image_size))
             # Video crops have no attribute labels: borrow those of random CelebA train faces,
             # so the edits asked of G are distributed like the CelebA negatives' edits.
-            ce = _conditions(G, celeba["attrs"][erng.integers(8000, size=len(xe))], erng)
+            ce = random_edits(G, celeba["attrs"][erng.integers(8000, size=len(xe))], erng)
             x_neg = torch.cat([x_neg, xe, benign_copies(xe)])
             c_neg = torch.cat([c_neg, *[ce] * (1 + len(BENIGN))])
             extra_meta.append({"path": str(path), "faces": len(xe),
@@ -499,7 +499,7 @@ def parse_transform(text: str) -> dict[str, Any] | None:
     return {"name": name, "params": params}
 
 
-def _conditions(G: nn.Module, attrs: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+def random_edits(G: nn.Module, attrs: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
     """One changed attribute per face: a hair colour set, or Male/Young flipped."""
     import magdr
 

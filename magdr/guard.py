@@ -5,7 +5,9 @@ Per batch of faces x̂ and conditions c::
     y = G(x̂, c)                       (with the K transformed inputs, one stacked call)
     M = regions(parser(x̂))            19 soft classes -> N attribute regions
     S_final = λ·S_dist + S_cons        Eq. 4-7, 9  -> disrupted?
-    if disrupted: x* = RecNet(x̂)       Algorithm 1, per region patch; y* = G(x*, c); check again
+    if disrupted: x* = P(x̂)           the learned purifier (magdr.purifier), when G has one;
+                  x* = RecNet(x*)     Algorithm 1 per region patch, if S_final(x*) is still high;
+                  y* = G(x*, c)       check again
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from magdr.checkpoints import resolve_device
 from magdr.detect import Detection, Detector
 from magdr.faces.regions import REGIONS, group_regions
 from magdr.profile import Profile, load_profile
+from magdr.purifier import STEP_NAME, purifier_for
 from magdr.reconstruct import infer
 from magdr.transforms import apply_chain
 
@@ -95,6 +98,10 @@ class Guard(nn.Module):
         recnet_chunk: Rec-Net candidates scored per call (each costs 1 + K' passes of G);
             ``None``: 32 on the CPU (larger chunks measured no faster there), 256 on CUDA,
             where 32 small images leave the GPU mostly idle.
+        purifier: the learned purifier tried on a flagged face before Rec-Net's search
+            (:mod:`magdr.purifier`): a module, a checkpoint path, ``"auto"`` (the shipped one
+            when it was trained against this G's weights, else none) or ``None`` (Rec-Net
+            alone, as the paper).
 
     Example:
         >>> import magdr  # doctest: +SKIP
@@ -111,6 +118,7 @@ class Guard(nn.Module):
         device: str | torch.device = "auto",
         max_batch: int = 64,
         recnet_chunk: int | None = None,
+        purifier: nn.Module | str | None = "auto",
     ) -> None:
         super().__init__()
         self.device = resolve_device(device)
@@ -124,6 +132,7 @@ class Guard(nn.Module):
         self.detector = Detector(self.G, self.profile)
         self.max_batch = max_batch
         self.recnet_chunk = recnet_chunk or (256 if self.device.type == "cuda" else 32)
+        self.purifier = purifier_for(self.G, purifier, self.device)
 
     # ---- pieces -------------------------------------------------------------------------
     def regions(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,18 +146,23 @@ class Guard(nn.Module):
         idx = [[REGIONS.index(r) for r in patch] for patch in self.profile.recnet.patches]
         return torch.stack([regions[:, i].sum(1) for i in idx], dim=1)
 
-    @staticmethod
     def _apply_hint(
-        x: torch.Tensor, patches: torch.Tensor, names: list[str], chain: list[dict[str, Any]]
+        self, x: torch.Tensor, patches: torch.Tensor, names: list[str], chain: list[dict[str, Any]]
     ) -> torch.Tensor:
         """One face ``(3, S, S)`` through a chain, each step inside its region patch.
 
         A chain that names a patch or transform this profile does not have (it was built under
-        another profile) leaves the face unchanged, so the search runs for it.
+        another profile, or with a purifier this guard lacks) leaves the face unchanged, so the
+        search runs for it.
         """
         try:
             out = x[None]
             for step in chain:
+                if step["name"] == STEP_NAME:
+                    if self.purifier is None:
+                        raise KeyError(STEP_NAME)
+                    out = self.purifier(out)
+                    continue
                 mask = patches[names.index(step["region"])][None, None]
                 out = apply_chain(out, [step], mask)
             return out[0]
@@ -206,6 +220,33 @@ class Guard(nn.Module):
         """S_final of Rec-Net candidates ``xc``, each scored against item ``idx``'s regions."""
         cc = _rows(c, idx)
         return self.detector(xc, cc, regions[idx], targets[idx], transforms).score
+
+    def _purify(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor | None,
+        regions: torch.Tensor,
+        targets: torch.Tensor,
+        todo: torch.Tensor,
+        purified: torch.Tensor,
+        output: torch.Tensor,
+        score_after: torch.Tensor,
+        chains: list[list[dict[str, Any]]],
+    ) -> torch.Tensor:
+        """The learned purifier on the flagged items ``todo``; returns those still disrupted.
+
+        Every item takes P's output where it lowers S_final (Eq. 9), so Rec-Net's search, when
+        still needed, starts from the purified face; the regions parsed from x̂ are kept.
+        """
+        x_p = self.purifier(x[todo])
+        sub_c = _rows(c, todo)
+        again = self.detector(x_p, sub_c, regions[todo], targets[todo])
+        better = again.score < score_after[todo]
+        for j, i in enumerate(todo.tolist()):
+            if better[j]:
+                purified[i], output[i], score_after[i] = x_p[j], again.output[j], again.score[j]
+                chains[i].append({"name": STEP_NAME, "params": {}, "region": "all", "layer": 0})
+        return todo[~(better & ~again.disrupted)]
 
     # ---- the guard ----------------------------------------------------------------------
     def forward(
@@ -286,6 +327,8 @@ class Guard(nn.Module):
                     chains[i] = [dict(step) for step in hints[i]]
                     reused[i] = True
             todo = todo[~reused[todo]]
+        if self.purifier is not None and todo.numel():
+            todo = self._purify(x, c, regions, targets, todo, purified, output, score_after, chains)
         for _ in range(p.recnet.max_rounds):
             if todo.numel() == 0:
                 break

@@ -1,0 +1,208 @@
+"""The learned purifier: the network, its checkpoints, its training loss, and the guard's use."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import magdr
+from magdr import attacks
+from magdr.checkpoints import CheckpointError, weights_digest
+from magdr.guard import Guard
+from magdr.purifier import (
+    STEP_NAME,
+    Purifier,
+    load_purifier,
+    purifier_for,
+    purify,
+    save_purifier,
+)
+from magdr.train.purifier import main as train_main
+from magdr.train.purifier import purifier_loss
+from tests.conftest import synthetic_conditions, synthetic_faces
+
+
+def _faces(n: int, seed: int, size: int = 32) -> torch.Tensor:
+    return synthetic_faces(n, torch.Generator().manual_seed(seed), size=size)
+
+
+class TestNetwork:
+    def test_untrained_is_identity(self):
+        x = _faces(3, 0)
+        torch.testing.assert_close(Purifier(width=4)(x), x)
+
+    def test_output_in_range_and_shape(self):
+        P = Purifier(width=4)
+        torch.nn.init.normal_(P.head.weight, std=1.0)
+        y = P(_faces(2, 1) * 0.99)
+        assert y.shape == (2, 3, 32, 32)
+        assert y.min() >= -1 and y.max() <= 1
+
+    def test_purify_checks_its_input(self):
+        with pytest.raises(ValueError):
+            purify(Purifier(width=4), torch.zeros(3, 32, 32))
+
+
+class TestCheckpoints:
+    def test_round_trip_keeps_weights_and_meta(self, tmp_path):
+        P = Purifier(width=6)
+        torch.nn.init.normal_(P.head.weight, std=0.1)
+        save_purifier(P, tmp_path / "p.pt", generator_digest="abc", steps=3)
+        Q = load_purifier(tmp_path / "p.pt")
+        assert Q.width == 6 and Q.meta["generator_digest"] == "abc" and Q.meta["steps"] == 3
+        x = _faces(2, 2)
+        torch.testing.assert_close(Q(x), P(x))
+
+    def test_not_a_purifier(self, tmp_path):
+        torch.save({"main.0.weight": torch.zeros(3)}, tmp_path / "g.pt")
+        with pytest.raises(CheckpointError):
+            load_purifier(tmp_path / "g.pt")
+
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="absent.pt"):
+            load_purifier(tmp_path / "absent.pt")
+
+    def test_auto_needs_the_generator_it_was_trained_against(self, tiny_stargan):
+        # The shipped purifier belongs to the shipped G; any other G gets none.
+        assert purifier_for(tiny_stargan, "auto") is None
+        assert purifier_for(tiny_stargan, None) is None
+        assert purifier_for(tiny_stargan, "none") is None
+        P = Purifier(width=4)
+        assert purifier_for(tiny_stargan, P) is P
+
+    def test_auto_finds_the_shipped_one_for_the_default_generator(self):
+        from magdr.purifier import DEFAULT_PURIFIER
+
+        if not DEFAULT_PURIFIER.exists():
+            pytest.skip("no shipped purifier")
+        meta = json.loads(DEFAULT_PURIFIER.with_suffix(".json").read_text())
+        G = magdr.load_generator("default")
+        assert meta["generator_digest"] == weights_digest(G)
+        assert isinstance(purifier_for(G, "auto"), Purifier)
+
+
+class _Oracle(torch.nn.Module):
+    """A purifier that knows the answer: maps each attacked face back to its clean face."""
+
+    def __init__(self, x_adv: torch.Tensor, x: torch.Tensor) -> None:
+        super().__init__()
+        self.x_adv, self.x = x_adv, x
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        d = (q[:, None] - self.x_adv[None]).abs().flatten(2).amax(2)  # [Q, N]
+        hit = d.min(1).values < 1e-6
+        return torch.where(hit[:, None, None, None], self.x[d.argmin(1)], q)
+
+
+@pytest.mark.slow
+class TestInTheGuard:
+    """Guard(purifier=...): tried before Rec-Net's search; kept only where it cures."""
+
+    @pytest.fixture(scope="class")
+    def setup(self, tiny_stargan, face_parser):
+        from magdr import calibrate
+        from magdr.profile import Profile
+
+        G = tiny_stargan
+        g = torch.Generator().manual_seed(5)
+        x, c = synthetic_faces(40, g), synthetic_conditions(40, g)
+        x_adv = attacks.pgd(G, x, c, generator=torch.Generator().manual_seed(6))
+        base = Guard(G, parser=face_parser, profile=Profile(), device="cpu", purifier=None)
+        x_neg = torch.cat([x[:32], calibrate.benign_copies(x[:32])])
+        profile = calibrate.fit(
+            base, x_neg, c[:32].repeat(4, 1), x_adv[:16], c[:16], fpr=0.01
+        )  # fmt: skip
+        return {"G": G, "parser": face_parser, "profile": profile,
+                "x": x[32:], "c": c[32:], "x_adv": x_adv[32:]}  # fmt: skip
+
+    def _guard(self, s, purifier):
+        return Guard(s["G"], parser=s["parser"], profile=s["profile"], device="cpu",
+                     purifier=purifier)  # fmt: skip
+
+    @staticmethod
+    def _count_g(G, fn):
+        calls = []
+        h = G.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        try:
+            return fn(), sum(calls)
+        finally:
+            h.remove()
+
+    def test_a_curing_purifier_replaces_the_search(self, setup):
+        s = setup
+        plain, n_plain = self._count_g(s["G"], lambda: self._guard(s, None)(s["x_adv"], s["c"]))
+        guard = self._guard(s, _Oracle(s["x_adv"], s["x"]))
+        r, n_pur = self._count_g(s["G"], lambda: guard(s["x_adv"], s["c"]))
+        assert r.disrupted.all() and plain.disrupted.all()
+        assert all(ch == [{"name": STEP_NAME, "params": {}, "region": "all", "layer": 0}]
+                   for ch in r.chains)  # fmt: skip
+        torch.testing.assert_close(r.purified, s["x"])
+        with torch.no_grad():
+            torch.testing.assert_close(r.output, s["G"](s["x"], s["c"]))
+        assert (r.score_after < r.threshold).all()
+        assert n_pur < n_plain / 5, (n_pur, n_plain)
+
+    def test_a_useless_purifier_falls_back_to_rec_net(self, setup):
+        s = setup
+        plain = self._guard(s, None)(s["x_adv"], s["c"])
+        r = self._guard(s, Purifier(width=4))(s["x_adv"], s["c"])  # the identity
+        assert r.chains == plain.chains
+        torch.testing.assert_close(r.purified, plain.purified)
+
+    def test_clean_faces_never_meet_it(self, setup):
+        s = setup
+        r = self._guard(s, _Oracle(s["x_adv"], s["x"]))(s["x"], s["c"])
+        assert not r.disrupted.any() and not any(r.chains)
+        assert torch.equal(r.purified, s["x"])
+
+    def test_a_purifier_chain_is_reused_as_a_hint(self, setup):
+        s = setup
+        guard = self._guard(s, _Oracle(s["x_adv"], s["x"]))
+        first = guard(s["x_adv"], s["c"])
+        again = guard(s["x_adv"], s["c"], hints=first.chains)
+        assert again.reused.all()
+        # Without a purifier the same hint cannot be applied: the search runs instead.
+        other = self._guard(s, None)(s["x_adv"], s["c"], hints=first.chains)
+        assert not other.reused.any()
+
+
+@pytest.mark.slow
+def test_the_loss_teaches_it_to_undo_pgd(tiny_stargan):
+    """A few hundred steps of the training loss on a tiny G: held-out PGD faces come out far
+    closer to G's clean output, and clean faces stay as they are."""
+    G = tiny_stargan
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(11)
+    x, c = synthetic_faces(72, g), synthetic_conditions(72, g)
+    x_adv = attacks.pgd(G, x, c, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        y = G(x, c)
+    tr, te = slice(0, 56), slice(56, 72)
+    P = Purifier(width=8)
+    opt = torch.optim.Adam(P.parameters(), lr=2e-3)
+    rng = torch.Generator().manual_seed(13)
+    for _ in range(150):
+        i = torch.randint(0, 56, (8,), generator=rng)
+        j = torch.randint(0, 56, (4,), generator=rng)
+        terms = purifier_loss(P, G, x_adv[tr][i], c[tr][i], y[tr][i], x[tr][i],
+                              x[tr][j], c[tr][j], y[tr][j], beta=0.5, gamma=1.0)  # fmt: skip
+        opt.zero_grad()
+        terms["total"].backward()
+        opt.step()
+    with torch.no_grad():
+        before = (G(x_adv[te], c[te]) - y[te]).square().mean()
+        after = (G(P(x_adv[te]), c[te]) - y[te]).square().mean()
+        clean = (G(P(x[te]), c[te]) - y[te]).square().mean()
+    assert after < 0.3 * before, (before, after)
+    assert clean < 0.1 * before, (clean, before)
+
+
+def test_training_command_smoke(tmp_path):
+    out = tmp_path / "p.pt"
+    train_main(["--smoke", "--out", str(out)])
+    P = load_purifier(out)
+    assert P.meta["steps"] == 2 and P.meta["attacks"] == ["pgd", "ifgsm"]
+    assert P.meta["generator_digest"] == weights_digest(magdr.load_generator("default"))
+
