@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import adaptive, detection, reconstruction, report, throughput
+from bench import adaptive, detection, figures, reconstruction, report, throughput
 from bench.baselines import (
     AutoEncoder,
     FeatureSqueezing,
@@ -35,10 +35,10 @@ from bench.baselines import (
     load_or_train,
     train_autoencoder,
     train_otd,
-    weights_digest,
 )
 from bench.common import MAGDR, Bench, benign
 from bench.data import Faces, load_faces
+from magdr.checkpoints import weights_digest
 
 log = logging.getLogger("bench")
 
@@ -77,6 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kind", default=None, help="stargan | ganimation | cyclegan (else sniffed)")
     ap.add_argument("--parser", default="default", help="'default', 'landmarks' or a checkpoint")
     ap.add_argument("--profile", default="default", help="'default' or a profile JSON")
+    ap.add_argument(
+        "--purifier",
+        default="auto",
+        help="'auto' (the shipped one for the default G), a path or 'none'",
+    )
     ap.add_argument("--data", default=None, help="face data folder ($MAGDR_DATA) or 'synthetic'")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="where REPORT.md and PNGs go")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -91,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--eps", type=float, default=0.05, help="L∞ budget (Ruiz et al.: 0.05)")
     ap.add_argument("--step", type=float, default=0.01, help="PGD step (Ruiz et al.: 0.01)")
     ap.add_argument("--steps", type=int, default=10, help="PGD iterations (Ruiz et al.: 10)")
+    ap.add_argument(
+        "--held-out-eps", type=float, default=0.08, help="Table 2's PGD radius unseen in training"
+    )
     ap.add_argument("--iterations", default=None, help="adaptive attack iterations, e.g. 10,50")
     ap.add_argument("--n-adaptive", type=int, default=None, help="faces for Figure 3")
     ap.add_argument("--n-throughput", type=int, default=None, help="faces timed")
@@ -201,40 +209,6 @@ def _train_baselines(
     return MagNetAE(ae.to(dev)), OutputClassifier(G, net.to(dev)), info
 
 
-def _grids(bench: Bench, rec: dict[str, Any], out: Path) -> list[str]:
-    """Figure 1 and Figure 4 style image grids (PNG names)."""
-    x, adv, c = rec["clean"], rec["adv"], rec["c"]
-    if not len(x):
-        return []
-    k = min(4, len(x))
-    x, adv = x[:k], adv[:k]
-    c = None if c is None else c[:k]
-    mag = rec["examples"][reconstruction.MAGDR][:k]
-    rows = [
-        ("input x", x),
-        ("G(x)", bench.generate(x, c)),
-        ("disrupted input x̂", adv),
-        ("disrupted output G(x̂)", bench.generate(adv, c)),
-        ("reconstructed input x*", mag),
-        ("recovered output G(x*)", bench.generate(mag, c)),
-    ]
-    names = [
-        report.grid(out / "fig1_magdr.png", rows, "MagDR on PGD-disrupted faces (Fig. 1 style)")
-    ]
-    methods = list(rec["examples"])
-    cols = [(m, rec["examples"][m][:1]) for m in methods]
-    outs = [(m, bench.generate(t, None if c is None else c[:1])) for m, t in cols]
-    names.append(
-        report.grid(
-            out / "fig4_defences.png",
-            [("x*", torch.cat([t for _, t in cols])), ("G(x*)", torch.cat([t for _, t in outs]))],
-            "One PGD-disrupted face through each defence (Fig. 4 style)",
-            col_labels=methods,
-        )
-    )
-    return names
-
-
 def main(argv: list[str] | None = None) -> int:  # noqa: C901
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -250,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
 
     device = resolve_device(args.device)
     G = magdr.load_generator(args.generator, kind=args.kind, device=device)
-    guard = magdr.Guard(G, parser=args.parser, profile=args.profile, device=device)
+    guard = magdr.Guard(
+        G, parser=args.parser, profile=args.profile, device=device, purifier=args.purifier
+    )
     batch = args.batch or (64 if device.type == "cuda" else 16)
     bench = Bench(
         G=guard.G,
@@ -316,18 +292,42 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         }
     lap("detection", t0)
 
-    # ---- Table 2 on successful PGD attacks ----
+    # ---- Table 2: every attack of Table 1, and PGD at a radius the purifier never saw ----
     t0 = time.time()
+    held_out = f"PGD ε {args.held_out_eps:g}"
+    attacked[held_out] = detection.run_attack(
+        bench,
+        detection.attack_suite(args.cw_steps, args.steps, args.held_out_eps, args.held_out_eps / 5)[
+            "PGD"
+        ],
+        val,
+        args.seed + 101,
+    )
+    rec_net = (
+        magdr.Guard(
+            guard.G, parser=guard.parser, profile=guard.profile, device=device, purifier=None
+        )
+        if guard.purifier is not None
+        else None
+    )
     pgd = attacked["PGD"]
-    pos = Faces(pgd.x_adv, val.c, val.task, val.ids).subset(pgd.ok)
-    if not len(pos):
-        log.warning("no PGD attack succeeded: Table 2 uses every attempted attack")
-        pos = Faces(pgd.x_adv, val.c, val.task, val.ids)
-        x_clean = val.x
-    else:
-        x_clean = val.x[pgd.ok]
-    rec = reconstruction.run(bench, x_clean, pos, magnet, seed=args.seed)
-    rec["all_successful"] = bool(pgd.ok.any())
+    rec: dict[str, Any] = {"tables": {}, "clean": reconstruction.clean(bench, val)}
+    for name, a in attacked.items():
+        ok = a.ok if a.ok.any() else torch.ones_like(a.ok)
+        pos = Faces(a.x_adv, val.c, val.task, val.ids).subset(ok)
+        # The paper's Rec-Net costs hundreds of G passes per face: measured on PGD only.
+        table = reconstruction.run(
+            bench,
+            val.x[ok],
+            pos,
+            magnet,
+            seed=args.seed,
+            rec_net=rec_net if name == "PGD" else None,
+        )
+        table["all_successful"] = bool(a.ok.any())
+        rec["tables"][name] = table
+    rec["held_out"] = held_out
+    rec["purifier"] = dict(getattr(guard.purifier, "meta", {}) or {}) if guard.purifier else None
     lap("reconstruction", t0)
 
     # ---- Figure 3 ----
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
 
     # ---- report ----
     t0 = time.time()
-    pngs = _grids(bench, rec, out)
+    pngs = figures.make(bench, out, rec_net, magnet, seed=args.seed)
     wall = time.time() - t_start
     results = {
         "command": "python -m bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
@@ -403,7 +403,17 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         "train_fpr": cal_fpr,
         "detection": det,
         "reconstruction": {
-            k: v for k, v in rec.items() if k in ("rows", "n", "guard", "all_successful")
+            "tables": {
+                name: {
+                    k: v
+                    for k, v in t.items()
+                    if k in ("rows", "n", "guard", "guard_counts", "all_successful")
+                }
+                for name, t in rec["tables"].items()
+            },
+            "clean": rec["clean"],
+            "held_out": rec["held_out"],
+            "purifier": rec["purifier"],
         },
         "adaptive": adv_res,
         "throughput": thr_res,

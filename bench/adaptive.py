@@ -6,12 +6,14 @@ signed-gradient ascent in the ε-ball (0.05, step 0.01) of
     mean_{f ~ pool} MSE(G(f(x̂), c), G(x, c)) − λ_e · relu((score(x̂) − τ) / s)
 
 where the pool holds the identity and the detector's own input transforms (MagDR: its K
-consistency transforms and every Rec-Net candidate; feature squeezing: its squeezers; MagNet and
-OTD: none), non-differentiable ones passed with BPDA; ``score`` is the detector's own score,
-τ its threshold and s the spread of its clean train scores, so the attacker is pushed below the
-threshold and no further. The attack runs once to the largest iteration count and the iterate
-after each listed count is kept (PGD with a fixed step: the first k steps of a longer run are the
-k-step attack). MagDR's two halves (DD, CD) are scored on the examples made against MagDR.
+consistency transforms and every Rec-Net candidate, plus its learned purifier P, which is in every
+step's draw with its full gradient, since the guard sends every flagged face through P first;
+feature squeezing: its squeezers; MagNet and OTD: none), non-differentiable ones passed with
+BPDA; ``score`` is the detector's own score, τ its threshold and s the spread of its clean train
+scores, so the attacker is pushed below the threshold and no further. The attack runs once to the
+largest iteration count and the iterate after each listed count is kept (PGD with a fixed step:
+the first k steps of a longer run are the k-step attack). MagDR's two halves (DD, CD) are scored
+on the examples made against MagDR.
 """
 
 from __future__ import annotations
@@ -47,16 +49,19 @@ class _Target(nn.Module):
 class SnapshotAdaptivePGD(AdaptivePGD):
     """:class:`magdr.attacks.AdaptivePGD` keeping the iterate after each count in ``snapshots``."""
 
-    def __init__(self, *args: Any, snapshots: list[int], **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, snapshots: list[int], always: list[Any] = (), **kwargs: Any
+    ) -> None:
         kwargs["steps"] = max(snapshots)
         super().__init__(*args, **kwargs)
         self.snapshots = sorted(set(snapshots))
+        self.always = list(always)  # transforms in every step's draw, besides the EoT sample
         self.saved: dict[int, torch.Tensor] = {}
 
     def _run(self, x, c, r, generator):  # noqa: ANN001, ANN202
         # AdaptivePGD's objective and PGD's loop (magdr.attacks._linf_ascent), with snapshots.
         def objective(x_adv: torch.Tensor) -> torch.Tensor:
-            fs = self._draw(generator)
+            fs = self.always + self._draw(generator)
             loss = sum(_mse(self.G(_apply(f, x_adv), c), r) for f in fs) / len(fs)
             if self.evade_weight > 0:
                 loss = loss - self.evade_weight * self.guard.score(x_adv, c).reshape(x.shape[0])
@@ -76,20 +81,28 @@ class SnapshotAdaptivePGD(AdaptivePGD):
         return x_adv
 
 
-def _targets(bench: Bench, scales: dict[str, float]) -> dict[str, tuple[_Target, list[Any]]]:
-    """Per attacked detector: its hinge target and its EoT pool (without the identity)."""
+def _targets(
+    bench: Bench, scales: dict[str, float]
+) -> dict[str, tuple[_Target, list[Any], list[Any]]]:
+    """Per attacked detector: its hinge target, its EoT pool (without the identity) and the
+    transforms in every draw."""
     guard = bench.guard
     p = guard.profile
+    purifier = getattr(guard, "purifier", None)
+    always = [] if purifier is None else [purifier]
+    modules = [guard.G, guard.parser, *always]
     out = {
         MAGDR: (
-            _Target(guard.score, bench.thresholds[MAGDR], scales[MAGDR], [guard.G, guard.parser]),
+            _Target(guard.score, bench.thresholds[MAGDR], scales[MAGDR], modules),
             [*p.consistency, *p.recnet_transforms()],
+            always,
         )
     }
     for name, d in bench.detectors.items():
         out[name] = (
             _Target(d.score, bench.thresholds[name], scales[name], d.modules()),
             list(d.transforms),
+            [],
         )
     return out
 
@@ -123,7 +136,7 @@ def run(
     neg_faces = benign(val)
     neg = bench.scores(neg_faces.x, neg_faces.c)
     curves: dict[str, Any] = {}
-    for k, (name, (target, pool)) in enumerate(_targets(bench, scales).items()):
+    for k, (name, (target, pool, always)) in enumerate(_targets(bench, scales).items()):
         t0 = time.time()
         snaps: dict[int, list[torch.Tensor]] = {i: [] for i in iterations}
         gen = torch.Generator(device=bench.device).manual_seed(seed + 31 * k)
@@ -133,6 +146,7 @@ def run(
                 guard=target,
                 transforms=pool,
                 snapshots=iterations,
+                always=always,
                 eot_samples=min(eot_samples, len(pool) + 1),
                 eps=eps,
                 step=step,

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 
 from bench.common import MAGDR
+from bench.reconstruction import MAGDR as GUARDED
+from bench.reconstruction import NO_DEFENCE, best_baseline
 
 
 def _plt():  # noqa: ANN202
@@ -287,46 +289,7 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
     lines += _table(header, rows)
     lines += [""]
 
-    rec = r["reconstruction"]
-    which = (
-        f"On the {rec['n']} validation faces whose PGD attack succeeded."
-        if rec.get("all_successful", True)
-        else f"**No PGD attack succeeded**, so this table uses all {rec['n']} attempted ones."
-    )
-    lines += [
-        "## Table 2 — reconstruction of PGD-disrupted inputs",
-        "",
-        f"{which} (I): clean input x "
-        "vs reconstructed input x*; (O): G(x) vs G(x*). MSE on the 0–255 scale; feature "
-        "similarity = cosine of G's internal maps Φ_l. 'still disrupted' = share of faces "
-        f"whose output after the defence is still > {s['success_mse']} MSE from G(x).",
-        "",
-    ]
-    if rec.get("guard"):
-        g = rec["guard"]
-        lines += [
-            f"The guard flagged {g['flagged']}/{rec['n']} of them and brought "
-            f"{g['recovered']} below its threshold after reconstruction; unflagged faces "
-            "pass unchanged (x* = x̂).",
-            "",
-        ]
-    keys = [
-        ("mse_i", "MSE (I)", 2),
-        ("ssim_i", "SSIM (I)", 3),
-        ("psnr_i", "PSNR (I)", 2),
-        ("feat_i", "Feature sim. (I)", 3),
-        ("mse_o", "MSE (O)", 2),
-        ("ssim_o", "SSIM (O)", 3),
-        ("psnr_o", "PSNR (O)", 2),
-        ("feat_o", "Feature sim. (O)", 3),
-        ("success_after", "still disrupted", 2),
-        ("seconds", "seconds", 1),
-    ]
-    lines += _table(
-        ["method", *[k[1] for k in keys]],
-        [[name, *[_f(v[k], d) for k, _, d in keys]] for name, v in rec["rows"].items()],
-    )
-    lines += [""]
+    lines += _reconstruction(r["reconstruction"], s)
 
     adv = r.get("adaptive")
     lines += ["## Figure 3 — defence-aware (adaptive) attacks", ""]
@@ -338,7 +301,8 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
             "on the EoT mean over its input transforms (BPDA for JPEG/median/bit depth) of the "
             f"disruption MSE, minus λ_e = {adv['evade_weight']} × "
             "relu((score − threshold)/σ_clean); MagDR's pool is its consistency transforms and "
-            "every Rec-Net candidate. Positives "
+            "every Rec-Net candidate, and its learned purifier (full gradient) in every step's "
+            "draw when the guard has one. Positives "
             "are the attacks that still disrupt G. DD and CD are judged on the attacks made "
             "against MagDR.",
             "",
@@ -385,14 +349,12 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
         lines += ["Skipped in this run.", ""]
 
     lines += ["## Figures", ""]
-    grids = [p for p in pngs if p.startswith(("fig1_", "fig4_"))]
-    if grids:
-        # .gitignore keeps them out of bench/results: they show CelebA faces.
+    if any(p.startswith(("fig1_", "fig4_")) for p in pngs):
         lines += [
-            " and ".join(f"`{p}`" for p in grids) + " (image grids in the style of the paper's "
-            "Figures 1 and 4: input, disrupted output, reconstructed input, recovered output) are "
-            "written beside this report but never committed: they show CelebA faces, which may "
-            "not be redistributed (their links work in the run's own folder).",
+            "`fig1_magdr.png` and `fig4_defences.png` (the paper's Figures 1 and 4: input, "
+            "disrupted output, reconstructed input, recovered output) show faces of the demo clip "
+            "bundled with the daemon (MIT), PGD-disrupted under the daemon's default edit "
+            "(Blond_Hair), not CelebA's, so they are committed.",
             "",
         ]
     lines += [f"![{p}]({p})" for p in pngs]
@@ -400,3 +362,101 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
     path = out / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+#: Table 2's columns: (key, header, digits).
+_REC_KEYS = [
+    ("mse_i", "MSE (I)", 2),
+    ("ssim_i", "SSIM (I)", 3),
+    ("psnr_i", "PSNR (I)", 2),
+    ("feat_i", "Feature sim. (I)", 3),
+    ("mse_o", "MSE (O)", 2),
+    ("ssim_o", "SSIM (O)", 3),
+    ("psnr_o", "PSNR (O)", 2),
+    ("feat_o", "Feature sim. (O)", 3),
+    ("success_after", "still disrupted", 2),
+    ("seconds", "seconds", 1),
+]
+
+
+def _pooled_psnr(mse_255: float) -> float:
+    """PSNR of a mean MSE on the 0–255 scale (a face left unchanged has no PSNR of its own)."""
+    return math.inf if mse_255 <= 0 else 10 * math.log10(255.0**2 / mse_255)
+
+
+def _reconstruction(rec: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    """Table 2: a summary over the attacks, then one table per attack, then clean faces."""
+    tables, pur = rec["tables"], rec.get("purifier")
+    lines = ["## Table 2 — reconstruction of disrupted inputs", ""]
+    if pur and pur.get("attacks"):
+        lines += [
+            f"The guard's purifier (`magdr/models/weights/purifier.pt`) was trained on "
+            f"{pur.get('faces')} CelebA train faces attacked by {', '.join(pur.get('attacks', []))}"
+            f" at ε {', '.join(str(e) for e in pur.get('eps', []))} only "
+            f"(`python -m magdr.train.purifier`, {pur.get('steps')} steps, "
+            f"{pur.get('wall_s', 0) / 60:.0f} min on `{pur.get('device')}`): C&W-L2, targeted "
+            f"PGD and {rec['held_out']} are attacks it never saw.",
+            "",
+        ]
+    lines += [
+        "(I): clean input x vs reconstructed input x*; (O): G(x) vs G(x*). MSE on the 0–255 "
+        "scale; feature similarity = cosine of G's internal maps Φ_l. 'still disrupted' = share "
+        f"of faces whose output after the defence is still > {s['success_mse']} MSE from G(x). "
+        "Each attack's faces are the validation faces it disrupted.",
+        "",
+        "Summary: MagDR (the shipped guard) against the best baseline of the same attack.",
+        "",
+    ]
+    rows = []
+    for name, t in tables.items():
+        rs = t["rows"]
+        base = best_baseline(rs)
+        ours, none = rs[GUARDED], rs[NO_DEFENCE]
+        rows.append([
+            name, str(t["n"]), _f(ours["psnr_o"]), f"{_f(rs[base]['psnr_o'])} ({base})",
+            f"{ours['psnr_o'] - rs[base]['psnr_o']:+.2f}", _f(ours["ssim_o"], 3),
+            f"{_f(ours['psnr_i'])} / {_f(none['psnr_i'])}", _f(ours["success_after"], 3),
+        ])  # fmt: skip
+    lines += _table(
+        ["attack", "faces", "MagDR PSNR (O)", "best baseline PSNR (O)", "gain dB", "MagDR SSIM (O)",
+         "PSNR (I): MagDR / attacked", "still disrupted"],
+        rows,
+    )  # fmt: skip
+    lines += [""]
+    for name, t in tables.items():
+        which = "" if t.get("all_successful", True) else " (**none succeeded**: all attempts)"
+        lines += [f"### {name}: {t['n']} disrupted faces{which}", ""]
+        for guard_name, g in (t.get("guard_counts") or {}).items():
+            lines += [
+                f"- {guard_name}: flagged {g['flagged']}/{t['n']}, brought {g['recovered']} below "
+                f"its threshold" + (f", {g['purifier_only']} by the purifier alone"
+                                    if g.get("purifier_only") else "") + "."
+            ]  # fmt: skip
+        lines += [""]
+        lines += _table(
+            ["method", *[k[1] for k in _REC_KEYS]],
+            [[m, *[_f(v[k], d) for k, _, d in _REC_KEYS]] for m, v in t["rows"].items()],
+        )
+        lines += [""]
+    clean = rec.get("clean")
+    if clean:
+        lines += [f"### Clean faces ({clean['n']} validation faces, not attacked)", ""]
+        rows = [
+            [m, _f(v["mse_i"]), _f(_pooled_psnr(v["mse_i"])), _f(v["mse_o"]),
+             _f(_pooled_psnr(v["mse_o"])), _f(v["ssim_o"], 4),
+             str(v["flagged"]) if "flagged" in v else "all"]
+            for m, v in clean.items() if isinstance(v, dict)
+        ]  # fmt: skip
+        lines += _table(
+            ["through", "MSE (I)", "PSNR (I), pooled", "MSE (O)", "PSNR (O), pooled",
+             "SSIM (O)", "faces changed"],
+            rows,
+        )  # fmt: skip
+        lines += [
+            "",
+            "The guard changes only the faces it flags (false alarms); the purifier row applies P "
+            "to every clean face, i.e. what a false alarm cured by P costs. 'pooled': the PSNR "
+            "of the mean MSE (an unchanged face has no PSNR of its own).",
+            "",
+        ]
+    return lines

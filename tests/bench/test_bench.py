@@ -129,8 +129,12 @@ def test_snapshots_equal_shorter_adaptive_runs():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_quick_run_writes_report(tiny_models, tmp_path, device):
     pytest.importorskip("matplotlib")
+    from magdr.purifier import Purifier, save_purifier
+
     G, P = tiny_models
     out = tmp_path / "results"
+    purifier = tmp_path / "purifier.pt"
+    save_purifier(Purifier(width=4), purifier)  # the identity: every row and column is made
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable,
@@ -141,6 +145,8 @@ def test_quick_run_writes_report(tiny_models, tmp_path, device):
         str(G),
         "--parser",
         str(P),
+        "--purifier",
+        str(purifier),
         "--data",
         "synthetic",
         "--out",
@@ -167,6 +173,15 @@ def test_quick_run_writes_report(tiny_models, tmp_path, device):
     for det in ("MagDR (DD+CD)", "Feature squeezing", "MagNet AE", "OTD"):
         assert re.search(rf"\| {re.escape(det)} \| \d\.\d\d / ", report), det
     assert re.search(r"\| JPEG q75 \(Dziugaite\) \| [\d.]+ \| [\d.]+ \| [\d.]+", report)
+    # Table 2: a summary row and a table per attack (the held-out radius too), the paper's
+    # Rec-Net beside the shipped guard on PGD, and the clean faces.
+    for attack in ("PGD", "I-FGSM", "C&W-L2", "Targeted", "PGD ε 0.08"):
+        assert re.search(rf"^\| {re.escape(attack)} \| \d+ \| [\d.]+ \|", report, re.M), attack
+        assert f"### {attack}: " in report
+    for row in ("MagDR (purifier + Rec-Net)", "MagDR, Rec-Net only (paper)",
+                "Purifier alone (every face)"):  # fmt: skip
+        assert re.search(rf"^\| {re.escape(row)} \| [\d.]+ \|", report, re.M), row
+    assert "### Clean faces" in report
     res = json.loads((out / "results.json").read_text())
     assert res["commit"] and res["wall_s"] > 0
     assert res["machine"]["device"].startswith(device)
