@@ -51,6 +51,10 @@ class ModelConfig:
     device: str = field(default="auto", metadata=doc("auto | cpu | cuda | cuda:N"))
     parser: str = field(default="default", metadata=doc("'default' | 'landmarks' | path"))
     profile: str = field(default="default", metadata=doc("'default' or a profile JSON path"))
+    purifier: str = field(
+        default="auto",
+        metadata=doc("'auto' (the shipped one, for the default generator) | 'none' | path"),
+    )
     image_size: int = field(
         default=0, metadata=doc("face crop side; 0 = the generator's own image_size", min=0)
     )
@@ -374,7 +378,7 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     def fix(p: str) -> str:
         return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
 
-    for name in ("generator", "parser", "profile"):
+    for name in ("generator", "parser", "profile", "purifier"):
         v = getattr(cfg.model, name)
         if "/" in v or v.endswith((".pt", ".pth", ".ckpt", ".json")):
             setattr(cfg.model, name, fix(v))

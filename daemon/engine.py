@@ -83,6 +83,7 @@ class Engine:
             "default" if m.generator == "default" else m.generator.rsplit("/", 1)[-1]))
         self.guard: Any = None
         self.profile_name = "off"
+        self.purifier_name = "off"
         self.threshold: float | None = None
         if g.enabled:
             self.guard = magdr.Guard(
@@ -90,16 +91,18 @@ class Engine:
                 parser=None if m.parser == "none" else m.parser,
                 profile=None if m.profile == "none" else m.profile,
                 device=self.device,
+                purifier=m.purifier,
             )
             self.profile_name = str(getattr(self.guard.profile, "name", "") or m.profile)
+            self.purifier_name = "off" if self.guard.purifier is None else m.purifier
             self.threshold = float(getattr(self.guard.profile, "threshold", float("nan")))
         self._conds: dict[tuple[tuple[str, float], ...], torch.Tensor] = {}
         self._boxes: dict[str, tuple[int, Any, tuple[int, ...]]] = {}
         self._boxes_lock = threading.Lock()
         self.default_cond = self.condition(m.condition)  # unknown attributes fail at start-up
         log.info("models loaded", model=self.model_name, profile=self.profile_name,
-                 device=str(self.device), face_size=self.size, guard=g.enabled,
-                 seconds=round(time.monotonic() - t0, 2))
+                 purifier=self.purifier_name, device=str(self.device), face_size=self.size,
+                 guard=g.enabled, seconds=round(time.monotonic() - t0, 2))
 
     # ---- conditions ---------------------------------------------------------------------
     def condition(self, values: dict[str, float] | None) -> torch.Tensor:
