@@ -202,9 +202,11 @@ def _report(summaries: list[dict[str, Any]], failures: list[dict[str, Any]], out
     for s in summaries:
         score = "-" if s["max_score"] is None else f"{s['max_score']:.3f}"
         thr = "-" if s["threshold"] is None else f"{s['threshold']:.3f}"
+        purified = s.get("purified_faces")
+        by_purifier = f"; {purified} cleaned by the purifier" if purified else ""
         dlog.say(
             f"  {s['input']}: {s['frames']} frames, {s['faces']} faces, "
-            f"{s['disrupted_faces']} disrupted (max score {score}, threshold {thr}), "
+            f"{s['disrupted_faces']} disrupted (max score {score}, threshold {thr}{by_purifier}), "
             f"{s['fps']} frames/s -> {out / s['outputs']['media']}"
         )
     for f in failures:

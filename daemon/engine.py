@@ -21,6 +21,7 @@ import torch
 
 from daemon.config import Config
 from magdr.checkpoints import resolve_device
+from magdr.purifier import STEP_NAME as PURIFIER_STEP  # noqa: F401 - verdicts' chain step name
 
 log = structlog.get_logger()
 

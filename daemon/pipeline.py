@@ -25,7 +25,7 @@ import structlog
 
 from daemon import media
 from daemon.batching import Batcher
-from daemon.engine import Engine
+from daemon.engine import PURIFIER_STEP, Engine
 from daemon.metrics import Metrics
 
 log = structlog.get_logger()
@@ -203,7 +203,8 @@ def process_file(
     info = media.probe(src)
     sig = source_signature(src)
     t0 = time.monotonic()
-    stats = {"frames": 0, "faces": 0, "disrupted_frames": 0, "disrupted_faces": 0}
+    stats = {"frames": 0, "faces": 0, "disrupted_frames": 0, "disrupted_faces": 0,
+             "purified_faces": 0}
     corrupt_packets: list[dict[str, Any]] = []
 
     def corrupt(pts: int | None, error: str) -> None:
@@ -230,6 +231,9 @@ def process_file(
         stats["faces"] += len(v["faces"])
         stats["disrupted_frames"] += bool(v["disrupted"])
         stats["disrupted_faces"] += sum(f["disrupted"] for f in v["faces"])
+        stats["purified_faces"] += sum(
+            any(step.get("name") == PURIFIER_STEP for step in f["chain"]) for f in v["faces"]
+        )
         if v["score"] is not None:
             max_score = v["score"] if max_score is None else max(max_score, v["score"])
         pipeline.metrics.frames_out.inc(source=source)
@@ -287,6 +291,7 @@ def process_file(
         "threshold": pipeline.engine.threshold,
         "model": pipeline.engine.model_name,
         "profile": pipeline.engine.profile_name,
+        "purifier": pipeline.engine.purifier_name,
         "width": info.width,
         "height": info.height,
         "rate": str(info.rate) if info.rate else None,

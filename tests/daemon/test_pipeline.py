@@ -141,3 +141,29 @@ def test_a_stream_reuses_the_chain_that_cured_its_previous_frame(tmp_path, tiny_
     finally:
         for b in made:
             b.close(5)
+
+
+def test_a_configured_purifier_is_loaded_and_named_in_the_summary(tmp_path, tiny_models):
+    """[model] purifier: a path (relative to the config file) is loaded into the guard; 'auto'
+    finds none for a generator the shipped purifier was not trained against."""
+    from magdr.purifier import Purifier, save_purifier
+
+    save_purifier(Purifier(width=4), tmp_path / "p.pt")
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, frames=2)
+    for purifier, loaded in (("p.pt", True), ("auto", False), ("none", False)):
+        text = write_config(tmp_path / "c.toml", tiny_models, guard=True).read_text()
+        (tmp_path / "c.toml").write_text(
+            text.replace("[guard]", f'purifier = "{purifier}"\n\n[guard]', 1)
+        )
+        cfg = load_config(tmp_path / "c.toml")
+        _, batcher, pipe = build_pipeline(cfg, Metrics())
+        try:
+            assert (pipe.engine.guard.purifier is not None) == loaded, purifier
+            out = tmp_path / f"out-{purifier}"
+            out.mkdir()
+            s = process_file(clip, "clip", out, pipe)
+        finally:
+            batcher.close(5)
+        want = str(tmp_path / "p.pt") if loaded else "off"
+        assert s["purifier"] == want and s["purified_faces"] == 0 and s["frames"] == 2
