@@ -198,3 +198,28 @@ class TestDistanceVector:
     def test_unknown_name_raises(self):
         with pytest.raises(ValueError, match="unknown distances.*known"):
             distance_vector(A, B, names=["l1", "l7"])
+
+
+def test_ssim_map_matches_the_2d_gaussian_window():
+    """The separable filtering gives Wang et al.'s 11×11 Gaussian-window SSIM, reflect borders."""
+    import torch.nn.functional as F
+
+    from magdr.metrics import ssim_map
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 24, 20, generator=g) * 2 - 1
+    b = (a + 0.2 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+    t = torch.arange(11.0) - 5
+    w = torch.exp(-(t**2) / (2 * 1.5**2))
+    w = (w[:, None] * w[None, :]) / w.sum() ** 2
+
+    def filt(v):
+        return F.conv2d(F.pad(v, [5] * 4, mode="reflect"), w.expand(3, 1, 11, 11), groups=3)
+
+    mu_a, mu_b = filt(a), filt(b)
+    var_a, var_b = filt(a * a) - mu_a**2, filt(b * b) - mu_b**2
+    cov = filt(a * b) - mu_a * mu_b
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    ref = num / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    torch.testing.assert_close(ssim_map(a, b), ref, atol=1e-5, rtol=1e-5)
