@@ -60,6 +60,7 @@ HEADERS = {
 class _Handler(BaseHTTPRequestHandler):
     server: OperatorServer
     protocol_version = "HTTP/1.1"
+    timeout = 30  # seconds a connection may sit idle (or not read an event) before it is closed
 
     def log_message(self, *args: object) -> None:  # a page polls often: no line per request
         pass

@@ -7,21 +7,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
-import av
 import pytest
-import zmq
 
-from daemon import wire
+from bench.operator_page import CHROMIUM, DEMO, Sender, clip_frames, launch
 from tests.daemon.helpers import (
-    ROOT,
-    connect,
     free_port,
     running_daemon,
     wait_until,
@@ -31,17 +26,14 @@ from tests.daemon.helpers import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = os.environ.get("MAGDR_CHROMIUM", "/usr/bin/chromium")
-# Debian's Chromium as Playwright's browser: nothing is downloaded, nothing reaches the network
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 TOKEN = "test-token-0123456789"
 HOSTILE = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
 STREAM = "cam-1"
 
 
-def _playwright():
+@pytest.fixture
+def sync_playwright():
+    """Playwright's sync API; skips (saying what to install) without it or Chromium."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -56,46 +48,6 @@ def shots(tmp_path: Path) -> Path:
     d = Path(os.environ.get("MAGDR_SCREENSHOTS", tmp_path / "screenshots"))
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def demo_frames() -> list[bytes]:
-    """The bundled demo clip's frames (real faces), JPEG-encoded as a camera would send them."""
-    out = []
-    with av.open(str(ROOT / "daemon" / "assets" / "demo.mp4")) as c:
-        for i, f in enumerate(c.decode(video=0)):
-            if i % 3 == 0:
-                out.append(f.to_ndarray(format="rgb24"))
-    return out
-
-
-class Sender:
-    """A ZeroMQ PUSH sender of real frames at about 4 per second, on its own thread."""
-
-    def __init__(self, port: int) -> None:
-        self.ctx = zmq.Context()
-        self.sock = connect(self.ctx, zmq.PUSH, port, SNDHWM=4)
-        self.frames = demo_frames()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        seq = 0
-        while not self.stop.wait(0.25):
-            img = self.frames[seq % len(self.frames)]
-            self.sock.send_multipart(wire.encode_frame(STREAM, seq, img, "jpeg"))
-            if seq == 2:  # one frame of a stream whose id is markup
-                self.sock.send_multipart(wire.encode_frame(HOSTILE, 0, img, "jpeg"))
-            seq += 1
-
-    def __enter__(self) -> Sender:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.sock.close(0)
-        self.ctx.term()
 
 
 def api(port: int, path: str, token: str | None = TOKEN) -> tuple[int, object]:
@@ -114,7 +66,7 @@ def api(port: int, path: str, token: str | None = TOKEN) -> tuple[int, object]:
 @pytest.fixture
 def daemon_page(tmp_path: Path, tiny_models: dict[str, Path]) -> Iterator[int]:
     """The daemon with a ZeroMQ source, the flag-all profile and ``[http]`` with a token,
-    fed by :class:`Sender`; yields the page's port."""
+    fed by a ZeroMQ sender of the demo clip's frames; yields the page's port."""
     zport, web = free_port(), free_port()
     (tmp_path / "token").write_text(TOKEN + "\n")
     body = zmq_source(zport, socket="pull", bind=True) + (
@@ -124,20 +76,21 @@ def daemon_page(tmp_path: Path, tiny_models: dict[str, Path]) -> Iterator[int]:
     with running_daemon(cfg, tmp_path / "daemon.log") as proc:
         assert wait_until(lambda: api(web, "/api/streams")[0] == 200, 60), \
             (tmp_path / "daemon.log").read_text()[-3000:]
-        with Sender(zport):
+        frames = clip_frames(DEMO, every=3)  # real faces, sent as JPEG like a camera's
+        # a second stream, whose id is markup, sends one frame
+        with Sender(zport, {STREAM: frames, HOSTILE: frames[:1]}, fps=4):
             yield web
         assert proc.poll() is None  # still running when the test is done
 
 
-def test_operator_page(daemon_page: int, shots: Path):
-    sync_playwright = _playwright()
+def test_operator_page(sync_playwright, daemon_page: int, shots: Path):
     web = daemon_page
     url = f"http://127.0.0.1:{web}/"
     # the JSON API lists the ZeroMQ stream with its counters while the daemon runs
     assert wait_until(lambda: any(s["id"] == STREAM and s["flagged"] > 0
                                   for s in api(web, "/api/streams")[1]), 60)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(p)
         try:
             # the token: without it (or with a wrong one) every request is refused
             for headers in ({}, {"Authorization": "Bearer wrong"}):
