@@ -25,7 +25,7 @@ MAX_STREAMS = 64
 MAX_JOBS = 200
 VERDICTS = 240
 FLAGGED = 12
-FRAME_SIDE = 960
+FRAME_SIDE = 640  # the page shows it at most 640 pixels wide
 JPEG_QUALITY = 80
 #: the pictures of a flagged face's side by side, in the page's order.
 DETAIL_IMAGES = ("input", "output_before", "purified", "output", "regions")
