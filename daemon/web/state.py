@@ -41,20 +41,23 @@ def jpeg(image: np.ndarray) -> bytes:
 
 
 class Rate:
-    """Events per second over the last few seconds (frames/s in and out)."""
+    """Events per second over the last ``window_s`` seconds (frames/s in and out)."""
 
     def __init__(self, window_s: float = 5.0) -> None:
         self.window_s = window_s
         self.times: deque[float] = deque(maxlen=256)
+        self.first: float | None = None
 
     def tick(self, now: float) -> None:  # noqa: D102
         self.times.append(now)
+        self.first = now if self.first is None else self.first
 
     def per_s(self, now: float) -> float:  # noqa: D102
-        recent = [t for t in self.times if now - t <= self.window_s]
-        if len(recent) < 2:
+        if self.first is None:
             return 0.0
-        return round((len(recent) - 1) / max(now - recent[0], 1e-3), 2)
+        recent = sum(now - t <= self.window_s for t in self.times)
+        # over the whole window (a batch emits frames in bursts), or the stream's life so far
+        return round(recent / max(min(self.window_s, now - self.first), 1.0), 2)
 
 
 @dataclass

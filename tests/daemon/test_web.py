@@ -205,3 +205,15 @@ def test_job_output_needs_an_outbox():
     view.job_started("x", "folder0", "x.mp4")
     view.job_finished("x", "done", {"outputs": {"media": "passwd"}})
     assert view.job_output("x", "media") is None
+
+
+def test_rate_over_the_window():
+    r = S.Rate(window_s=5.0)
+    assert r.per_s(100.0) == 0.0
+    for t in (100.0, 100.01, 100.02):  # a batch's burst at the start
+        r.tick(t)
+    assert r.per_s(101.0) == 3.0  # one second of life so far
+    for i in range(10):
+        r.tick(101.0 + 0.5 * i)
+    assert r.per_s(106.0) == 2.0  # 10 frames in the last 5 s
+    assert r.per_s(200.0) == 0.0

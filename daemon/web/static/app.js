@@ -29,8 +29,12 @@ function el(tag, text, cls) {
   return e;
 }
 
-function num(x, digits = 4) {
-  return x === null || x === undefined ? "—" : Number(x).toFixed(digits);
+function num(x, digits = 4) {  // a score with `digits` significant digits
+  return x === null || x === undefined ? "—" : Number(x).toPrecision(digits);
+}
+
+function rate(x) {
+  return Number(x).toFixed(1);
 }
 
 function verdictText(v) {
@@ -52,7 +56,7 @@ function renderStreams(streams) {
   body.replaceChildren(...streams.map((s) => {
     const share = s.faces ? `${s.flagged} (${(100 * s.flagged / s.faces).toFixed(1)}%)` : "0";
     const v = s.last_verdict;
-    const tr = row([[s.id, "name mono"], [s.source], [num(s.fps_in, 1)], [num(s.fps, 1)],
+    const tr = row([[s.id, "name mono"], [s.source], [rate(s.fps_in)], [rate(s.fps)],
                     [s.frames], [s.faces], [share, s.flagged ? "bad" : ""], [s.dropped],
                     [verdictText(v), v && v.disrupted ? "bad" : "ok"]], () => select(s.id));
     tr.dataset.id = s.id;
