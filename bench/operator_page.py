@@ -1,13 +1,16 @@
 """The operator page against a running daemon: screenshots, and how often the live view updates.
 
-    python -m bench.operator_page [--models tiny|default] [--seconds 10] [--fps 10] [--shots DIR]
+    python -m bench.operator_page [--models tiny|default] [--seconds 10] [--fps 10]
+                                  [--batch-size 4] [--shots DIR]
     python -m bench.operator_page --memory
 
 Starts ``magdr-guard run`` with a ZeroMQ PULL source and ``[http]`` (with a token), sends the
 bundled demo clip's frames as stream ``demo`` at ``--fps`` (with ``--models default``, also a
 PGD-disrupted copy made by ``magdr-guard attack`` as stream ``demo-attacked``), opens the page in
 Debian's Chromium through Playwright, counts the new frames the live view loads in ``--seconds``
-and saves screenshots: the stream list, the live view, a flagged face's side by side.
+and saves screenshots: the stream list, the live view, a flagged face's side by side. Frames
+leave the guard a batch at a time and the page shows each batch's newest, so the live view's
+rate is the smaller of the batches per second and the page's 4 events per second.
 ``--models tiny`` uses the tests' tiny random models with a profile that flags every face (fast;
 the pictures are noise); ``default`` the shipped ones. The browser side is shared with
 ``tests/daemon/test_browser.py``. ``--memory`` measures instead what the page's state holds
@@ -137,7 +140,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(d: Path, models: str, zport: int, web: int) -> Path:
+def _config(d: Path, models: str, zport: int, web: int, batch_size: int = 4) -> Path:
     if models == "tiny":
         from bench.soak import tiny_models
 
@@ -153,7 +156,7 @@ def _config(d: Path, models: str, zport: int, web: int) -> Path:
 threads = 1
 
 [guard]
-batch_size = 4
+batch_size = {batch_size}
 batch_timeout_ms = 30
 
 [[sources]]
@@ -191,7 +194,7 @@ def _attacked(d: Path, frames: int) -> list[np.ndarray]:
 
 
 def run(models: str, seconds: float, fps: float, shots: Path,
-        wait_flagged: float = 600.0) -> dict[str, Any]:
+        wait_flagged: float = 600.0, batch_size: int = 4) -> dict[str, Any]:
     """Start the daemon, feed it, measure the page; the report."""
     from playwright.sync_api import sync_playwright
 
@@ -199,7 +202,7 @@ def run(models: str, seconds: float, fps: float, shots: Path,
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         zport, web = _free_port(), _free_port()
-        cfg = _config(d, models, zport, web)
+        cfg = _config(d, models, zport, web, batch_size)
         streams = {"demo": clip_frames(DEMO)}
         if models == "default":
             streams["demo-attacked"] = _attacked(d, 8)
@@ -250,7 +253,7 @@ def run(models: str, seconds: float, fps: float, shots: Path,
             proc.wait(60)
             log.close()
     guarded = after["demo"]["frames"] - before.get("demo", 0)
-    return {"models": models, "seconds": seconds, "sent_fps": fps,
+    return {"models": models, "batch_size": batch_size, "seconds": seconds, "sent_fps": fps,
             "live_view_frames_per_s": round(shown / seconds, 2),
             "guarded_frames_per_s": round(guarded / seconds, 2),
             "streams": {k: {f: v[f] for f in ("frames", "faces", "flagged", "dropped", "fps")}
@@ -297,11 +300,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: D103
     ap.add_argument("--shots", type=Path, default=Path(tempfile.gettempdir()) / "magdr-page")
     ap.add_argument("--wait-flagged", type=float, default=600.0,
                     help="seconds to wait for a flagged face to screenshot")
+    ap.add_argument("--batch-size", type=int, default=4,
+                    help="[guard] batch_size: the live view shows each batch's newest frame")
     ap.add_argument("--memory", action="store_true",
                     help="only measure the state's memory after 1000 streams (no daemon)")
     a = ap.parse_args(argv)
     report = state_memory() if a.memory else run(a.models, a.seconds, a.fps, a.shots,
-                                                 a.wait_flagged)
+                                                 a.wait_flagged, a.batch_size)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -94,6 +94,7 @@ class StreamState:
             "dropped": self.dropped,
             "fps": self.rate_out.per_s(now),
             "fps_in": self.rate_in.per_s(now),
+            "frame_size": list(self.frame_size),
             "last_verdict": self.verdicts[-1] if self.verdicts else None,
         }
 
@@ -234,7 +235,7 @@ class OperatorView:
                 return None
             flagged = [{k: f[k] for k in f if k != "pictures"} for f in s.flagged_faces]
             return {**s.summary(now), "verdicts": list(s.verdicts), "flagged_faces": flagged,
-                    "frame_seq": s.image_seq, "frame_size": list(s.frame_size)}
+                    "frame_seq": s.image_seq}
 
     def frame_jpeg(self, stream: str) -> bytes | None:
         """The latest cleaned frame of ``stream`` as JPEG (encoded once per frame asked for)."""

@@ -12,9 +12,12 @@ const PICTURES = [["input", "input crop"], ["output_before", "G on the input"],
                   ["regions", "flagged regions"]];
 
 let selected = null;        // the stream shown in the live view
-let shownFrames = -1;       // its frame count when last drawn
+let shownFrames = -1;       // its frame count when its details were last drawn
 let refreshing = false;
-let detail = null;          // its last GET /api/streams/{id}
+let detailsAt = 0;          // when they were last fetched (performance.now())
+let frameSeq = null;        // the verdict whose frame the live view shows or loads
+let frameLoading = false;
+const DETAILS_EVERY_MS = 1000;
 
 async function getJson(path) {
   const r = await fetch(path, { cache: "no-store" });
@@ -65,7 +68,7 @@ function renderStreams(streams) {
   }));
   $("no-streams").hidden = streams.length > 0;
   const mine = streams.find((s) => s.id === selected);
-  if (mine && mine.frames !== shownFrames) refreshStream();
+  if (mine) liveUpdate(mine);
 }
 
 function renderJobs(jobs) {
@@ -102,12 +105,30 @@ function showJob(j) {
 function select(id) {
   selected = id;
   shownFrames = -1;
+  frameSeq = null;
   history.replaceState(null, "", `#stream=${enc(id)}`);
   $("view").hidden = false;
   $("view-id").textContent = id;
   $("sidebyside").hidden = true;
   for (const tr of $("streams").tBodies[0].rows) tr.classList.toggle("selected", tr.dataset.id === id);
   refreshStream();
+}
+
+// The frame follows every event (up to 4 a second), one load at a time so that none is cut
+// short by the next; the timeline and the flagged faces follow at most once a second.
+function liveUpdate(s) {
+  if (s.last_verdict && s.last_verdict.seq !== frameSeq && !frameLoading) showFrame(s);
+  if (s.frames !== shownFrames && performance.now() - detailsAt > DETAILS_EVERY_MS) refreshStream();
+}
+
+function showFrame(s) {
+  const img = $("frame");
+  frameLoading = true;
+  frameSeq = s.last_verdict.seq;
+  $("view-verdict").textContent = verdictText(s.last_verdict);
+  img.onload = () => { frameLoading = false; drawBoxes(img, s.last_verdict, s.frame_size); };
+  img.onerror = () => { frameLoading = false; };
+  img.src = `api/streams/${enc(s.id)}/frame.jpg?seq=${frameSeq}`;
 }
 
 async function refreshStream() {
@@ -117,12 +138,10 @@ async function refreshStream() {
   try {
     const d = await getJson(`api/streams/${enc(id)}`);
     if (id !== selected) return;
-    detail = d;
     shownFrames = d.frames;
+    detailsAt = performance.now();
     $("view-verdict").textContent = verdictText(d.last_verdict);
-    const img = $("frame");
-    img.onload = () => drawBoxes(img, d);
-    img.src = `api/streams/${enc(id)}/frame.jpg?seq=${d.frame_seq}`;
+    if (frameSeq === null && d.last_verdict) showFrame(d);
     drawTimeline(d);
     renderFlagged(d);
   } catch (e) {
@@ -132,15 +151,14 @@ async function refreshStream() {
   }
 }
 
-function drawBoxes(img, d) {
+function drawBoxes(img, v, frameSize) {
   const c = $("boxes");
   c.width = img.naturalWidth;
   c.height = img.naturalHeight;
   const g = c.getContext("2d");
   g.clearRect(0, 0, c.width, c.height);
-  const v = d.last_verdict;
-  if (!v || !d.frame_size[0]) return;
-  const k = img.naturalWidth / d.frame_size[0];
+  if (!v || !frameSize[0]) return;
+  const k = img.naturalWidth / frameSize[0];
   g.lineWidth = Math.max(2, c.width / 200);
   for (const f of v.faces || []) {
     g.strokeStyle = f.score === null ? COLOURS.none : f.disrupted ? COLOURS.bad : COLOURS.ok;
