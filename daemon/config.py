@@ -5,14 +5,15 @@ as in ``config/default.toml``). Validation is strict, Frigate-style: an unknown 
 or a bad value raises :class:`ConfigError` whose message names the key path, e.g.
 ``sources[1].socket: expected one of sub|pull|rep, got 'pub'``.
 
-Secrets (CurveZMQ keys) may be written inline, or as ``"env:NAME"`` (read from the environment)
-or ``"file:/path"`` (read from a file, e.g. a systemd credential), so that keys never need to be
-in the config file itself.
+Secrets (CurveZMQ keys, the ``[http]`` token) may be written inline, or as ``"env:NAME"`` (read
+from the environment) or ``"file:/path"`` (read from a file, e.g. a systemd credential), so that
+keys never need to be in the config file itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import typing
@@ -188,11 +189,23 @@ class LoggingConfig:
 
 @dataclass
 class MetricsConfig:
-    """``[metrics]``: Prometheus text endpoint."""
+    """``[metrics]``: deprecated; read as ``[http]`` (which now serves ``/metrics``)."""
 
     enabled: bool = field(default=False, metadata=doc("serve /metrics"))
     host: str = field(default="127.0.0.1", metadata=doc("listen address"))
     port: int = field(default=9464, metadata=doc("listen port; 0 = any", min=0, max=65535))
+
+
+@dataclass
+class HttpConfig:
+    """``[http]``: the operator page, its JSON API and ``/metrics``."""
+
+    enabled: bool = field(default=False, metadata=doc("serve /, /api/* and /metrics"))
+    host: str = field(default="127.0.0.1", metadata=doc("listen address; any other than "
+                                                        "loopback needs a token"))
+    port: int = field(default=9464, metadata=doc("listen port; 0 = any", min=0, max=65535))
+    token: str = field(default="", metadata=doc("bearer token; 'env:NAME' | 'file:/path'",
+                                                secret=True))
 
 
 @dataclass
@@ -223,8 +236,11 @@ class Config:
     sinks: list[SinkConfig] = field(default_factory=list)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     path: str = field(default="", metadata=doc("the file this came from", internal=True))
+    deprecated: list[str] = field(
+        default_factory=list, metadata=doc("lines for the log at start-up", internal=True))
 
 
 _KINDS: dict[str, dict[str, type]] = {
@@ -370,6 +386,29 @@ def _check(cfg: Config) -> None:
     paths = [s.path for s in cfg.sources if s.kind == "folder"]
     if len(set(paths)) != len(paths):
         raise ConfigError("sources: two folder sources watch the same path")
+    if cfg.http.enabled and not cfg.http.token and not is_loopback(cfg.http.host):
+        raise ConfigError(f"http.token: required when http.host is not a loopback address "
+                          f"(got {cfg.http.host!r}); 'env:NAME' or 'file:/path'")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any address
+        return False
+
+
+def _read_deprecated(cfg: Config, table: dict[str, Any]) -> None:
+    """``[metrics]`` moved under ``[http]``: read it as ``[http]`` and say so in the log."""
+    if "metrics" not in table:
+        return
+    if "http" in table:
+        raise ConfigError("metrics: deprecated and [http] is set; move its keys to [http]")
+    m = cfg.metrics
+    cfg.http = HttpConfig(enabled=m.enabled, host=m.host, port=m.port)
+    cfg.deprecated.append("[metrics] is deprecated: its keys were read as [http], which serves "
+                          "/metrics beside the operator page; rename the section")
 
 
 def _resolve_paths(cfg: Config, base: Path) -> None:
@@ -403,6 +442,7 @@ def parse_config(table: dict[str, Any], base: Path | None = None, path: str = ""
         ConfigError: naming the key path of the first problem.
     """
     cfg = _build(Config, table, "")
+    _read_deprecated(cfg, table)
     _check(cfg)
     _resolve_paths(cfg, base or Path.cwd())
     cfg.path = path

@@ -184,7 +184,8 @@ class Engine:
         Returns:
             ``(faces, verdicts)``: the faces to paste back :math:`(B, 3, S, S)` on the CPU
             (``output`` = y*, or ``purified`` = x* with ``publish_purified``), and per face
-            ``{"disrupted", "score", "s_dist", "s_cons", "chain", "reused"}``.
+            ``{"disrupted", "score", "s_dist", "s_cons", "chain", "reused"}``, plus, with
+            ``[http]`` on, a flagged face's ``detail`` (:mod:`daemon.web.flagged`).
         """
         x, c = x.to(self.device), c.to(self.device)
         if self.guard is None:
@@ -209,5 +210,11 @@ class Engine:
             }
             for i in range(x.shape[0])
         ]
+        if self.cfg.http.enabled:  # the operator page's side by side of each flagged face
+            from daemon.web.flagged import flagged_details
+
+            for v, detail in zip(verdicts, flagged_details(self.guard, x, c, r), strict=True):
+                if detail is not None:
+                    v["detail"] = detail
         self.threshold = float(r.threshold)
         return faces.float().cpu(), verdicts

@@ -38,12 +38,18 @@ class Aborted(Exception):
 
 @dataclass
 class Guarded:
-    """A guarded frame: ``image`` ``(H, W, 3)`` uint8 RGB and its verdict (DESIGN §6)."""
+    """A guarded frame: ``image`` ``(H, W, 3)`` uint8 RGB and its verdict (DESIGN §6).
+
+    ``source`` names the source it came from; ``details`` holds, per face, what the operator
+    page shows of a flagged face (``Engine.guard_faces``'s ``detail``), None for the others.
+    """
 
     image: np.ndarray
     verdict: dict[str, Any]
     pts: int | None = None
     time_base: tuple[int, int] | None = None
+    source: str = ""
+    details: list[dict[str, Any] | None] | None = None
 
 
 class FramePipeline:
@@ -140,7 +146,8 @@ class FramePipeline:
             "model": self.engine.model_name,
             "profile": self.engine.profile_name,
         }
-        return Guarded(pasted, verdict, meta["pts"], time_base)
+        details = [p.get("detail") for p in per] if any(p.get("detail") for p in per) else None
+        return Guarded(pasted, verdict, meta["pts"], time_base, meta["source"], details)
 
 
 def source_signature(path: Path) -> dict[str, Any]:

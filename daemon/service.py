@@ -3,7 +3,7 @@
 Start-up (each step is small and logs what it did)::
 
     init_dirs -> init_engine (EXTEND_TIMEOUT_USEC while models load) -> init_pipeline
-    -> init_sinks -> init_sources -> start_metrics -> start_sources -> start_workers
+    -> init_sinks -> init_sources -> start_http -> start_sources -> start_workers
     -> start_watchdog -> READY=1
 
 SIGTERM/SIGINT set the one stop event; :meth:`Service.stop` undoes the steps in reverse: stop
@@ -30,13 +30,15 @@ from daemon import media
 from daemon.batching import Batcher
 from daemon.config import Config, ConfigError, load_config
 from daemon.engine import Engine
-from daemon.metrics import Metrics, MetricsServer
+from daemon.metrics import Metrics
 from daemon.notify import Notifier
 from daemon.pipeline import Aborted, FramePipeline, Guarded, process_file
 from daemon.sinks.folder import FolderSink
 from daemon.sinks.zmq import ZmqSink
 from daemon.sources.folder import FolderSource
 from daemon.sources.zmq import ZmqSource, stop_authenticator
+from daemon.web.server import OperatorServer
+from daemon.web.state import OperatorView
 
 log = structlog.get_logger()
 
@@ -95,7 +97,10 @@ class Service:
         self.zmq_sinks: list[ZmqSink] = []
         self.folder_sources: list[FolderSource] = []
         self.zmq_sources: list[ZmqSource] = []
-        self.metrics_server: MetricsServer | None = None
+        outbox = next((s.path for s in cfg.sinks if s.kind == "folder"), None)
+        # what the operator page shows; kept only when [http] serves it
+        self.view = OperatorView(outbox) if cfg.http.enabled else None
+        self.http_server: OperatorServer | None = None
         self.ctx: Any = None
         self._workers: list[threading.Thread] = []
         self._drain_deadline = float("inf")
@@ -143,14 +148,19 @@ class Service:
             else:
                 self.zmq_sources.append(ZmqSource(
                     i, s, self.ctx, self.pipeline, self.emit, self.metrics, self.notifier,
-                    self.cfg.guard.max_frame_pixels, inflight=2 * self.cfg.guard.batch_size))
+                    self.cfg.guard.max_frame_pixels, inflight=2 * self.cfg.guard.batch_size,
+                    view=self.view))
 
-    def start_metrics(self) -> None:  # noqa: D102
-        m = self.cfg.metrics
-        if m.enabled:
-            self.metrics_server = MetricsServer(self.metrics, m.host, m.port)
-            self.metrics_server.start()
-            log.info("metrics endpoint", url=f"http://{m.host}:{self.metrics_server.port}/metrics")
+    def start_http(self) -> None:
+        """The operator page, its API and ``/metrics`` (``[http]``)."""
+        h = self.cfg.http
+        if self.view is not None:
+            self.http_server = OperatorServer(self.view, self.metrics, h.host, h.port, h.token)
+            self.http_server.start()
+            host = f"[{h.host}]" if ":" in h.host else h.host
+            log.info("operator page", url=f"http://{host}:{self.http_server.port}/",
+                     metrics=f"http://{host}:{self.http_server.port}/metrics",
+                     token=bool(h.token))
 
     def start_sources(self) -> None:  # noqa: D102
         for s in self.folder_sources:
@@ -173,11 +183,13 @@ class Service:
 
     def start(self) -> None:
         """Every start-up step in order, then READY=1."""
+        for line in self.cfg.deprecated:
+            log.warning("deprecated config", detail=line)
         self.init_dirs()
         self.init_engine()
         self.init_sinks()
         self.init_sources()
-        self.start_metrics()
+        self.start_http()
         self.start_sources()
         self.start_workers()
         self.start_watchdog()
@@ -202,7 +214,9 @@ class Service:
         return 0
 
     def emit(self, g: Guarded) -> None:
-        """Send a guarded frame to every ZeroMQ sink."""
+        """Send a guarded frame to every ZeroMQ sink (and the operator page)."""
+        if self.view is not None:
+            self.view.guarded(g)
         for s in self.zmq_sinks:
             try:
                 s.publish(g)
@@ -253,14 +267,17 @@ class Service:
             src.done(claimed, keep)
             return
         t0 = time.monotonic()
+        view = self.view
+        if view is not None:
+            view.job_started(claimed.stem, src.name, original)
         try:
             summary = process_file(
                 claimed, claimed.stem, sink.path, self.pipeline,
                 codec=sink.cfg.codec, crf=sink.cfg.crf,
                 max_pixels=self.cfg.guard.max_frame_pixels,
                 window=2 * self.cfg.guard.batch_size,
-                publish=self.emit if self.zmq_sinks else None,
-                progress=lambda n: self.notifier.beat(f"{src.name}-work"),
+                publish=self.emit if self.zmq_sinks or view else None,
+                progress=lambda n: self._progress(src, claimed.stem, n),
                 should_abort=lambda: time.monotonic() > self._drain_deadline,
                 display_name=original,
                 source=src.name,
@@ -268,6 +285,8 @@ class Service:
             )
         except Aborted:
             log.warning("stopped in the middle of a file; it stays claimed for the next start")
+            if view is not None:
+                view.job_finished(claimed.stem, "stopped")
             return
         except media.MediaError as e:
             self._failed(src, claimed, original, e.reason, str(e))
@@ -279,12 +298,21 @@ class Service:
             return
         src.done(claimed, keep)
         self.metrics.files.inc(outcome="done")
+        if view is not None:
+            view.job_finished(claimed.stem, "done", summary)
         log.info("file guarded", frames=summary["frames"], faces=summary["faces"],
                  disrupted_faces=summary["disrupted_faces"], output=summary["outputs"]["media"],
                  seconds=round(time.monotonic() - t0, 2))
 
+    def _progress(self, src: FolderSource, name: str, frames: int) -> None:
+        self.notifier.beat(f"{src.name}-work")
+        if self.view is not None:
+            self.view.job_progress(name, frames)
+
     def _failed(self, src: FolderSource, claimed: Path, original: str, reason: str,
                 message: str) -> None:
+        if self.view is not None:
+            self.view.job_finished(claimed.stem, "failed", error=f"{reason}: {message}")
         self.metrics.bad_input.inc(source=src.name, reason=reason)
         self.metrics.files.inc(outcome="failed")
         where = src.fail(claimed, original, reason, message)
@@ -347,8 +375,8 @@ class Service:
         if self.ctx is not None:
             stop_authenticator(self.ctx)
             self.ctx.destroy(linger=0)
-        if self.metrics_server is not None:
-            self.metrics_server.stop()
+        if self.http_server is not None:
+            self.http_server.stop()
         log.info("stopped", frames_out=self.metrics.frames_out.total(),
                  dropped=self.metrics.frames_dropped.total(),
                  bad_input=self.metrics.bad_input.total())

@@ -28,6 +28,7 @@ from daemon.config import ZmqSourceConfig
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
 from daemon.pipeline import FramePipeline, Guarded
+from daemon.web.state import OperatorView
 
 log = structlog.get_logger()
 
@@ -119,14 +120,16 @@ class ZmqSource:
         notifier: progress beats for the watchdog.
         max_pixels: larger frames are refused.
         inflight: frames of this source in the pipeline at once.
+        view: the operator page's state, told of each frame in and each drop.
     """
 
     def __init__(self, index: int, cfg: ZmqSourceConfig, ctx: zmq.Context,
                  pipeline: FramePipeline, emit: Callable[[Guarded], None], metrics: Metrics,
-                 notifier: Notifier, max_pixels: int, inflight: int = 16) -> None:
+                 notifier: Notifier, max_pixels: int, inflight: int = 16,
+                 view: OperatorView | None = None) -> None:
         self.index, self.cfg, self.ctx = index, cfg, ctx
         self.pipeline, self.emit, self.metrics = pipeline, emit, metrics
-        self.notifier, self.max_pixels = notifier, max_pixels
+        self.notifier, self.max_pixels, self.view = notifier, max_pixels, view
         self.name = f"zmq{index}"
         self.policy = cfg.effective_policy
         self.q: queue.Queue[tuple[wire.FrameMsg, float]] = queue.Queue(cfg.queue_size)
@@ -239,11 +242,15 @@ class ZmqSource:
         except wire.WireError as e:
             return self._bad(e.reason, str(e))
         self.metrics.frames_in.inc(source=self.name)
+        if self.view is not None:
+            self.view.frame_in(msg.stream, self.name)
         self._enqueue(msg)
         return b"OK"
 
     def _drop(self, reason: str, msg: wire.FrameMsg) -> None:
         self.metrics.frames_dropped.inc(source=self.name, reason=reason)
+        if self.view is not None:
+            self.view.dropped(msg.stream, self.name)
         log.warning("frame dropped", source=self.name, reason=reason, stream=msg.stream,
                     seq=msg.seq)
 

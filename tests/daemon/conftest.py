@@ -44,24 +44,13 @@ def fresh_logging():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random G (32 px), tiny parser, and a detection-only profile (huge threshold)."""
+    from bench.operator_page import flag_all_profile
     from bench.soak import tiny_models as build_tiny_models
-    from magdr.profile import Profile, RecNetSettings
 
     d = tmp_path_factory.mktemp("models")
     build_tiny_models(d, profile_name="test-detect-only")
     # Flags every face and reconstructs with one cheap search: the disrupted path, fast.
-    Profile(
-        name="test-flag-all",
-        threshold=-1e6,
-        consistency=[{"name": "jpeg", "params": {"quality": 75}}],
-        recnet=RecNetSettings(
-            layers=[["gaussian_blur"]],
-            patches=[["skin", "hair"]],
-            top_categories=1,
-            score_transforms=1,
-            max_rounds=1,
-        ),
-    ).save(d / "flag_all.json")
+    flag_all_profile(d / "flag_all.json")
     return {
         "G": d / "G.pt",
         "parser": d / "parser.pt",

@@ -26,13 +26,13 @@ class TestDefaultToml:
 
     def test_matches_dataclass_defaults(self):
         cfg = load_config(ROOT / "config" / "default.toml")
-        for section in ("model", "guard", "logging", "metrics", "daemon"):
+        for section in ("model", "guard", "logging", "http", "daemon"):
             assert getattr(cfg, section) == getattr(C.Config(), section), section
 
     def test_every_key_documented(self):
         text = (ROOT / "config" / "default.toml").read_text()
         for cls in (C.ModelConfig, C.GuardConfig, C.FolderSourceConfig, C.ZmqSourceConfig,
-                    C.FolderSinkConfig, C.ZmqSinkConfig, C.LoggingConfig, C.MetricsConfig,
+                    C.FolderSinkConfig, C.ZmqSinkConfig, C.LoggingConfig, C.HttpConfig,
                     C.DaemonConfig):
             for f in dataclasses.fields(cls):
                 assert re.search(rf"^#? ?{f.name} = ", text, re.M), f"{cls.__name__}.{f.name}"
@@ -111,3 +111,24 @@ class TestSecretsAndPaths:
         cfg = load_config(tmp_path / "c.toml")
         assert cfg.model.generator == str(tmp_path / "w" / "G.pt")
         assert cfg.sources[0].path == str(tmp_path / "in")
+
+
+class TestHttp:
+    def test_other_address_needs_token(self, monkeypatch):
+        assert _err({"http": {"enabled": True, "host": "0.0.0.0"}}).startswith(
+            "http.token: required when http.host is not a loopback address (got '0.0.0.0')")
+        monkeypatch.setenv("MAGDR_TEST_TOKEN", "s3cret\n")
+        cfg = parse_config({"http": {"enabled": True, "host": "0.0.0.0",
+                                     "token": "env:MAGDR_TEST_TOKEN"}})
+        assert cfg.http.token == "s3cret"
+
+    @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+    def test_loopback_needs_none(self, host):
+        assert parse_config({"http": {"enabled": True, "host": host}}).http.host == host
+
+    def test_deprecated_metrics_read_as_http(self):
+        cfg = parse_config({"metrics": {"enabled": True, "port": 0}})
+        assert (cfg.http.enabled, cfg.http.host, cfg.http.port) == (True, "127.0.0.1", 0)
+        assert cfg.deprecated and "[metrics] is deprecated" in cfg.deprecated[0]
+        assert parse_config({"http": {"enabled": True}}).deprecated == []
+        assert _err({"metrics": {}, "http": {}}).startswith("metrics: deprecated and [http]")

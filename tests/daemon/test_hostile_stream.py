@@ -383,9 +383,9 @@ port = {p_metrics}
 
         assert wait_until(counted, 60), (sent, {k: v for k, v in m.items() if "bad_input" in k})
         for reason, n in sent.items():
-            assert m[f'magdr_bad_input_total{{source="zmq0",reason="{reason}"}}'] == n, reason
+            assert m[f'magdr_bad_input_total{{reason="{reason}",source="zmq0"}}'] == n, reason
         for reason, n in iz_sent.items():
-            assert m[f'magdr_bad_input_total{{source="zmq2",reason="{reason}"}}'] == n, reason
+            assert m[f'magdr_bad_input_total{{reason="{reason}",source="zmq2"}}'] == n, reason
         assert iz_sent == Counter(
             {r: n for r, n in Counter(iz[i % len(iz)][1] for i in range(800)).items()}
         )
@@ -406,7 +406,7 @@ port = {p_metrics}
         assert wait_until(flood_done, 60), {k: v for k, v in m.items() if "zmq1" in k}
         flood_in = m['magdr_frames_in_total{source="zmq1"}']
         assert flood_in > 0
-        assert m['magdr_frames_dropped_total{source="zmq1",reason="queue_full"}'] > 0
+        assert m['magdr_frames_dropped_total{reason="queue_full",source="zmq1"}'] > 0
         assert m['magdr_queue_depth{queue="zmq1"}'] <= 4
 
         # still alive, memory bounded, and a valid frame gets its verdict

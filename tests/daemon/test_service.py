@@ -101,12 +101,13 @@ port = 0
     ctx.term()
     import urllib.request
 
-    url = f"http://127.0.0.1:{svc.metrics_server.port}/metrics"
+    # the deprecated [metrics] section still serves /metrics (now the [http] server)
+    url = f"http://127.0.0.1:{svc.http_server.port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as r:
         text = r.read().decode()
-    assert 'magdr_frames_out_total{source="folder0"} 6' in text  # 5 video frames + 1 image
-    assert 'magdr_bad_input_total{source="folder0",reason="decode"} 1' in text
-    assert 'magdr_files_total{outcome="failed"} 1' in text
+    assert 'magdr_frames_out_total{source="folder0"} 6.0' in text  # 5 video frames + 1 image
+    assert 'magdr_bad_input_total{reason="decode",source="folder0"} 1.0' in text
+    assert 'magdr_files_total{outcome="failed"} 1.0' in text
     assert "magdr_frame_latency_seconds_bucket" in text
 
 
