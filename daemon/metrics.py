@@ -147,6 +147,10 @@ class Metrics:
         self.frames_dropped = Counter(
             "magdr_frames_dropped_total", "Frames dropped, by reason", ["source", "reason"]
         )
+        self.sink_dropped = Counter(
+            "magdr_sink_dropped_total", "Messages a PUB sink could not send, by reason",
+            ["sink", "topic", "reason"],
+        )
         self.faces = Counter("magdr_faces_total", "Faces guarded")
         self.disrupted = Counter("magdr_disrupted_total", "Faces found disrupted")
         self.chains_reused = Counter(

@@ -131,7 +131,7 @@ class Service:
                 self.folder_sink = FolderSink(s)
                 self.folder_sink.start()
             else:
-                self.zmq_sinks.append(ZmqSink(s, self.ctx))
+                self.zmq_sinks.append(ZmqSink(s, self.ctx, self.metrics))
 
     def init_sources(self) -> None:  # noqa: D102
         assert self.pipeline is not None
