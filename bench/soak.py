@@ -368,6 +368,7 @@ def run_soak(
 
         verdicts.start()
         time.sleep(0.3)
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         t_start = time.monotonic()
         senders = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(streams)]
         for t in senders:
@@ -413,6 +414,7 @@ def run_soak(
         rss_end = rss_mib(proc.pid) if alive else float("nan")
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(60)
+        wall_s = time.monotonic() - t_start
     finally:
         stop.set()
         if proc.poll() is None:
@@ -462,7 +464,10 @@ def run_soak(
         "fps_per_stream": fps,
         "queue_size": queue_size,
         "batch_size": batch_size,
+        "size": size,
         "models": models,
+        "started": started,
+        "wall_s": wall_s,
         "daemon_alive": alive,
         "exit_code": exit_code,
         "per_stream": per_stream,
@@ -503,6 +508,80 @@ def run_soak(
     return report
 
 
+def failures(r: dict[str, Any], max_floor_slope: float) -> list[str]:
+    """The checks a soak report fails (empty: it passed)."""
+    out = []
+    if not r["daemon_alive"] or r["exit_code"] != 0:
+        out.append(f"daemon alive {r['daemon_alive']}, exit code {r['exit_code']}")
+    for name, p in r["per_stream"].items():
+        if p["unexplained"] or p["both"] or p["unexpected"]:
+            out.append(
+                f"{name}: {p['unexplained']} frames neither a verdict nor a counted drop, "
+                f"{p['both']} both, {p['unexpected']} never sent"
+            )
+    for q, limit in r["queue_limits"].items():
+        if r["queue_max"].get(q, 0) > limit:
+            out.append(f"queue {q} reached {r['queue_max'][q]:.0f} > {limit}")
+    if not r["rss_floor_slope_mib_per_min"] <= max_floor_slope:  # NaN fails too
+        out.append(
+            f"minimum RSS rose {r['rss_floor_slope_mib_per_min']:+.2f} MiB/min "
+            f"> {max_floor_slope:+.2f}"
+        )
+    return out
+
+
+def report_section(r: dict[str, Any], command: str, max_floor_slope: float) -> str:
+    """The ``## Soak`` section of ``bench/results/REPORT.md``: every number from report ``r``."""
+    import torch
+
+    from bench.__main__ import commit
+
+    failed = failures(r, max_floor_slope)
+    ps = r["per_stream"].values()
+    sent, seen = sum(p["sent"] for p in ps), sum(p["verdicts"] for p in ps)
+    rss, floors = r["rss_mib"], r["rss_floors"]
+    lines = [
+        "## Soak",
+        "",
+        f"- command: `{command}`",
+        f"- commit: `{commit()}`; started {r['started']}, wall time {r['wall_s'] / 60:.1f} min",
+        f"- machine: {r['cpus']} CPUs, torch {torch.__version__}; load average over the run "
+        f"{r['load1']['mean']:.2f} mean, {r['load1']['max']:.2f} max",
+        f"- load: {r['streams']} streams x {r['fps_per_stream']:g} frames/s of random "
+        f"{r['size']}x{r['size']} frames for {r['seconds'] / 60:g} min, one ZeroMQ PULL source "
+        f"each (queue {r['queue_size']}, drop-oldest), batch {r['batch_size']}, a PUB sink; "
+        f"models `{r['models']}`",
+        "",
+        "| stream | sent | verdicts | dropped by the queues | dropped at the sink "
+        "| unexplained | daemon's frames_out |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {p['sent']} | {p['verdicts']} | {p['dropped']} "
+        f"({', '.join(f'{k} {v}' for k, v in p['dropped_by_reason'].items()) or '-'}) "
+        f"| {p['sink_dropped']} | {p['unexplained']} | {p['frames_out']:.0f} |"
+        for name, p in r["per_stream"].items()
+    ]
+    lines += [
+        "",
+        f"- Drain: the senders stop, the daemon guards or drops every frame it holds "
+        f"({r['drain_s']:.0f} s; settled: {r['settled']}), and the subscriber listens until "
+        f"every published verdict is in (all heard: {r['all_verdicts_heard']}).",
+        f"- Guarded {r['guarded_fps']:.2f} frames/s; the queues dropped (and counted) "
+        f"{100 * (1 - seen / max(sent, 1)):.1f}% of the frames offered. Queue maxima "
+        f"{ {k: int(v) for k, v in r['queue_max'].items()} } (limits {r['queue_limits']}).",
+        f"- Memory (RSS, MiB): {rss['start']:.0f} at the start, {rss['after_warmup']:.0f} after "
+        f"the warm-up, {rss['max']:.0f} at the peak, {rss['end']:.0f} at the end. Minimum per "
+        f"{r['rss_floor_window_s']:.0f} s after the warm-up: "
+        f"{', '.join(f'{y:.0f}' for _, y in floors)}; its slope "
+        f"**{r['rss_floor_slope_mib_per_min']:+.2f} MiB/min** (limit {max_floor_slope:+.2f}). "
+        f"The least-squares slope over all samples, {r['rss_slope_mib_per_min']:+.2f} MiB/min, "
+        f"moves with the bursts and is not the check.",
+        f"- Result: **{'passed' if not failed else 'FAILED: ' + '; '.join(failed)}**.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: run, print a summary, write the JSON report; exit 1 on a failed check."""
     ap = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0])
@@ -520,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=1.0,
         help="MiB/min: the most the per-minute minimum RSS may rise after the warm-up",
+    )
+    ap.add_argument(
+        "--report", type=Path, default=None, help="write the '## Soak' section of this REPORT.md"
     )
     a = ap.parse_args(argv)
     print(f"soak: {a.minutes} min, {a.streams} streams x {a.fps} fps", flush=True)
@@ -540,34 +622,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(r, indent=2) + "\n")
-    ok = (
-        r["daemon_alive"]
-        and r["exit_code"] == 0
-        and all(
-            p["unexplained"] == 0 and p["both"] == 0 and p["unexpected"] == 0
-            for p in r["per_stream"].values()
-        )
-        and all(r["queue_max"].get(q, 0) <= lim for q, lim in r["queue_limits"].items())
-        and r["rss_floor_slope_mib_per_min"] <= a.max_floor_slope
-    )
-    for name, p in r["per_stream"].items():
-        print(
-            f"{name}: sent {p['sent']}, verdicts {p['verdicts']}, dropped {p['dropped']} "
-            f"{p['dropped_by_reason']}, dropped at the sink {p['sink_dropped']}, unexplained "
-            f"{p['unexplained']} (daemon's frames_out {p['frames_out']:.0f})"
-        )
-    print(
-        f"drain {r['drain_s']:.1f} s (settled: {r['settled']}, every published verdict heard: "
-        f"{r['all_verdicts_heard']}); load average {r['load1']['mean']:.2f} mean, "
-        f"{r['load1']['max']:.2f} max on {r['cpus']} CPUs"
-    )
-    print(
-        f"guarded {r['guarded_fps']:.1f} fps; queue max {r['queue_max']} (limits "
-        f"{r['queue_limits']}); RSS {r['rss_mib']}, slope {r['rss_slope_mib_per_min']:+.3f} "
-        f"MiB/min; per-{r['rss_floor_window_s']:.0f}-s minimum {r['rss_floors']}, slope "
-        f"{r['rss_floor_slope_mib_per_min']:+.3f} MiB/min (limit {a.max_floor_slope:+.3f}); "
-        f"{'OK' if ok else 'FAILED'} -> {a.out}"
-    )
+    command = "python -m bench.soak " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = report_section(r, command.strip(), a.max_floor_slope)
+    print(text, flush=True)
+    if a.report is not None:
+        from bench.report import put_section
+
+        put_section(a.report, "## Soak", text)
+    ok = not failures(r, a.max_floor_slope)
+    print(f"{'OK' if ok else 'FAILED'} -> {a.out}")
     return 0 if ok else 1
 
 
