@@ -11,7 +11,7 @@ import threading
 import pytest
 import zmq
 
-from bench.soak import VerdictCollector, run_soak, window_floors
+from bench.soak import VerdictCollector, robust_slope_per_min, run_soak, window_floors
 from tests.daemon.helpers import wait_until
 
 
@@ -87,3 +87,14 @@ def test_window_floors_follow_the_floor_not_the_bursts():
     assert [round(y, 1) for _, y in rising] == [800.0 + 2 * k for k in range(10)]
     # the last window, cut short, is left out
     assert len(window_floors(t[:560], [800.0] * 560)) == 9
+
+
+def test_robust_slope_ignores_a_minute_a_burst_covered():
+    t = [60.0 * k for k in range(10)]
+    flat = [800.0] * 10
+    flat[7] = 1100.0  # one minute spent entirely inside a burst
+    assert robust_slope_per_min(t, flat) == 0.0
+    leak = [800.0 + 2 * k for k in range(10)]
+    leak[7] = 1100.0
+    assert robust_slope_per_min(t, leak) == pytest.approx(2.0)
+    assert robust_slope_per_min(t[:2], flat[:2]) != robust_slope_per_min(t[:2], flat[:2])  # NaN
