@@ -123,8 +123,38 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+#: Sections other commands write into ``REPORT.md`` (``python -m bench.soak --report``); a run of
+#: ``python -m bench`` keeps them as they are.
+OWN_SECTIONS = ("## Soak",)
+
+
+def section(text: str, heading: str) -> str:
+    """The ``heading`` section of markdown ``text``, up to the next ``## `` (``''`` if none)."""
+    lines = text.splitlines(keepends=True)
+    if heading + "\n" not in lines:
+        return ""
+    start = lines.index(heading + "\n")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "".join(lines[start:end])
+
+
+def put_section(path: Path, heading: str, body: str) -> None:
+    """Replace the ``heading`` section of markdown file ``path`` with ``body``, or append it."""
+    text = path.read_text() if path.exists() else ""
+    old = section(text, heading)
+    body = body.rstrip("\n") + "\n\n"
+    if old:
+        text = text.replace(old, body, 1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    path.write_text(text.rstrip("\n") + "\n")
+
+
 def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
-    """Write ``REPORT.md`` (every number from ``results``, i.e. from this run)."""
+    """Write ``REPORT.md`` (every number from ``results``, i.e. from this run).
+
+    The :data:`OWN_SECTIONS` of an existing ``REPORT.md`` are kept.
+    """
     r = results
     m = r["machine"]
     s = r["settings"]
@@ -360,7 +390,11 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
     lines += [f"![{p}]({p})" for p in pngs]
     lines += [""]
     path = out / "REPORT.md"
+    old = path.read_text() if path.exists() else ""
     path.write_text("\n".join(lines) + "\n")
+    for heading in OWN_SECTIONS:
+        if kept := section(old, heading):
+            put_section(path, heading, kept)
     return path
 
 

@@ -166,7 +166,7 @@ class ZmqSinkConfig:
     kind: Literal["zmq"] = "zmq"
     endpoint: str = field(default="", metadata=doc("e.g. tcp://127.0.0.1:5556", required=True))
     bind: bool = field(default=True, metadata=doc("bind (usual for PUB) or connect"))
-    hwm: int = field(default=100, metadata=doc("ZMQ_SNDHWM; slow subscribers lose frames", min=0))
+    hwm: int = field(default=100, metadata=doc("ZMQ_SNDHWM; counted drops past it", min=0))
     frames: bool = field(default=True, metadata=doc("publish clean.<stream> frames too"))
     format: Literal["jpeg", "png", "rgb24"] = field(default="jpeg", metadata=doc("frame format"))
     jpeg_quality: int = field(default=90, metadata=doc("1-100", min=1, max=100))

@@ -62,6 +62,9 @@ class Metrics:
         self.frames_out = counter("magdr_frames_out_total", "Frames guarded, emitted", "source")
         self.frames_dropped = counter(
             "magdr_frames_dropped_total", "Frames dropped, by reason", "source", "reason")
+        self.sink_dropped = counter(
+            "magdr_sink_dropped_total", "Messages a PUB sink could not send, by reason",
+            "sink", "topic", "reason")
         self.faces = counter("magdr_faces_total", "Faces guarded")
         self.disrupted = counter("magdr_disrupted_total", "Faces found disrupted")
         self.chains_reused = counter(

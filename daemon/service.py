@@ -10,11 +10,14 @@ SIGTERM/SIGINT set the one stop event; :meth:`Service.stop` undoes the steps in 
 taking input, finish the file in progress and the queued frames (up to ``drain_timeout_s``;
 an unfinished file stays claimed and is resumed at the next start), close the batcher, sinks
 and sockets. SIGHUP reloads the config file: keys that can change live are applied, the others
-are named in a warning (they need a restart).
+are named in a warning (they need a restart). Once a minute the main loop hands the C heap's free
+memory back to the OS (:func:`release_free_memory`), so RSS follows what is in use.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import signal
 import threading
@@ -46,6 +49,32 @@ log = structlog.get_logger()
 LIVE_KEYS = {"logging.level", "model.condition", "guard.batch_timeout_ms", "guard.batch_size",
              "guard.publish_purified", "daemon.rescan_s", "daemon.drain_timeout_s",
              "daemon.keep_inputs"}
+
+#: seconds between two returns of the heap's free memory to the OS (see release_free_memory).
+TRIM_INTERVAL_S = 60.0
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_free_memory() -> bool:
+    """Give the free pages of the C heap back to the OS (glibc's ``malloc_trim``).
+
+    Torch's CPU tensors live on the C heap, and after a burst of reconstructions glibc keeps
+    the freed memory in its arenas: resident, reused, never returned, so RSS reads like a leak.
+    Measured after a 5-minute soak in-process: 395 MiB free in the arenas, RSS 1083 -> 688 MiB
+    on one trim. Returns False where there is no glibc.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def build_pipeline(cfg: Config, metrics: Metrics, notifier: Notifier | None = None
@@ -136,7 +165,7 @@ class Service:
                 self.folder_sink = FolderSink(s)
                 self.folder_sink.start()
             else:
-                self.zmq_sinks.append(ZmqSink(s, self.ctx))
+                self.zmq_sinks.append(ZmqSink(s, self.ctx, self.metrics))
 
     def init_sources(self) -> None:  # noqa: D102
         assert self.pipeline is not None
@@ -204,11 +233,15 @@ class Service:
         signal.signal(signal.SIGHUP, lambda *_: self.reload_event.set())
         try:
             self.start()
+            next_trim = time.monotonic() + TRIM_INTERVAL_S
             while not self.stop_event.wait(0.5):
                 if self.reload_event.is_set():
                     self.reload_event.clear()
                     self.reload()
                 self._update_gauges()
+                if time.monotonic() >= next_trim:
+                    release_free_memory()
+                    next_trim = time.monotonic() + TRIM_INTERVAL_S
         finally:
             self.stop()
         return 0

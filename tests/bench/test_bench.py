@@ -135,6 +135,10 @@ def test_quick_run_writes_report(tiny_models, tmp_path, device):
     out = tmp_path / "results"
     purifier = tmp_path / "purifier.pt"
     save_purifier(Purifier(width=4), purifier)  # the identity: every row and column is made
+    out.mkdir()
+    # a section another command wrote (python -m bench.soak --report) survives the rewrite
+    soak = "## Soak\n\n- Result: **passed**.\n"
+    (out / "REPORT.md").write_text("# stale report\n\n## Table 1\n\nstale row\n\n" + soak)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable,
@@ -169,6 +173,7 @@ def test_quick_run_writes_report(tiny_models, tmp_path, device):
     assert "**not** Ruiz et al.'s ε 0.05" in report and "For comparison, PGD at Ruiz" in report
     for heading in ("Table 1", "Table 2", "Figure 3", "Throughput"):
         assert heading in report
+    assert report.endswith("\n\n" + soak) and "stale" not in report
     # Tables hold numbers: every detector's PGD row has a numeric AUROC, Table 2 has PSNRs.
     for det in ("MagDR (DD+CD)", "Feature squeezing", "MagNet AE", "OTD"):
         assert re.search(rf"\| {re.escape(det)} \| \d\.\d\d / ", report), det
@@ -190,6 +195,19 @@ def test_quick_run_writes_report(tiny_models, tmp_path, device):
     assert 0 < tp["guard, clean input"]["ratio"] < 1.5
     assert set(res["adaptive"]["curves"]) >= {"MagDR (DD+CD)", "OTD"}
     assert (out / "cache").is_dir()  # trained baselines are cached
+
+
+def test_put_section_replaces_or_appends_one_section(tmp_path):
+    from bench.report import put_section, section
+
+    path = tmp_path / "REPORT.md"
+    path.write_text("# R\n\n## A\n\na\n\n## Soak\n\nold\n\n## B\n\nb\n")
+    put_section(path, "## Soak", "## Soak\n\nnew")
+    assert path.read_text() == "# R\n\n## A\n\na\n\n## Soak\n\nnew\n\n## B\n\nb\n"
+    assert section(path.read_text(), "## B") == "## B\n\nb\n"
+    assert section(path.read_text(), "## C") == ""
+    put_section(path, "## C", "## C\n\nc\n")
+    assert path.read_text().endswith("## B\n\nb\n\n## C\n\nc\n")
 
 
 def _data_available() -> bool:

@@ -7,6 +7,7 @@ import time
 from fractions import Fraction
 
 import numpy as np
+import pytest
 import zmq
 
 from daemon import wire
@@ -258,3 +259,32 @@ def test_disrupted_faces_are_reconstructed(service, tmp_path):
     for s in (sub, push):
         s.close(0)
     ctx.term()
+
+
+def test_release_free_memory_gives_freed_heap_pages_back():
+    """Freed C-heap memory below a live block stays resident until it is trimmed."""
+    import ctypes
+    import os
+
+    from bench.soak import rss_mib
+    from daemon.service import release_free_memory
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2  # noqa: B018 (glibc only)
+    except (OSError, AttributeError):
+        pytest.skip("not glibc")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    chunk = 64 << 10  # under glibc's mmap threshold: from the heap
+    blocks = [libc.malloc(chunk) for _ in range(3200)]  # 200 MiB
+    for b in blocks:
+        ctypes.memset(b, 1, chunk)
+    pin = libc.malloc(chunk)  # keeps the heap's top above the freed blocks
+    for b in blocks:
+        libc.free(b)
+    before = rss_mib(os.getpid())
+    assert release_free_memory()
+    after = rss_mib(os.getpid())
+    libc.free(pin)
+    assert before - after > 150, (before, after)
