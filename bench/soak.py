@@ -247,7 +247,7 @@ faces = "frame"
 level = "info"
 format = "json"
 
-[metrics]
+[http]
 enabled = true
 port = {ports["metrics"]}
 
