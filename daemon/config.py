@@ -98,6 +98,30 @@ class GuardConfig:
 
 
 @dataclass
+class EngineConfig:
+    """``[engine]``: where the guard runs: in this process, or on replicas in a Ray cluster."""
+
+    backend: Literal["local", "ray"] = field(
+        default="local", metadata=doc("local | ray (guard replicas on a Ray cluster)")
+    )
+    address: str = field(
+        default="", metadata=doc("ray: '' starts a Ray instance on this machine; 'auto' joins "
+                                 "a running cluster; 'HOST:PORT'; 'ray://HOST:10001'")
+    )
+    replicas: int = field(
+        default=1, metadata=doc("guard workers; each loads G, the parser and the profile once",
+                                min=1, max=1024)
+    )
+    num_gpus: float = field(
+        default=0.0, metadata=doc("GPUs per replica; fractions share a GPU", min=0)
+    )
+    num_cpus: float = field(default=1.0, metadata=doc("CPUs per replica", min=0))
+    max_inflight: int = field(
+        default=2, metadata=doc("batches queued per replica (backpressure)", min=1, max=64)
+    )
+
+
+@dataclass
 class FolderSourceConfig:
     """``[[sources]] kind = "folder"``: a watched inbox."""
 
@@ -232,6 +256,7 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     sources: list[SourceConfig] = field(default_factory=list)
     sinks: list[SinkConfig] = field(default_factory=list)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -347,8 +372,19 @@ def resolve_secret(value: str, key: str) -> str:
     return value
 
 
+def _check_engine(e: EngineConfig) -> None:
+    host, _, port = e.address.removeprefix("ray://").rpartition(":")
+    if e.address not in ("", "auto") and not (host and port.isdigit()):
+        raise ConfigError(f"engine.address: expected '', 'auto', HOST:PORT or ray://HOST:PORT, "
+                          f"got {e.address!r}")
+    if e.num_gpus > 1 and e.num_gpus != int(e.num_gpus):
+        raise ConfigError(f"engine.num_gpus: a fraction shares one GPU; above 1 expected a whole "
+                          f"number, got {e.num_gpus}")
+
+
 def _check(cfg: Config) -> None:
     """Cross-field rules (the ones a single field cannot express)."""
+    _check_engine(cfg.engine)
     folders_in = [i for i, s in enumerate(cfg.sources) if s.kind == "folder"]
     folder_sinks = [i for i, s in enumerate(cfg.sinks) if s.kind == "folder"]
     if len(folder_sinks) > 1:

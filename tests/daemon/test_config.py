@@ -26,14 +26,14 @@ class TestDefaultToml:
 
     def test_matches_dataclass_defaults(self):
         cfg = load_config(ROOT / "config" / "default.toml")
-        for section in ("model", "guard", "logging", "http", "daemon"):
+        for section in ("model", "guard", "engine", "logging", "http", "daemon"):
             assert getattr(cfg, section) == getattr(C.Config(), section), section
 
     def test_every_key_documented(self):
         text = (ROOT / "config" / "default.toml").read_text()
         for cls in (C.ModelConfig, C.GuardConfig, C.FolderSourceConfig, C.ZmqSourceConfig,
                     C.FolderSinkConfig, C.ZmqSinkConfig, C.LoggingConfig, C.HttpConfig,
-                    C.DaemonConfig):
+                    C.EngineConfig, C.DaemonConfig):
             for f in dataclasses.fields(cls):
                 assert re.search(rf"^#? ?{f.name} = ", text, re.M), f"{cls.__name__}.{f.name}"
 
@@ -73,6 +73,21 @@ class TestErrors:
     def test_endpoint_shape(self):
         assert _err({"sinks": [{"kind": "zmq", "endpoint": "localhost:1"}]}).startswith(
             "sinks[0].endpoint: expected transport://address")
+
+    def test_engine(self):
+        cfg = parse_config({"engine": {"backend": "ray", "address": "ray://head:10001",
+                                       "replicas": 4, "num_gpus": 0.25}})
+        assert (cfg.engine.replicas, cfg.engine.num_gpus, cfg.engine.num_cpus) == (4, 0.25, 1.0)
+        for ok in ("", "auto", "10.0.0.5:6379", "ray://head:10001"):
+            assert parse_config({"engine": {"address": ok}}).engine.address == ok
+        assert _err({"engine": {"backend": "dask"}}) == \
+            "engine.backend: expected one of local|ray, got 'dask'"
+        assert _err({"engine": {"address": "head"}}).startswith(
+            "engine.address: expected '', 'auto', HOST:PORT or ray://HOST:PORT")
+        assert _err({"engine": {"replicas": 0}}).startswith("engine.replicas: expected a value")
+        assert _err({"engine": {"num_gpus": 1.5}}).startswith("engine.num_gpus: a fraction")
+        assert _err({"engine": {"max_inflight": 2.0}}) == \
+            "engine.max_inflight: expected an integer, got 2.0"
 
     def test_file_errors(self, tmp_path):
         with pytest.raises(ConfigError, match="no such file"):
