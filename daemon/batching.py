@@ -4,7 +4,10 @@ Callers submit items of F rows (the faces of one frame) with :meth:`Batcher.subm
 :class:`concurrent.futures.Future`; one worker thread concatenates items in arrival order until
 ``batch_size`` rows are collected or ``timeout_s`` has passed since the oldest waiting item, calls
 ``fn`` once, and splits its results back per item. An item larger than ``batch_size`` goes alone.
-Order is FIFO, so results of one stream come back in the order its frames went in.
+Batches are formed in FIFO order. ``fn`` may also return a :class:`~concurrent.futures.Future`
+of its results (the Ray engine: several batches in flight on several replicas, finishing in any
+order; ``fn`` itself blocks while they are all busy); the frame pipeline puts each stream's
+frames back in order.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import torch
 log = structlog.get_logger()
 
 #: ``fn(x, c[, hints=...]) -> (rows, per_row)``: x ``(N, 3, S, S)``, c ``(N, c_dim)``, hints
-#: one entry per row (only passed when some item has them); rows ``(N, ...)``.
-BatchFn = Callable[..., tuple[torch.Tensor, list[Any]]]
+#: one entry per row (only passed when some item has them); rows ``(N, ...)``. Or a Future of
+#: ``(rows, per_row)``.
+BatchFn = Callable[..., tuple[torch.Tensor, list[Any]] | Future]
 
 
 @dataclass
@@ -147,9 +151,9 @@ class Batcher:
             x, c = torch.cat([i.x for i in items]), torch.cat([i.c for i in items])
             if any(i.hints is not None for i in items):
                 hints = [h for i in items for h in (i.hints or [None] * i.x.shape[0])]
-                rows, per_row = self.fn(x, c, hints=hints)
+                result = self.fn(x, c, hints=hints)
             else:
-                rows, per_row = self.fn(x, c)
+                result = self.fn(x, c)
         except torch.OutOfMemoryError as e:
             # magdr.Guard already split down to one face; what escapes is retried per frame,
             # so that only the frame(s) that cannot fit fail, each with this error
@@ -168,14 +172,36 @@ class Batcher:
             return
         except Exception as e:  # a failing batch fails its frames, never the daemon
             log.exception("guard batch failed", faces=sum(i.x.shape[0] for i in items))
-            for i in items:
-                i.future.set_exception(e)
+            _fail(items, e)
             return
-        dt = time.monotonic() - t0
+        if isinstance(result, Future):
+            result.add_done_callback(lambda f: self._landed(items, f, t0))
+        else:
+            self._split(items, *result, t0)
+
+    def _landed(self, items: list[_Item], fut: Future, t0: float) -> None:
+        """A batch handed to ``fn`` as a future finished (on the engine's own thread)."""
+        try:
+            rows, per_row = fut.result()
+        except Exception as e:
+            log.error("guard batch failed", faces=sum(i.x.shape[0] for i in items),
+                      error=f"{type(e).__name__}: {e}"[:500])
+            _fail(items, e)
+            return
+        self._split(items, rows, per_row, t0)
+
+    def _split(self, items: list[_Item], rows: torch.Tensor, per_row: list[Any],
+               t0: float) -> None:
+        """Hand each item its rows of the batch's results."""
         if self.on_batch:
-            self.on_batch(rows.shape[0], dt)
+            self.on_batch(rows.shape[0], time.monotonic() - t0)
         start = 0
         for i in items:
             n = i.x.shape[0]
             i.future.set_result((rows[start:start + n], per_row[start:start + n]))
             start += n
+
+
+def _fail(items: list[_Item], error: Exception) -> None:
+    for i in items:
+        i.future.set_exception(error)

@@ -138,6 +138,7 @@ def process_paths(
     from daemon import media
     from daemon.metrics import Metrics
     from daemon.pipeline import process_file
+    from daemon.ray_engine import EngineError
     from daemon.service import build_pipeline
 
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +146,7 @@ def process_paths(
         tmp.unlink()
     sink = next((s for s in cfg.sinks if s.kind == "folder"), FolderSinkConfig(path=str(out)))
     metrics = Metrics()
-    _, batcher, pipeline = build_pipeline(cfg, metrics)
+    _, _, pipeline = build_pipeline(cfg, metrics)
     summaries, failures, used = [], [], set()
     try:
         for src in inputs:
@@ -177,6 +178,8 @@ def process_paths(
                         progress=lambda n, b=bar: b.update(n - b.n),
                     )
                 summaries.append(s)
+            except EngineError:
+                raise  # no guard left for any file: stop with the error, fail no file
             except Exception as e:
                 reason = getattr(e, "reason", "error")
                 err = {
@@ -194,7 +197,7 @@ def process_paths(
             finally:
                 bar.close()
     finally:
-        batcher.close()
+        pipeline.close()
     return summaries, failures
 
 
@@ -518,12 +521,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.cmd == "run":
         return int(args.fn(args))
+    from daemon.ray_engine import EngineError
+
     try:
         return int(args.fn(args))
     except (FileNotFoundError, ValueError, KeyError) as e:
         # missing weights, a checkpoint that does not load, an unknown attribute: one line
         dlog.say(f"magdr-guard {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except EngineError as e:  # [engine] backend = "ray": Ray unreachable, or gone mid-way
+        dlog.say(f"magdr-guard {args.cmd}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

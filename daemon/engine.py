@@ -67,14 +67,16 @@ class Engine:
 
     Args:
         cfg: the validated configuration (``[model]`` and ``[guard]`` are used).
+        local_guard: load the guard here; False when Ray replicas guard (``daemon.ray_engine``):
+            G is then loaded on the CPU only for conditions and names.
     """
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, local_guard: bool = True) -> None:
         import magdr  # here, not at import time: the CLI's --help and --version stay fast
 
         self.cfg = cfg
         m, g = cfg.model, cfg.guard
-        self.device = resolve_device(m.device)
+        self.device = resolve_device(m.device if local_guard else "cpu")
         if m.threads:
             torch.set_num_threads(m.threads)
         t0 = time.monotonic()
@@ -86,7 +88,7 @@ class Engine:
         self.profile_name = "off"
         self.purifier_name = "off"
         self.threshold: float | None = None
-        if g.enabled:
+        if g.enabled and local_guard:
             self.guard = magdr.Guard(
                 self.G,
                 parser=None if m.parser == "none" else m.parser,
@@ -103,7 +105,8 @@ class Engine:
         self.default_cond = self.condition(m.condition)  # unknown attributes fail at start-up
         log.info("models loaded", model=self.model_name, profile=self.profile_name,
                  purifier=self.purifier_name, device=str(self.device), face_size=self.size,
-                 guard=g.enabled, seconds=round(time.monotonic() - t0, 2))
+                 guard=g.enabled, guarded_by="this process" if local_guard else "ray replicas",
+                 seconds=round(time.monotonic() - t0, 2))
 
     # ---- conditions ---------------------------------------------------------------------
     def condition(self, values: dict[str, float] | None) -> torch.Tensor:

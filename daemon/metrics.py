@@ -78,6 +78,18 @@ class Metrics:
         self.guard_seconds = histogram("magdr_guard_seconds", "Guard call time per batch")
         self.latency = histogram(
             "magdr_frame_latency_seconds", "Frame receipt to emission", "source")
+        # [engine] backend = "ray": one label value per replica ("<node id>/<replica>")
+        self.replica_batches = counter(
+            "magdr_replica_batches_total", "Guard batches done by a Ray replica", "worker")
+        self.replica_faces = counter(
+            "magdr_replica_faces_total", "Faces guarded by a Ray replica", "worker")
+        self.replica_seconds = histogram(
+            "magdr_replica_batch_seconds", "Batch sent to result back, per Ray replica", "worker")
+        self.replica_queue = gauge(
+            "magdr_replica_queue_depth", "Batches sent to a Ray replica and not back yet", "worker")
+        self.replica_retries = counter(
+            "magdr_replica_retries_total",
+            "Batches sent again to another replica after this one failed", "worker")
 
     def _counter(self, name: str, doc: str, *labels: str) -> Family:
         # prometheus-client keeps the "_total" suffix off the family name and on the sample

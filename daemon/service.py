@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from daemon.engine import Engine
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
 from daemon.pipeline import Aborted, FramePipeline, Guarded, process_file
+from daemon.ray_engine import EngineLost
 from daemon.sinks.folder import FolderSink
 from daemon.sinks.zmq import ZmqSink
 from daemon.sources.folder import FolderSource
@@ -77,21 +79,35 @@ def release_free_memory() -> bool:
     return True
 
 
-def build_pipeline(cfg: Config, metrics: Metrics, notifier: Notifier | None = None
+def build_pipeline(cfg: Config, metrics: Metrics, notifier: Notifier | None = None,
+                   on_lost: Callable[[str], None] | None = None
                    ) -> tuple[Engine, Batcher, FramePipeline]:
-    """Load the models and start the batcher (shared by the daemon and ``process``)."""
-    engine = Engine(cfg)
+    """Load the models and start the batcher (shared by the daemon and ``process``).
+
+    With ``[engine] backend = "ray"`` the guard runs on Ray replicas (``on_lost`` is called
+    when none is left); this process keeps face location, paste-back and the sinks.
+    """
+    remote = None
+    engine = Engine(cfg, local_guard=cfg.engine.backend == "local")
+    guard_fn: Callable[..., Any] = engine.guard_faces
+    if cfg.engine.backend == "ray":
+        from daemon.ray_engine import RayEngine
+
+        remote = RayEngine(cfg, metrics, on_lost)
+        for name in ("profile_name", "purifier_name", "threshold"):  # for verdicts, summaries
+            setattr(engine, name, remote.info[name])
+        guard_fn = remote.submit
 
     def on_batch(rows: int, seconds: float) -> None:
         metrics.batch_size.observe(rows)
         metrics.guard_seconds.observe(seconds)
 
-    batcher = Batcher(engine.guard_faces, cfg.guard.batch_size, cfg.guard.batch_timeout_ms / 1e3,
+    batcher = Batcher(guard_fn, cfg.guard.batch_size, cfg.guard.batch_timeout_ms / 1e3,
                       on_batch=on_batch,
                       beat=(lambda grace=0.0: notifier.beat("batcher", grace)) if notifier
                       else None, call_grace_s=cfg.daemon.max_batch_s)
     batcher.start()
-    return engine, batcher, FramePipeline(engine, batcher, metrics)
+    return engine, batcher, FramePipeline(engine, batcher, metrics, remote)
 
 
 def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -134,6 +150,7 @@ class Service:
         self._workers: list[threading.Thread] = []
         self._drain_deadline = float("inf")
         self._busy: dict[str, str] = {}
+        self.fatal: str | None = None  # why the daemon stopped by itself (exit code 1)
 
     # ---- start-up -----------------------------------------------------------------------
     def init_dirs(self) -> None:  # noqa: D102
@@ -152,7 +169,7 @@ class Service:
         t.start()
         try:
             self.engine, self.batcher, self.pipeline = build_pipeline(
-                self.cfg, self.metrics, self.notifier)
+                self.cfg, self.metrics, self.notifier, on_lost=self.engine_lost)
         finally:
             loaded.set()
 
@@ -244,7 +261,18 @@ class Service:
                     next_trim = time.monotonic() + TRIM_INTERVAL_S
         finally:
             self.stop()
+        if self.fatal:
+            log.error("stopped on an error", error=self.fatal)
+            return 1
         return 0
+
+    def engine_lost(self, reason: str) -> None:
+        """No guard replica is left: stop with an error.
+
+        systemd restarts the daemon; a file in progress stays claimed and is resumed then.
+        """
+        self.fatal = f"guard engine lost: {reason}"
+        self.stop_event.set()
 
     def emit(self, g: Guarded) -> None:
         """Send a guarded frame to every ZeroMQ sink (and the operator page)."""
@@ -259,6 +287,8 @@ class Service:
     def _update_gauges(self) -> None:
         if self.batcher is not None:
             self.metrics.queue_depth.set(self.batcher.pending(), queue="batcher")
+        if self.pipeline is not None and self.pipeline.remote is not None:
+            self.metrics.queue_depth.set(self.pipeline.remote.pending(), queue="ray")
         for s in self.folder_sources:
             self.metrics.queue_depth.set(s.backlog(), queue=s.name)
 
@@ -316,8 +346,9 @@ class Service:
                 source=src.name,
                 heartbeat=lambda: self.notifier.beat(f"{src.name}-work"),
             )
-        except Aborted:
-            log.warning("stopped in the middle of a file; it stays claimed for the next start")
+        except (Aborted, EngineLost) as e:
+            log.warning("stopped in the middle of a file; it stays claimed for the next start",
+                        reason=str(e))
             if view is not None:
                 view.job_finished(claimed.stem, "stopped")
             return
@@ -399,8 +430,8 @@ class Service:
             t.join(max(0.0, self._drain_deadline - time.monotonic()) + 5)
         for z in self.zmq_sources:
             z.drain(max(0.0, self._drain_deadline - time.monotonic()))
-        if self.batcher is not None:
-            self.batcher.close(max(1.0, self._drain_deadline - time.monotonic()))
+        if self.pipeline is not None:
+            self.pipeline.close(max(1.0, self._drain_deadline - time.monotonic()))
         for s in self.zmq_sinks:
             s.close()
         if self.folder_sink is not None:
