@@ -88,6 +88,8 @@ class InOrder:
             waiting = self._waiting[slot.stream]
             while waiting and waiting[0].done:
                 s = waiting.popleft()
+                if s.future.cancelled():  # its file stopped waiting for it
+                    continue
                 if s.error is not None:
                     s.future.set_exception(s.error)
                 else:

@@ -124,3 +124,55 @@ def test_hints_ride_along_per_row_and_only_when_given():
     fut.result(2)
     b.close(2)
     assert seen == [["a", None, None, None, "e"], "absent"]
+
+
+def test_fn_returning_a_future_batches_in_flight_finish_in_any_order():
+    """The Ray engine's shape: ``fn`` returns at once; results land later, newest first."""
+    from concurrent.futures import Future
+
+    pending: list[tuple[Future, torch.Tensor]] = []
+
+    def fn(x, c):
+        f = Future()
+        pending.append((f, x))
+        return f
+
+    seen: list[int] = []
+    b = Batcher(fn, batch_size=2, timeout_s=5.0, on_batch=lambda rows, s: seen.append(rows))
+    b.start()
+    futs = [b.submit(_x(1, i), torch.zeros(1, 5)) for i in range(4)]
+    assert wait_for(lambda: len(pending) == 2)
+    for f, x in reversed(pending):  # the second batch lands first
+        f.set_result((x * 2, [{"i": float(v)} for v in x[:, 0, 0, 0]]))
+    assert [f.result(2)[1][0]["i"] for f in futs] == [0.0, 1.0, 2.0, 3.0]
+    assert seen == [2, 2]
+    b.close(2)
+
+
+def test_fn_future_failure_fails_its_items_only():
+    from concurrent.futures import Future
+
+    def fn(x, c):
+        f = Future()
+        if x[0, 0, 0, 0] == 0:
+            f.set_exception(RuntimeError("replica gone"))
+        else:
+            f.set_result((x, [{}] * x.shape[0]))
+        return f
+
+    b = Batcher(fn, batch_size=1, timeout_s=0.01)
+    b.start()
+    bad, good = b.submit(_x(1, 0), torch.zeros(1, 5)), b.submit(_x(1, 1), torch.zeros(1, 5))
+    with pytest.raises(RuntimeError, match="replica gone"):
+        bad.result(2)
+    assert good.result(2)[1] == [{}]
+    b.close(2)
+
+
+def wait_for(cond, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False

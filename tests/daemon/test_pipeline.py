@@ -167,3 +167,27 @@ def test_a_configured_purifier_is_loaded_and_named_in_the_summary(tmp_path, tiny
             batcher.close(5)
         want = str(tmp_path / "p.pt") if loaded else "off"
         assert s["purifier"] == want and s["purified_faces"] == 0 and s["frames"] == 2
+
+
+def test_each_stream_settles_in_the_order_it_was_submitted():
+    """Batches on several replicas finish in any order; a stream's frames come out in order,
+    and a stream does not wait on another."""
+    from daemon.pipeline import InOrder
+
+    order = InOrder()
+    a0, a1, b0, a2 = order.slot("a"), order.slot("a"), order.slot("b"), order.slot("a")
+    done: list[str] = []
+    for name, s in (("a0", a0), ("a1", a1), ("b0", b0), ("a2", a2)):
+        s.future.add_done_callback(lambda f, n=name: done.append(n))
+    order.settle(a2, "r2")
+    order.settle(a1, error=RuntimeError("lost"))
+    order.settle(b0, "rb")
+    assert done == ["b0"]
+    order.settle(a0, "r0")
+    assert done == ["b0", "a0", "a1", "a2"]
+    assert a2.future.result() == "r2" and isinstance(a1.future.exception(), RuntimeError)
+    c0, c1 = order.slot("c"), order.slot("c")
+    c0.future.cancel()  # its file stopped waiting (process_file's clean-up)
+    order.settle(c1, "r1")
+    order.settle(c0, "late")
+    assert c1.future.result() == "r1"
