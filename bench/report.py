@@ -12,6 +12,7 @@ import torch
 from bench.common import MAGDR
 from bench.reconstruction import MAGDR as GUARDED
 from bench.reconstruction import NO_DEFENCE, best_baseline
+from bench.scaling import saved_section
 
 
 def _plt():  # noqa: ANN202
@@ -377,6 +378,7 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
         lines += [""]
     else:
         lines += ["Skipped in this run.", ""]
+    lines += saved_section(out)  # python -m bench.scaling's, kept across runs of the bench
 
     lines += ["## Figures", ""]
     if any(p.startswith(("fig1_", "fig4_")) for p in pngs):

@@ -284,3 +284,22 @@ def test_detection_on_an_unconditional_generator(tiny_models):
     assert res["n_neg"] == 12  # 3 clean faces + 3 benign copies of each
     assert set(res["rows"]) == {"PGD", "Targeted"}
     assert attacked["PGD"].x_adv.shape == val.x.shape
+
+
+def test_scaling_section_goes_at_the_end_of_throughput_once(tmp_path):
+    from bench.scaling import section, write_section
+
+    data = {"command": "python -m bench.scaling", "commit": "abc", "device": "cpu",
+            "threads": 1, "frames": 200, "machine": {"cpu_count": 2, "load_avg": [1.0, 1, 1]},
+            "runs": [{"backend": "local", "replicas": None, "workers": 0, "fps": 3.0},
+                     {"backend": "ray", "replicas": 1, "workers": 1, "fps": 2.0},
+                     {"backend": "ray", "replicas": 2, "workers": 2, "fps": 3.0}]}
+    report = tmp_path / "REPORT.md"
+    report.write_text("# R\n\n## Throughput\n\ntable\n\n## Figures\n\npng\n")
+    write_section(report, section(data))
+    write_section(report, section(data))  # a second run replaces the first
+    text = report.read_text()
+    assert text.count("### Scale-out") == 1
+    assert text.index("table") < text.index("### Scale-out") < text.index("## Figures")
+    assert "| ray | 2 | 2 | 3.00 | 1.50 |" in text and "| local | - | - | 3.00 |  |" in text
+    assert "not measured in this run (no GPU)" in text

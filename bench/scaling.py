@@ -1,0 +1,154 @@
+"""``python -m bench.scaling``: frames/s of ``magdr-guard process`` as the guard scales out on Ray.
+
+One clip of ``--frames`` frames (the bundled demo clip looped: a real face in every frame) is
+guarded by :func:`daemon.cli.process_paths` (the ``process`` command's own code) with the shipped
+models and the default ``[guard]`` settings, once per setting: the local backend, then
+``[engine] backend = "ray"`` with each replica count of ``--replicas`` on a Ray instance started on
+this machine (``address = ""``). Each replica and the local engine get ``--threads`` torch
+threads; on a GPU (``--device cuda``) each replica gets ``--num-gpus`` of one GPU. frames/s is the
+summary's own figure (decode to commit, models and Ray already started). The result goes to
+``<out>/scaling.json`` and, as the "Scale-out" subsection of the throughput section, into
+``<out>/REPORT.md`` (``bench/report.py`` keeps that subsection when it rewrites the report).
+
+    python -m bench.scaling --frames 200 --replicas 1,2 --threads 1
+    python -m bench.scaling --device cuda --replicas 1,4 --num-gpus 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+HEADING = "### Scale-out"
+
+
+def loop_clip(src: Path, dst: Path, frames: int) -> None:
+    """``src`` played again and again until ``frames`` frames, at its own rate."""
+    from daemon import media
+
+    writer = media.VideoWriter(dst, media.probe(src), "libx264", 18, None)
+    n = 0
+    try:
+        while n < frames:
+            for f in media.decode(src, 4096 * 4096):
+                if n == frames:
+                    break
+                writer.write(f.image, None)  # None: the next frame's time at the clip's rate
+                n += 1
+        writer.close(commit=True)
+    except BaseException:
+        writer.close(commit=False)
+        raise
+
+
+def run_one(clip: Path, backend: str, replicas: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Guard ``clip`` once with the given backend; frames/s and the workers seen."""
+    from daemon.cli import process_paths
+    from daemon.config import Config
+
+    cfg = Config()
+    cfg.model.device, cfg.model.threads = args.device, args.threads
+    cfg.engine.backend, cfg.engine.replicas = backend, replicas
+    cfg.engine.num_gpus = args.num_gpus if args.device.startswith("cuda") else 0.0
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.monotonic()
+        (summary,), failures = process_paths(cfg, [clip], Path(out), bars=False)
+        wall = time.monotonic() - t0
+        assert not failures, failures
+        verdicts = Path(out, summary["outputs"]["verdicts"]).read_text().splitlines()
+        workers = {json.loads(v).get("worker") for v in verdicts} - {None}
+    return {"backend": backend, "replicas": replicas if backend == "ray" else None,
+            "frames": summary["frames"], "faces": summary["faces"], "fps": summary["fps"],
+            "wall_s": round(wall, 1), "workers": len(workers)}
+
+
+def section(data: dict[str, Any]) -> list[str]:
+    """The report's "Scale-out" subsection (Markdown lines) for a ``scaling.json``."""
+    m = data["machine"]
+    lines = [HEADING, "",
+             f"`magdr-guard process` on a {data['frames']}-frame clip (the demo clip looped, one "
+             f"face per frame; default `[guard]`), `{data['device']}`, {data['threads']} torch "
+             f"thread(s) per engine; {m['cpu_count']} CPUs, load average "
+             f"{m['load_avg'][0]:.1f} at the start. Command: `{data['command']}` "
+             f"(commit {data['commit'][:12]}).", "",
+             "| engine | replicas | workers in verdicts | frames/s | ratio to 1 replica |",
+             "|---|---|---|---|---|"]
+    one = next((r["fps"] for r in data["runs"] if r["replicas"] == 1), None)
+    for r in data["runs"]:
+        ratio = f"{r['fps'] / one:.2f}" if one and r["backend"] == "ray" else ""
+        lines.append(f"| {r['backend']} | {r['replicas'] or '-'} | {r['workers'] or '-'} | "
+                     f"{r['fps']:.2f} | {ratio} |")
+    lines += [""]
+    if not data["device"].startswith("cuda"):
+        lines += ["Fractional GPU replicas: not measured in this run (no GPU); on one: "
+                  "`python -m bench.scaling --device cuda --replicas 1,4 --num-gpus 0.25`.", ""]
+    return lines
+
+
+def saved_section(out: Path) -> list[str]:
+    """The subsection for ``<out>/scaling.json``; [] when there is none (``report.py``)."""
+    p = out / "scaling.json"
+    return section(json.loads(p.read_text())) if p.exists() else []
+
+
+def write_section(report: Path, lines: list[str]) -> None:
+    """Put the subsection at the end of the throughput section (replacing an older one)."""
+    text = report.read_text().split("\n")
+    if HEADING in text:
+        start = text.index(HEADING)
+        end = next(i for i in range(start + 1, len(text)) if text[i].startswith("#"))
+    else:
+        start = end = text.index("## Figures")
+    report.write_text("\n".join(text[:start] + lines + text[end:]))
+
+
+def main(argv: list[str] | None = None) -> int:  # noqa: D103
+    ap = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.split("\n")[0])
+    ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument("--replicas", default="1,2", help="comma-separated replica counts")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per engine")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--num-gpus", type=float, default=0.25, help="GPU share per replica (cuda)")
+    ap.add_argument("--no-local", action="store_true", help="skip the local-backend run")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+
+    from bench.__main__ import commit, machine
+    from daemon import logging as dlog
+    from daemon.cli import DEMO_CLIP
+
+    dlog.configure("warning", "console", stream="stderr")
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = Path(tmp) / "clip.mp4"
+        loop_clip(DEMO_CLIP, clip, args.frames)
+        info = machine(torch.device(args.device))
+        plan = ([] if args.no_local else [("local", 1)]) + [
+            ("ray", int(n)) for n in args.replicas.split(",")]
+        runs = []
+        for backend, n in plan:
+            runs.append(run_one(clip, backend, n, args))
+            print(json.dumps(runs[-1]), file=sys.stderr)
+    data = {"command": "python -m bench.scaling " + " ".join(argv or sys.argv[1:]),
+            "commit": commit(), "machine": info, "device": args.device,
+            "threads": args.threads, "frames": args.frames, "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scaling.json").write_text(json.dumps(data, indent=2) + "\n")
+    if (args.out / "REPORT.md").exists():
+        write_section(args.out / "REPORT.md", section(data))
+    print("\n".join(section(data)))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
