@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from daemon.batching import Batcher
+from tests.daemon.helpers import wait_until
 
 
 class Recorder:
@@ -141,7 +142,7 @@ def test_fn_returning_a_future_batches_in_flight_finish_in_any_order():
     b = Batcher(fn, batch_size=2, timeout_s=5.0, on_batch=lambda rows, s: seen.append(rows))
     b.start()
     futs = [b.submit(_x(1, i), torch.zeros(1, 5)) for i in range(4)]
-    assert wait_for(lambda: len(pending) == 2)
+    assert wait_until(lambda: len(pending) == 2, 5)
     for f, x in reversed(pending):  # the second batch lands first
         f.set_result((x * 2, [{"i": float(v)} for v in x[:, 0, 0, 0]]))
     assert [f.result(2)[1][0]["i"] for f in futs] == [0.0, 1.0, 2.0, 3.0]
@@ -167,12 +168,3 @@ def test_fn_future_failure_fails_its_items_only():
         bad.result(2)
     assert good.result(2)[1] == [{}]
     b.close(2)
-
-
-def wait_for(cond, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return False
