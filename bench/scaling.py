@@ -87,6 +87,10 @@ def section(data: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['backend']} | {r['replicas'] or '-'} | {r['workers'] or '-'} | "
                      f"{r['fps']:.2f} | {ratio} |")
     lines += [""]
+    if m["load_avg"][0] > m["cpu_count"]:
+        lines += ["The machine was shared (load average above its CPU count): more processes also "
+                  "win a larger share of its CPUs, so the ratios overstate what the replicas give "
+                  "on an idle machine.", ""]
     if not data["device"].startswith("cuda"):
         lines += ["Fractional GPU replicas: not measured in this run (no GPU); on one: "
                   "`python -m bench.scaling --device cuda --replicas 1,4 --num-gpus 0.25`.", ""]

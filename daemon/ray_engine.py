@@ -123,7 +123,7 @@ class RayEngine:
             import ray
         except ImportError:
             raise EngineError("[engine] backend = 'ray' needs Ray: "
-                               "pip install 'magdr-guard[ray]'") from None
+                              "pip install 'magdr-guard[ray]'") from None
         self.ray, self.cfg, self.metrics, self.on_lost = ray, cfg.engine, metrics, on_lost
         self.lost: str | None = None
         self.replicas: list[_Replica] = []
@@ -169,7 +169,7 @@ class RayEngine:
             self.ray.init(**kw)
         except Exception as e:  # ConnectionError, a bad address, an auth token mismatch
             raise EngineError(f"engine.address: cannot reach Ray at {a or 'a new instance'}: "
-                               f"{type(e).__name__}: {e}") from None
+                              f"{type(e).__name__}: {e}") from None
         log.info("ray connected", address=a or "local", resources=self.ray.cluster_resources())
 
     def _check_resources(self) -> None:
