@@ -144,8 +144,10 @@ class RayEngine:
                             timeout=START_TIMEOUT_S)
         except BaseException as e:
             self._shutdown()
-            if isinstance(e, ray.exceptions.RayError):
-                raise EngineError(f"engine: the Ray replicas did not start: {e}") from None
+            if isinstance(e, ray.exceptions.RayError):  # the traceback's last line says why
+                why = [line for line in str(e).splitlines() if line.strip()][-1:]
+                raise EngineError(f"engine: the Ray replicas did not start: "
+                                  f"{why[0] if why else type(e).__name__}") from None
             raise
         for r, info in zip(self.replicas, infos, strict=True):
             r.name, r.up = info["worker"], True

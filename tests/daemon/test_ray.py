@@ -136,6 +136,20 @@ def test_file_complete_when_a_replica_dies_while_guarding(tmp_path, tiny_models)
     assert len(read_pts(tmp_path / "out" / "clip.mp4")[0]) == 30
 
 
+def test_start_up_errors_name_the_cause(tmp_path, tiny_models):
+    from daemon.metrics import Metrics
+    from daemon.ray_engine import EngineError, RayEngine
+
+    cfg = _cfg(tmp_path, tiny_models, "ray")
+    cfg.engine.replicas = 3  # 3 x 1 CPU on a 2-CPU instance could never be placed
+    with pytest.raises(EngineError, match=r"3 replicas x 1 CPU need 3 CPUs; the Ray cluster "
+                                          r"has 2 \(lower \[engine\] replicas or num_cpus"):
+        RayEngine(cfg, Metrics())
+    cfg.engine.replicas, cfg.model.profile = 1, str(tmp_path / "missing.json")
+    with pytest.raises(EngineError, match="did not start: .*missing.json"):
+        RayEngine(cfg, Metrics())  # the replica's own models fail to load
+
+
 @pytest.mark.slow
 def test_cluster_gone_stops_daemon_and_file_resumes(tmp_path, tiny_models, monkeypatch):
     """A head node killed under the daemon: exit 1 with a clear error, the file still
