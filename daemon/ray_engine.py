@@ -253,8 +253,9 @@ class RayEngine:
                 ready = refs
             for ref in ready:
                 with self._cond:
-                    handler = self._refs.pop(ref)
-                handler(ref)
+                    handler = self._refs.pop(ref, None)  # None: dropped by close()
+                if handler is not None:
+                    handler(ref)
 
     def _result(self, ref: Any) -> Any:
         if isinstance(ref, _Raises):
@@ -355,7 +356,7 @@ class RayEngine:
             self._closing = True
             self._refs.clear()
             self._cond.notify_all()
-        self._collector.join(5)
+        self._collector.join(1)  # a dead cluster can hold it in ray.wait; it is a daemon thread
         self._shutdown()
 
     def _shutdown(self) -> None:
