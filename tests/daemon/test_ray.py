@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,9 +162,9 @@ def test_cluster_gone_stops_daemon_and_file_resumes(tmp_path, tiny_models, monke
     head_log = tmp_path / "head.log"
     with open(head_log, "wb") as f:
         head = subprocess.Popen(
-            ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
-             "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-             "--disable-usage-stats"],
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+             f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+             "--include-dashboard=false", "--disable-usage-stats"],
             stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         assert wait_until(lambda: b"Ray runtime started" in head_log.read_bytes(), 60), \
