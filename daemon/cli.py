@@ -137,7 +137,7 @@ def process_paths(
 
     from daemon import media
     from daemon.metrics import Metrics
-    from daemon.pipeline import process_file
+    from daemon.pipeline import frames_in_flight, process_file
     from daemon.ray_engine import EngineError
     from daemon.service import build_pipeline
 
@@ -174,7 +174,7 @@ def process_paths(
                         codec=sink.codec,
                         crf=sink.crf,
                         max_pixels=cfg.guard.max_frame_pixels,
-                        window=2 * cfg.guard.batch_size,
+                        window=frames_in_flight(cfg),
                         progress=lambda n, b=bar: b.update(n - b.n),
                     )
                 summaries.append(s)

@@ -25,6 +25,7 @@ import structlog
 
 from daemon import media
 from daemon.batching import Batcher
+from daemon.config import Config
 from daemon.engine import PURIFIER_STEP, Engine
 from daemon.metrics import Metrics
 
@@ -210,6 +211,22 @@ class FramePipeline:
             verdict["worker"] = per[0]["worker"] if per else None
         details = [p.get("detail") for p in per] if any(p.get("detail") for p in per) else None
         return Guarded(pasted, verdict, meta["pts"], time_base, meta["source"], details)
+
+
+#: Most frames one file or stream keeps in the pipeline (decoded images wait there).
+MAX_WINDOW = 256
+
+
+def frames_in_flight(cfg: Config) -> int:
+    """Frames a file or stream keeps in flight: enough to fill every batch slot of the engine.
+
+    Two batches locally (one guarded while the next gathers); with Ray, ``max_inflight``
+    batches for each replica, so that one file can keep every replica busy; at most
+    :data:`MAX_WINDOW` frames, never fewer than two batches.
+    """
+    e = cfg.engine
+    batches = e.replicas * e.max_inflight if e.backend == "ray" else 2
+    return min(max(2, batches) * cfg.guard.batch_size, max(MAX_WINDOW, 2 * cfg.guard.batch_size))
 
 
 def source_signature(path: Path) -> dict[str, Any]:

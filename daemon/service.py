@@ -36,7 +36,13 @@ from daemon.config import Config, ConfigError, load_config
 from daemon.engine import Engine
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
-from daemon.pipeline import Aborted, FramePipeline, Guarded, process_file
+from daemon.pipeline import (
+    Aborted,
+    FramePipeline,
+    Guarded,
+    frames_in_flight,
+    process_file,
+)
 from daemon.ray_engine import EngineLost
 from daemon.sinks.folder import FolderSink
 from daemon.sinks.zmq import ZmqSink
@@ -194,7 +200,7 @@ class Service:
             else:
                 self.zmq_sources.append(ZmqSource(
                     i, s, self.ctx, self.pipeline, self.emit, self.metrics, self.notifier,
-                    self.cfg.guard.max_frame_pixels, inflight=2 * self.cfg.guard.batch_size,
+                    self.cfg.guard.max_frame_pixels, inflight=frames_in_flight(self.cfg),
                     view=self.view))
 
     def start_http(self) -> None:
@@ -338,7 +344,7 @@ class Service:
                 claimed, claimed.stem, sink.path, self.pipeline,
                 codec=sink.cfg.codec, crf=sink.cfg.crf,
                 max_pixels=self.cfg.guard.max_frame_pixels,
-                window=2 * self.cfg.guard.batch_size,
+                window=frames_in_flight(self.cfg),
                 publish=self.emit if self.zmq_sinks or view else None,
                 progress=lambda n: self._progress(src, claimed.stem, n),
                 should_abort=lambda: time.monotonic() > self._drain_deadline,

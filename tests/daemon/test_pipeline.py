@@ -191,3 +191,18 @@ def test_each_stream_settles_in_the_order_it_was_submitted():
     order.settle(c1, "r1")
     order.settle(c0, "late")
     assert c1.future.result() == "r1"
+
+
+def test_frames_in_flight_fill_every_replica():
+    from daemon.config import Config
+    from daemon.pipeline import MAX_WINDOW, frames_in_flight
+
+    cfg = Config()
+    cfg.guard.batch_size = 8
+    assert frames_in_flight(cfg) == 16  # local: one batch guarded, the next gathering
+    cfg.engine.backend, cfg.engine.replicas, cfg.engine.max_inflight = "ray", 3, 2
+    assert frames_in_flight(cfg) == 48
+    cfg.engine.replicas = 100
+    assert frames_in_flight(cfg) == MAX_WINDOW
+    cfg.guard.batch_size = 1024
+    assert frames_in_flight(cfg) == 2048  # never fewer than two batches
