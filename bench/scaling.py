@@ -2,15 +2,17 @@
 
 One clip of ``--frames`` frames (the bundled demo clip looped: a real face in every frame) is
 guarded by :func:`daemon.cli.process_paths` (the ``process`` command's own code) with the shipped
-models and the default ``[guard]`` settings, once per setting: the local backend, then
-``[engine] backend = "ray"`` with each replica count of ``--replicas`` on a Ray instance started on
-this machine (``address = ""``). Each replica and the local engine get ``--threads`` torch
-threads; on a GPU (``--device cuda``) each replica gets ``--num-gpus`` of one GPU. frames/s is the
-summary's own figure (decode to commit, models and Ray already started). The result goes to
-``<out>/scaling.json`` and, as the "Scale-out" subsection of the throughput section, into
-``<out>/REPORT.md`` (``bench/report.py`` keeps that subsection when it rewrites the report).
+models and the default ``[guard]`` settings, for each setting: the local backend, then
+``[engine] backend = "ray"`` with each replica count of ``--replicas`` on a Ray instance started
+on this machine (``address = ""``); ``--repeats`` rounds, interleaved, and the median reported
+(on a shared machine single runs differ by tens of percent). Each replica and the local engine
+get ``--threads`` torch threads; on a GPU (``--device cuda``) each replica gets ``--num-gpus``
+of one GPU. frames/s is the summary's own figure (decode to commit, models and Ray already
+started). The result goes to ``<out>/scaling.json`` and, as the "Scale-out" subsection of the
+throughput section, into ``<out>/REPORT.md`` (``bench/report.py`` keeps that subsection when it
+rewrites the report).
 
-    python -m bench.scaling --frames 200 --replicas 1,2 --threads 1
+    python -m bench.scaling --frames 200 --replicas 1,2 --threads 1 --repeats 3
     python -m bench.scaling --device cuda --replicas 1,4 --num-gpus 0.25
 """
 
@@ -70,6 +72,13 @@ def run_one(clip: Path, backend: str, replicas: int, args: argparse.Namespace) -
             "wall_s": round(wall, 1), "workers": len(workers)}
 
 
+def median_run(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """The trial with the median frames/s, with every trial's frames/s beside it."""
+    fps = sorted(t["fps"] for t in trials)
+    mid = next(t for t in trials if t["fps"] == fps[(len(fps) - 1) // 2])
+    return {**mid, "fps_all": [t["fps"] for t in trials]}
+
+
 def section(data: dict[str, Any]) -> list[str]:
     """The report's "Scale-out" subsection (Markdown lines) for a ``scaling.json``."""
     m = data["machine"]
@@ -77,15 +86,18 @@ def section(data: dict[str, Any]) -> list[str]:
              f"`magdr-guard process` on a {data['frames']}-frame clip (the demo clip looped, one "
              f"face per frame; default `[guard]`), `{data['device']}`, {data['threads']} torch "
              f"thread(s) per engine; {m['cpu_count']} CPUs, load average "
-             f"{m['load_avg'][0]:.1f} at the start. Command: `{data['command']}` "
+             f"{m['load_avg'][0]:.1f} at the start; each setting run {data.get('repeats', 1)} "
+             f"times, interleaved. Command: `{data['command']}` "
              f"(commit {data['commit'][:12]}).", "",
-             "| engine | replicas | workers in verdicts | frames/s | ratio to 1 replica |",
-             "|---|---|---|---|---|"]
+             "| engine | replicas | workers in verdicts | frames/s (median) | each run | "
+             "ratio to 1 replica |",
+             "|---|---|---|---|---|---|"]
     one = next((r["fps"] for r in data["runs"] if r["replicas"] == 1), None)
     for r in data["runs"]:
         ratio = f"{r['fps'] / one:.2f}" if one and r["backend"] == "ray" else ""
+        each = ", ".join(f"{f:.2f}" for f in r.get("fps_all", [r["fps"]]))
         lines.append(f"| {r['backend']} | {r['replicas'] or '-'} | {r['workers'] or '-'} | "
-                     f"{r['fps']:.2f} | {ratio} |")
+                     f"{r['fps']:.2f} | {each} | {ratio} |")
     lines += [""]
     if m["load_avg"][0] > m["cpu_count"]:
         lines += ["The machine was shared (load average above its CPU count): more processes also "
@@ -122,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: D103
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--num-gpus", type=float, default=0.25, help="GPU share per replica (cuda)")
     ap.add_argument("--no-local", action="store_true", help="skip the local-backend run")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each setting, interleaved")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -138,13 +151,17 @@ def main(argv: list[str] | None = None) -> int:  # noqa: D103
         info = machine(torch.device(args.device))
         plan = ([] if args.no_local else [("local", 1)]) + [
             ("ray", int(n)) for n in args.replicas.split(",")]
-        runs = []
-        for backend, n in plan:
-            runs.append(run_one(clip, backend, n, args))
-            print(json.dumps(runs[-1]), file=sys.stderr)
+        trials: dict[tuple[str, int], list[dict[str, Any]]] = {k: [] for k in plan}
+        for _ in range(args.repeats):  # interleaved, so a busy spell hits every setting
+            for backend, n in plan:
+                r = run_one(clip, backend, n, args)
+                r["load_avg"] = os.getloadavg()[0]
+                trials[(backend, n)].append(r)
+                print(json.dumps(r), file=sys.stderr)
+        runs = [median_run(t) for t in trials.values()]
     data = {"command": "python -m bench.scaling " + " ".join(argv or sys.argv[1:]),
             "commit": commit(), "machine": info, "device": args.device,
-            "threads": args.threads, "frames": args.frames, "runs": runs}
+            "threads": args.threads, "frames": args.frames, "repeats": args.repeats, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scaling.json").write_text(json.dumps(data, indent=2) + "\n")
     if (args.out / "REPORT.md").exists():

@@ -286,6 +286,13 @@ def test_detection_on_an_unconditional_generator(tiny_models):
     assert attacked["PGD"].x_adv.shape == val.x.shape
 
 
+def test_scaling_reports_the_median_run():
+    from bench.scaling import median_run
+
+    r = median_run([{"fps": 5.0, "n": 0}, {"fps": 2.0, "n": 1}, {"fps": 3.0, "n": 2}])
+    assert r["n"] == 2 and r["fps_all"] == [5.0, 2.0, 3.0]
+
+
 def test_scaling_section_goes_at_the_end_of_throughput_once(tmp_path):
     from bench.scaling import section, write_section
 
@@ -301,5 +308,6 @@ def test_scaling_section_goes_at_the_end_of_throughput_once(tmp_path):
     text = report.read_text()
     assert text.count("### Scale-out") == 1
     assert text.index("table") < text.index("### Scale-out") < text.index("## Figures")
-    assert "| ray | 2 | 2 | 3.00 | 1.50 |" in text and "| local | - | - | 3.00 |  |" in text
+    assert "| ray | 2 | 2 | 3.00 | 3.00 | 1.50 |" in text
+    assert "| local | - | - | 3.00 | 3.00 |  |" in text
     assert "not measured in this run (no GPU)" in text
