@@ -76,18 +76,21 @@ def median_run(trials: list[dict[str, Any]]) -> dict[str, Any]:
     """The trial with the median frames/s, with every trial's frames/s beside it."""
     fps = sorted(t["fps"] for t in trials)
     mid = next(t for t in trials if t["fps"] == fps[(len(fps) - 1) // 2])
-    return {**mid, "fps_all": [t["fps"] for t in trials]}
+    return {**mid, "fps_all": [t["fps"] for t in trials],
+            "load_all": [round(t["load_avg"], 1) for t in trials if "load_avg" in t]}
 
 
 def section(data: dict[str, Any]) -> list[str]:
     """The report's "Scale-out" subsection (Markdown lines) for a ``scaling.json``."""
     m = data["machine"]
+    loads = [x for r in data["runs"] for x in r.get("load_all", [])] or [m["load_avg"][0]]
+    load = f"{min(loads):.1f}" if min(loads) == max(loads) else \
+        f"{min(loads):.1f} to {max(loads):.1f} over the runs"
     lines = [HEADING, "",
              f"`magdr-guard process` on a {data['frames']}-frame clip (the demo clip looped, one "
              f"face per frame; default `[guard]`), `{data['device']}`, {data['threads']} torch "
-             f"thread(s) per engine; {m['cpu_count']} CPUs, load average "
-             f"{m['load_avg'][0]:.1f} at the start; each setting run {data.get('repeats', 1)} "
-             f"times, interleaved. Command: `{data['command']}` "
+             f"thread(s) per engine; {m['cpu_count']} CPUs, load average {load}; each setting "
+             f"run {data.get('repeats', 1)} times, interleaved. Command: `{data['command']}` "
              f"(commit {data['commit'][:12]}).", "",
              "| engine | replicas | workers in verdicts | frames/s (median) | each run | "
              "ratio to 1 replica |",
@@ -104,6 +107,8 @@ def section(data: dict[str, Any]) -> list[str]:
                   "win a larger share of its CPUs, so the ratios overstate what the replicas give "
                   "on an idle machine.", ""]
     if not data["device"].startswith("cuda"):
+        lines += ["On one machine the replicas share its CPUs with the daemon's own decoding, "
+                  "face location and encoding.", ""]
         lines += ["Fractional GPU replicas: not measured in this run (no GPU); on one: "
                   "`python -m bench.scaling --device cuda --replicas 1,4 --num-gpus 0.25`.", ""]
     return lines
