@@ -122,13 +122,13 @@ def saved_section(out: Path) -> list[str]:
 
 def write_section(report: Path, lines: list[str]) -> None:
     """Put the subsection at the end of the throughput section (replacing an older one)."""
-    text = report.read_text().split("\n")
-    if HEADING in text:
-        start = text.index(HEADING)
-        end = next(i for i in range(start + 1, len(text)) if text[i].startswith("#"))
-    else:
-        start = end = text.index("## Figures")
-    report.write_text("\n".join(text[:start] + lines + text[end:]))
+    from bench.report import section as find_section
+
+    text, body = report.read_text(), "\n".join(lines).rstrip("\n") + "\n\n"
+    old = find_section(text, HEADING)  # up to the next "## " heading
+    text = text.replace(old, body, 1) if old else text.replace("## Figures\n",
+                                                               body + "## Figures\n", 1)
+    report.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: D103
