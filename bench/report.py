@@ -425,13 +425,18 @@ def _reconstruction(rec: dict[str, Any], s: dict[str, Any]) -> list[str]:
     tables, pur = rec["tables"], rec.get("purifier")
     lines = ["## Table 2 — reconstruction of disrupted inputs", ""]
     if pur and pur.get("attacks"):
+        stages = [pur]
+        while isinstance(stages[-1].get("init"), dict):
+            stages.append(stages[-1]["init"])
+        steps = sum(int(st.get("steps", 0)) for st in stages)
+        minutes = sum(float(st.get("wall_s", 0)) for st in stages) / 60
         lines += [
             f"The guard's purifier (`magdr/models/weights/purifier.pt`) was trained on "
             f"{pur.get('faces')} CelebA train faces attacked by {', '.join(pur.get('attacks', []))}"
             f" at ε {', '.join(str(e) for e in pur.get('eps', []))} only "
-            f"(`python -m magdr.train.purifier`, {pur.get('steps')} steps, "
-            f"{pur.get('wall_s', 0) / 60:.0f} min on `{pur.get('device')}`): C&W-L2, targeted "
-            f"PGD and {rec['held_out']} are attacks it never saw.",
+            f"(`python -m magdr.train.purifier`, {steps} steps in {len(stages)} stage(s), "
+            f"{minutes:.0f} min on `{pur.get('device')}`): C&W-L2, targeted PGD and "
+            f"{rec['held_out']} are attacks it never saw.",
             "",
         ]
     lines += [

@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         attacks=attacks, eps=eps, attack_steps=a.attack_steps, faces=len(x), steps=step,
         batch=[a.batch, a.clean_batch], beta=a.beta, gamma=a.gamma, lr=a.lr, seed=a.seed,
         wall_s=round(wall), device=str(dev),
+        init=None if a.init is None else {"path": str(a.init), **getattr(P, "meta", {})},
     )  # fmt: skip
     log.info("wrote %s", out)
     return {"steps": float(step), "wall_s": wall}
