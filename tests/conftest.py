@@ -61,6 +61,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def count_g_images(G: torch.nn.Module, fn: Callable[[], object]) -> tuple[object, int]:
+    """``fn()`` and how many images passed through ``G`` while it ran (a forward hook)."""
+    calls: list[int] = []
+    h = G.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        return fn(), sum(calls)
+    finally:
+        h.remove()
+
+
 def data_dir() -> Path:
     """``$MAGDR_DATA`` or ``../shared/data`` beside the checkout."""
     return Path(os.environ.get("MAGDR_DATA") or Path(__file__).resolve().parents[2] / "shared/data")

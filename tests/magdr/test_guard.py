@@ -18,7 +18,7 @@ from magdr.faces.regions import REGIONS
 from magdr.guard import Guard, GuardResult
 from magdr.models.stargan import StarGAN
 from magdr.profile import Profile
-from tests.conftest import synthetic_conditions, synthetic_faces
+from tests.conftest import count_g_images, synthetic_conditions, synthetic_faces
 
 SIZE = 16
 
@@ -307,21 +307,12 @@ class TestHints:
     """``guard(x, c, hints=...)``: a chain that cures a disrupted face is kept without a search
     (the daemon passes a face's chain from the previous frame); anything else searches."""
 
-    @staticmethod
-    def _count_g(G, fn):
-        calls = []
-        h = G.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-        try:
-            return fn(), sum(calls)
-        finally:
-            h.remove()
-
     def test_a_curing_chain_is_reused_without_search(self, run, tiny_stargan):
         guard, x_adv, c, first = run["guard"], run["x_adv"], run["c"], run["attacked"]
         cured = first.score_after < first.threshold
         assert cured.any()
-        searched, n_search = self._count_g(tiny_stargan, lambda: guard(x_adv, c))
-        hinted, n_hint = self._count_g(
+        searched, n_search = count_g_images(tiny_stargan, lambda: guard(x_adv, c))
+        hinted, n_hint = count_g_images(
             tiny_stargan, lambda: guard(x_adv, c, hints=first.chains)
         )  # fmt: skip
         assert torch.equal(hinted.reused, cured)

@@ -21,7 +21,7 @@ from magdr.purifier import (
 )
 from magdr.train.purifier import main as train_main
 from magdr.train.purifier import purifier_loss
-from tests.conftest import synthetic_conditions, synthetic_faces
+from tests.conftest import count_g_images, synthetic_conditions, synthetic_faces
 
 
 def _faces(n: int, seed: int, size: int = 32) -> torch.Tensor:
@@ -121,20 +121,11 @@ class TestInTheGuard:
         return Guard(s["G"], parser=s["parser"], profile=s["profile"], device="cpu",
                      purifier=purifier)  # fmt: skip
 
-    @staticmethod
-    def _count_g(G, fn):
-        calls = []
-        h = G.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-        try:
-            return fn(), sum(calls)
-        finally:
-            h.remove()
-
     def test_a_curing_purifier_replaces_the_search(self, setup):
         s = setup
-        plain, n_plain = self._count_g(s["G"], lambda: self._guard(s, None)(s["x_adv"], s["c"]))
+        plain, n_plain = count_g_images(s["G"], lambda: self._guard(s, None)(s["x_adv"], s["c"]))
         guard = self._guard(s, _Oracle(s["x_adv"], s["x"]))
-        r, n_pur = self._count_g(s["G"], lambda: guard(s["x_adv"], s["c"]))
+        r, n_pur = count_g_images(s["G"], lambda: guard(s["x_adv"], s["c"]))
         assert r.disrupted.all() and plain.disrupted.all()
         assert all(ch == [{"name": STEP_NAME, "params": {}, "region": "all", "layer": 0}]
                    for ch in r.chains)  # fmt: skip
@@ -205,4 +196,3 @@ def test_training_command_smoke(tmp_path):
     P = load_purifier(out)
     assert P.meta["steps"] == 2 and P.meta["attacks"] == ["pgd", "ifgsm"]
     assert P.meta["generator_digest"] == weights_digest(magdr.load_generator("default"))
-
