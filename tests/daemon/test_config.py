@@ -23,7 +23,7 @@ class TestDefaultToml:
         assert cfg.guard.enabled and cfg.model.generator == "default"
         assert cfg.sources[0].kind == "folder" and cfg.sinks[0].kind == "folder"
 
-    def test_matches_dataclass_defaults(self):
+    def test_matches_model_defaults(self):
         cfg = load_config(ROOT / "config" / "default.toml")
         for section in ("model", "guard", "engine", "logging", "http", "daemon"):
             assert getattr(cfg, section) == getattr(C.Config(), section), section
