@@ -1,8 +1,9 @@
-"""Daemon configuration: TOML validated into typed dataclasses (DESIGN §8).
+"""Daemon configuration: TOML validated into typed pydantic models (DESIGN §8).
 
-Every section is one dataclass; a field's ``metadata["doc"]`` is its description (the same text
-as in ``config/default.toml``). Validation is strict, Frigate-style: an unknown key, a wrong type
-or a bad value raises :class:`ConfigError` whose message names the key path, e.g.
+Every section is one strict pydantic model; a field's ``description`` is its documentation (the
+same text as in ``config/default.toml``). Validation is strict, Frigate-style: an unknown key, a
+wrong type (``"8"`` is not an integer, ``1`` not a boolean) or a bad value raises
+:class:`ConfigError` whose message names the key path, e.g.
 ``sources[1].socket: expected one of sub|pull|rep, got 'pub'``.
 
 Secrets (CurveZMQ keys, the ``[http]`` token) may be written inline, or as ``"env:NAME"`` (read
@@ -12,14 +13,13 @@ keys never need to be in the config file itself.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import tomllib
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "default.toml"
 SYSTEM_CONFIG = Path("/etc/magdr-guard/config.toml")
@@ -32,139 +32,148 @@ class ConfigError(ValueError):
     """A configuration problem; the message starts with the key path."""
 
 
-def doc(text: str, **kw: Any) -> dict[str, Any]:
-    """Field metadata: description plus optional ``min``/``max`` bounds."""
-    return {"doc": text, **kw}
+def resolve_secret(value: str) -> str:
+    """Resolve ``env:NAME`` / ``file:PATH`` secret references; literal values pass through.
+
+    Raises:
+        ValueError: the variable is not set or the file cannot be read (pydantic reports it
+            under the field's key path).
+    """
+    if value.startswith("env:"):
+        name = value[4:]
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return os.environ[name].strip()
+    if value.startswith("file:"):
+        try:
+            return Path(value[5:]).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read {value[5:]}: {e.strerror}") from None
+    return value
 
 
-@dataclass
-class ModelConfig:
+Secret = Annotated[str, AfterValidator(resolve_secret)]
+
+
+class Section(BaseModel):
+    """A config section: unknown keys and loose types (``"8"`` for 8, ``1`` for true) refused.
+
+    Assignment is not validated: the CLI and tests set fields of a loaded config directly.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelConfig(Section):
     """``[model]``: the generator being guarded and the guard's own models."""
 
-    generator: str = field(default="default", metadata=doc("'default' or a checkpoint path"))
-    kind: Literal["", "stargan", "ganimation", "cyclegan"] = field(
-        default="", metadata=doc("checkpoint kind; '' sniffs it from the keys")
+    generator: str = Field("default", description="'default' or a checkpoint path")
+    kind: Literal["", "stargan", "ganimation", "cyclegan"] = Field(
+        "", description="checkpoint kind; '' sniffs it from the keys"
     )
-    condition: dict[str, float] = field(
+    condition: dict[str, float] = Field(
         default_factory=lambda: {"Blond_Hair": 1.0},
-        metadata=doc("the edit applied to every face unless a message header says otherwise"),
+        description="the edit applied to every face unless a message header says otherwise",
     )
-    device: str = field(default="auto", metadata=doc("auto | cpu | cuda | cuda:N"))
-    parser: str = field(default="default", metadata=doc("'default' | 'landmarks' | path"))
-    profile: str = field(default="default", metadata=doc("'default' or a profile JSON path"))
-    purifier: str = field(
-        default="auto",
-        metadata=doc("'auto' (the shipped one, for the default generator) | 'none' | path"),
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    parser: str = Field("default", description="'default' | 'landmarks' | path")
+    profile: str = Field("default", description="'default' or a profile JSON path")
+    purifier: str = Field(
+        "auto", description="'auto' (the shipped one, for the default generator) | 'none' | path"
     )
-    image_size: int = field(
-        default=0, metadata=doc("face crop side; 0 = the generator's own image_size", min=0)
-    )
-    threads: int = field(
-        default=0, metadata=doc("CPU threads for torch; 0 = torch's default", min=0)
-    )
+    image_size: int = Field(0, ge=0, description="face crop side; 0 = the generator's own "
+                                                 "image_size")
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
 
 
-@dataclass
-class GuardConfig:
+class GuardConfig(Section):
     """``[guard]``: batching and what is pasted back."""
 
-    enabled: bool = field(default=True, metadata=doc("false runs plain G (no detection)"))
-    batch_size: int = field(default=8, metadata=doc("faces per guard call", min=1, max=1024))
-    batch_timeout_ms: float = field(
-        default=50.0, metadata=doc("a partial batch goes after this wait", min=0)
+    enabled: bool = Field(True, description="false runs plain G (no detection)")
+    batch_size: int = Field(8, ge=1, le=1024, description="faces per guard call")
+    batch_timeout_ms: float = Field(50.0, ge=0, description="a partial batch goes after this wait")
+    faces: Literal["detect", "frame"] = Field(
+        "detect", description="detect faces, or treat each frame as one aligned face"
     )
-    faces: Literal["detect", "frame"] = field(
-        default="detect", metadata=doc("detect faces, or treat each frame as one aligned face")
+    max_faces: int = Field(8, ge=1, description="faces guarded per frame")
+    min_face: int = Field(32, ge=1, description="smallest face side in pixels")
+    detect_side: int = Field(
+        640, ge=64, description="frames are downscaled to this side for detection"
     )
-    max_faces: int = field(default=8, metadata=doc("faces guarded per frame", min=1))
-    min_face: int = field(default=32, metadata=doc("smallest face side in pixels", min=1))
-    detect_side: int = field(
-        default=640, metadata=doc("frames are downscaled to this side for detection", min=64)
+    detect_every: int = Field(
+        1, ge=1, le=100, description="detect on every Nth frame of a stream, reuse boxes between"
     )
-    detect_every: int = field(
-        default=1, metadata=doc("detect on every Nth frame of a stream, reuse boxes between",
-                                min=1, max=100)
+    reuse_chains: bool = Field(
+        True, description="try a face's Rec-Net chain of the stream's previous frame before "
+                          "searching a new one"
     )
-    reuse_chains: bool = field(
-        default=True, metadata=doc("try a face's Rec-Net chain of the stream's previous frame "
-                                   "before searching a new one")
+    publish_purified: bool = Field(
+        False, description="paste the cleaned input x* instead of the edit y*"
     )
-    publish_purified: bool = field(
-        default=False, metadata=doc("paste the cleaned input x* instead of the edit y*")
-    )
-    max_frame_pixels: int = field(
-        default=4096 * 4096, metadata=doc("larger frames are rejected", min=1)
-    )
+    max_frame_pixels: int = Field(4096 * 4096, ge=1, description="larger frames are rejected")
 
 
-@dataclass
-class EngineConfig:
+class EngineConfig(Section):
     """``[engine]``: where the guard runs: in this process, or on replicas in a Ray cluster."""
 
-    backend: Literal["local", "ray"] = field(
-        default="local", metadata=doc("local | ray (guard replicas on a Ray cluster)")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="local | ray (guard replicas on a Ray cluster)"
     )
-    address: str = field(
-        default="", metadata=doc("ray: '' starts a Ray instance on this machine; 'auto' joins "
-                                 "a running cluster; 'HOST:PORT'; 'ray://HOST:10001'")
+    address: str = Field(
+        "", description="ray: '' starts a Ray instance on this machine; 'auto' joins a running "
+                        "cluster; 'HOST:PORT'; 'ray://HOST:10001'"
     )
-    replicas: int = field(
-        default=1, metadata=doc("guard workers; each loads G, the parser and the profile once",
-                                min=1, max=1024)
+    replicas: int = Field(
+        1, ge=1, le=1024,
+        description="guard workers; each loads G, the parser and the profile once",
     )
-    num_gpus: float = field(
-        default=0.0, metadata=doc("GPUs per replica; fractions share a GPU", min=0)
-    )
-    num_cpus: float = field(default=1.0, metadata=doc("CPUs per replica", min=0))
-    max_inflight: int = field(
-        default=2, metadata=doc("batches queued per replica (backpressure)", min=1, max=64)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions share a GPU")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica")
+    max_inflight: int = Field(
+        2, ge=1, le=64, description="batches queued per replica (backpressure)"
     )
 
 
-@dataclass
-class FolderSourceConfig:
+class FolderSourceConfig(Section):
     """``[[sources]] kind = "folder"``: a watched inbox."""
 
     kind: Literal["folder"] = "folder"
-    path: str = field(default="", metadata=doc("the inbox folder", required=True))
-    work: str = field(default="", metadata=doc("claimed files; '' = <work_dir>/claimed/<i>"))
-    failed: str = field(default="", metadata=doc("failed inputs; '' = failed/ beside the inbox"))
-    polling: bool = field(default=False, metadata=doc("poll instead of inotify (NFS, SMB)"))
-    stable_s: float = field(
-        default=1.0, metadata=doc("with polling: size must be stable this long", min=0)
-    )
+    path: str = Field(description="the inbox folder")
+    work: str = Field("", description="claimed files; '' = <work_dir>/claimed/<i>")
+    failed: str = Field("", description="failed inputs; '' = failed/ beside the inbox")
+    polling: bool = Field(False, description="poll instead of inotify (NFS, SMB)")
+    stable_s: float = Field(1.0, ge=0, description="with polling: size must be stable this long")
 
 
-@dataclass
-class ZmqSourceConfig:
+class ZmqSourceConfig(Section):
     """``[[sources]] kind = "zmq"``: frames from ZeroMQ (DESIGN §6)."""
 
     kind: Literal["zmq"] = "zmq"
-    endpoint: str = field(default="", metadata=doc("e.g. tcp://127.0.0.1:5555", required=True))
-    socket: Literal["sub", "pull", "rep"] = field(default="sub", metadata=doc("socket type"))
-    bind: bool = field(default=False, metadata=doc("bind instead of connect"))
-    protocol: Literal["magdr-v1", "imagezmq"] = field(default="magdr-v1", metadata=doc("format"))
-    topic: str = field(default="frame.", metadata=doc("SUB prefix filter (magdr-v1)"))
-    stream: str = field(default="", metadata=doc("imagezmq stream id; '' = the message text"))
-    color: Literal["bgr", "rgb"] = field(
-        default="bgr", metadata=doc("channel order of imagezmq arrays (OpenCV sends bgr)")
+    endpoint: str = Field(description="e.g. tcp://127.0.0.1:5555")
+    socket: Literal["sub", "pull", "rep"] = Field("sub", description="socket type")
+    bind: bool = Field(False, description="bind instead of connect")
+    protocol: Literal["magdr-v1", "imagezmq"] = Field("magdr-v1", description="format")
+    topic: str = Field("frame.", description="SUB prefix filter (magdr-v1)")
+    stream: str = Field("", description="imagezmq stream id; '' = the message text")
+    color: Literal["bgr", "rgb"] = Field(
+        "bgr", description="channel order of imagezmq arrays (OpenCV sends bgr)"
     )
-    queue_size: int = field(default=32, metadata=doc("frames waiting for the guard", min=1))
-    policy: Literal["", "drop-oldest", "drop-newest", "block"] = field(
-        default="", metadata=doc("when the queue is full; '' = drop-oldest for sub, else block")
+    queue_size: int = Field(32, ge=1, description="frames waiting for the guard")
+    policy: Literal["", "drop-oldest", "drop-newest", "block"] = Field(
+        "", description="when the queue is full; '' = drop-oldest for sub, else block"
     )
-    max_message_bytes: int = field(
-        default=64 << 20, metadata=doc("ZMQ_MAXMSGSIZE; larger messages are refused", min=1)
+    max_message_bytes: int = Field(
+        64 << 20, ge=1, description="ZMQ_MAXMSGSIZE; larger messages are refused"
     )
-    hwm: int = field(default=100, metadata=doc("ZMQ_RCVHWM", min=0))
-    curve_secret_key: str = field(default="", metadata=doc("own Z85 secret key", secret=True))
-    curve_server_key: str = field(
-        default="", metadata=doc("the server's Z85 public key (connecting side)", secret=True)
+    hwm: int = Field(100, ge=0, description="ZMQ_RCVHWM")
+    curve_secret_key: Secret = Field("", description="own Z85 secret key")
+    curve_server_key: Secret = Field(
+        "", description="the server's Z85 public key (connecting side)"
     )
-    curve_client_keys: list[str] = field(
+    curve_client_keys: list[str] = Field(
         default_factory=list,
-        metadata=doc("binding side: Z85 public keys of the clients let in; [] = any client "
-                     "that knows the server key"),
+        description="binding side: Z85 public keys of the clients let in; [] = any client that "
+                    "knows the server key",
     )
 
     @property
@@ -173,203 +182,162 @@ class ZmqSourceConfig:
         return self.policy or ("drop-oldest" if self.socket == "sub" else "block")
 
 
-@dataclass
-class FolderSinkConfig:
+class FolderSinkConfig(Section):
     """``[[sinks]] kind = "folder"``: cleaned videos and verdict files."""
 
     kind: Literal["folder"] = "folder"
-    path: str = field(default="", metadata=doc("the outbox folder", required=True))
-    codec: str = field(default="auto", metadata=doc("video codec; auto picks per container"))
-    crf: int = field(default=18, metadata=doc("x264/vp9 quality (lower = better)", min=0, max=63))
+    path: str = Field(description="the outbox folder")
+    codec: str = Field("auto", description="video codec; auto picks per container")
+    crf: int = Field(18, ge=0, le=63, description="x264/vp9 quality (lower = better)")
 
 
-@dataclass
-class ZmqSinkConfig:
+class ZmqSinkConfig(Section):
     """``[[sinks]] kind = "zmq"``: a PUB socket with verdict and clean-frame topics."""
 
     kind: Literal["zmq"] = "zmq"
-    endpoint: str = field(default="", metadata=doc("e.g. tcp://127.0.0.1:5556", required=True))
-    bind: bool = field(default=True, metadata=doc("bind (usual for PUB) or connect"))
-    hwm: int = field(default=100, metadata=doc("ZMQ_SNDHWM; counted drops past it", min=0))
-    frames: bool = field(default=True, metadata=doc("publish clean.<stream> frames too"))
-    format: Literal["jpeg", "png", "rgb24"] = field(default="jpeg", metadata=doc("frame format"))
-    jpeg_quality: int = field(default=90, metadata=doc("1-100", min=1, max=100))
-    curve_secret_key: str = field(default="", metadata=doc("own Z85 secret key", secret=True))
-    curve_server_key: str = field(default="", metadata=doc("server key (connecting)", secret=True))
-    curve_client_keys: list[str] = field(
-        default_factory=list, metadata=doc("binding side: subscribers' public keys let in")
+    endpoint: str = Field(description="e.g. tcp://127.0.0.1:5556")
+    bind: bool = Field(True, description="bind (usual for PUB) or connect")
+    hwm: int = Field(100, ge=0, description="ZMQ_SNDHWM; counted drops past it")
+    frames: bool = Field(True, description="publish clean.<stream> frames too")
+    format: Literal["jpeg", "png", "rgb24"] = Field("jpeg", description="frame format")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="1-100")
+    curve_secret_key: Secret = Field("", description="own Z85 secret key")
+    curve_server_key: Secret = Field("", description="server key (connecting)")
+    curve_client_keys: list[str] = Field(
+        default_factory=list, description="binding side: subscribers' public keys let in"
     )
 
 
-@dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     """``[logging]``."""
 
-    level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata=doc(""))
-    format: Literal["auto", "json", "console"] = field(
-        default="auto", metadata=doc("auto: console on a TTY, JSON lines otherwise")
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="")
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console on a TTY, JSON lines otherwise"
     )
 
 
-@dataclass
-class MetricsConfig:
+class MetricsConfig(Section):
     """``[metrics]``: deprecated; read as ``[http]`` (which now serves ``/metrics``)."""
 
-    enabled: bool = field(default=False, metadata=doc("serve /metrics"))
-    host: str = field(default="127.0.0.1", metadata=doc("listen address"))
-    port: int = field(default=9464, metadata=doc("listen port; 0 = any", min=0, max=65535))
+    enabled: bool = Field(False, description="serve /metrics")
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int = Field(9464, ge=0, le=65535, description="listen port; 0 = any")
 
 
-@dataclass
-class HttpConfig:
+class HttpConfig(Section):
     """``[http]``: the operator page, its JSON API and ``/metrics``."""
 
-    enabled: bool = field(default=False, metadata=doc("serve /, /api/* and /metrics"))
-    host: str = field(default="127.0.0.1", metadata=doc("listen address; any other than "
-                                                        "loopback needs a token"))
-    port: int = field(default=9464, metadata=doc("listen port; 0 = any", min=0, max=65535))
-    token: str = field(default="", metadata=doc("bearer token; 'env:NAME' | 'file:/path'",
-                                                secret=True))
+    enabled: bool = Field(False, description="serve /, /api/* and /metrics")
+    host: str = Field(
+        "127.0.0.1", description="listen address; any other than loopback needs a token"
+    )
+    port: int = Field(9464, ge=0, le=65535, description="listen port; 0 = any")
+    token: Secret = Field("", description="bearer token; 'env:NAME' | 'file:/path'")
 
 
-@dataclass
-class DaemonConfig:
+class DaemonConfig(Section):
     """``[daemon]``: state and supervision."""
 
-    work_dir: str = field(default="/var/lib/magdr-guard", metadata=doc("state folder"))
-    rescan_s: float = field(default=30.0, metadata=doc("inbox rescan period", min=0.1))
-    watchdog: bool = field(default=True, metadata=doc("ping systemd's watchdog when progressing"))
-    drain_timeout_s: float = field(default=30.0, metadata=doc("max drain time on stop", min=0))
-    max_batch_s: float = field(
-        default=600.0, metadata=doc("a guard call longer than this counts as a stall", min=1)
+    work_dir: str = Field("/var/lib/magdr-guard", description="state folder")
+    rescan_s: float = Field(30.0, ge=0.1, description="inbox rescan period")
+    watchdog: bool = Field(True, description="ping systemd's watchdog when progressing")
+    drain_timeout_s: float = Field(30.0, ge=0, description="max drain time on stop")
+    max_batch_s: float = Field(
+        600.0, ge=1, description="a guard call longer than this counts as a stall"
     )
-    keep_inputs: bool = field(default=False, metadata=doc("move done inputs to <work_dir>/done"))
+    keep_inputs: bool = Field(False, description="move done inputs to <work_dir>/done")
 
 
-SourceConfig = FolderSourceConfig | ZmqSourceConfig
-SinkConfig = FolderSinkConfig | ZmqSinkConfig
+SourceConfig = Annotated[FolderSourceConfig | ZmqSourceConfig, Field(discriminator="kind")]
+SinkConfig = Annotated[FolderSinkConfig | ZmqSinkConfig, Field(discriminator="kind")]
+
+# Set by parse_config, never read from the file.
+_INTERNAL = {"path", "deprecated"}
 
 
-@dataclass
-class Config:
+class Config(Section):
     """The whole configuration file."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    sources: list[SourceConfig] = field(default_factory=list)
-    sinks: list[SinkConfig] = field(default_factory=list)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    http: HttpConfig = field(default_factory=HttpConfig)
-    daemon: DaemonConfig = field(default_factory=DaemonConfig)
-    path: str = field(default="", metadata=doc("the file this came from", internal=True))
-    deprecated: list[str] = field(
-        default_factory=list, metadata=doc("lines for the log at start-up", internal=True))
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sources: list[SourceConfig] = Field(default_factory=list)
+    sinks: list[SinkConfig] = Field(default_factory=list)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    path: str = Field("", description="the file this came from")
+    deprecated: list[str] = Field(default_factory=list,
+                                  description="lines for the log at start-up")
 
 
-_KINDS: dict[str, dict[str, type]] = {
-    "sources": {"folder": FolderSourceConfig, "zmq": ZmqSourceConfig},
-    "sinks": {"folder": FolderSinkConfig, "zmq": ZmqSinkConfig},
-}
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "a boolean",
+             "string_type": "a string", "list_type": "an array", "dict_type": "a table",
+             "model_type": "a table", "model_attributes_type": "a table"}
 
 
-def _type_name(t: Any) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}.get(
-        t, getattr(t, "__name__", str(t))
-    )
+def _choices(values: tuple[Any, ...]) -> str:
+    return "|".join(repr(v) if v == "" else str(v) for v in values)
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted."""
-    origin = get_origin(tp)
-    if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            shown = "|".join(repr(c) if c == "" else str(c) for c in choices)
-            raise ConfigError(f"{key}: expected one of {shown}, got {value!r}")
-        return value
-    if origin is dict:
-        _, vt = get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a table, got {value!r}")
-        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
-        (it,) = get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected an array, got {value!r}")
-        return [_convert(v, it, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    # TOML's bool is not an int here; an int is fine where a float is expected.
-    ok = (
-        isinstance(value, bool)
-        if tp is bool
-        else isinstance(value, tp) and not isinstance(value, bool)
-        if tp is not float
-        else isinstance(value, int | float) and not isinstance(value, bool)
-    )
-    if not ok:
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    return float(value) if tp is float else value
+def _unknown(key: str, section: type[BaseModel]) -> str:
+    known = ", ".join(sorted(set(section.model_fields) - _INTERNAL))
+    return f"{key}: unknown key (known: {known})"
 
 
-def _build(cls: type, table: Any, key: str) -> Any:
-    """Build dataclass ``cls`` from a TOML table, rejecting unknown keys."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"{key or 'config'}: expected a table, got {table!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    prefix = f"{key}." if key else ""
-    unknown = sorted(set(table) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})"
-        )
-    kw: dict[str, Any] = {}
-    for name, f in fields.items():
-        path = f"{prefix}{name}"
-        if name not in table:
-            if f.metadata.get("required"):
-                raise ConfigError(f"{path}: required")
-            continue
-        tp = hints[name]
-        if name in _KINDS:
-            kw[name] = [_build_kind(name, v, f"{path}[{i}]") for i, v in enumerate(table[name])]
-            continue
-        value = _convert(table[name], tp, path)
-        lo, hi = f.metadata.get("min"), f.metadata.get("max")
-        if lo is not None and value < lo or hi is not None and value > hi:
-            raise ConfigError(f"{path}: expected a value in [{lo}, {hi or '∞'}], got {value!r}")
-        if f.metadata.get("secret"):
-            value = resolve_secret(value, path)
-        kw[name] = value
-    return cls(**kw)
+def _message(err: Any) -> str:
+    """One pydantic error as ``key.path: what was expected, got what``."""
+    # Walk the location through the models: the key path, and the type, field and section at it.
+    key, tp, info, owner = "", Config, None, Config
+    for part in err["loc"]:
+        if get_origin(tp) is Annotated:  # a discriminated list item
+            tp = get_args(tp)[0]
+        if isinstance(part, int):
+            key, tp = f"{key}[{part}]", get_args(tp)[0]
+        elif get_origin(tp) is dict:
+            key, tp = f"{key}.{part}", get_args(tp)[1]
+        elif isinstance(tp, type) and issubclass(tp, BaseModel):
+            owner, info = tp, tp.model_fields.get(part)
+            key, tp = f"{key}.{part}" if key else part, info and info.annotation
+        else:  # pydantic names the chosen kind of a source or sink; the key path does not
+            tp = {c.model_fields["kind"].default: c for c in get_args(tp)}[part]
+    if get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    kind, value = err["type"], err["input"]
+    if kind.startswith("union_tag"):
+        kinds = [c.model_fields["kind"].default for c in get_args(tp)]
+        return f"{key}.kind: expected one of {_choices(kinds)}, got {value.get('kind')!r}"
+    if kind == "missing":
+        return f"{key}: required"
+    if kind == "extra_forbidden":
+        return _unknown(key, owner)
+    if kind == "literal_error":
+        return f"{key}: expected one of {_choices(get_args(tp))}, got {value!r}"
+    if kind in _EXPECTED:
+        return f"{key or 'config'}: expected {_EXPECTED[kind]}, got {value!r}"
+    if kind in ("greater_than_equal", "less_than_equal"):
+        lo = next((m.ge for m in info.metadata if hasattr(m, "ge")), None)
+        hi = next((m.le for m in info.metadata if hasattr(m, "le")), None)
+        value = float(value) if tp is float else value
+        return f"{key}: expected a value in [{lo}, {hi or '∞'}], got {value!r}"
+    if kind == "value_error":  # a secret that cannot be resolved
+        return f"{key}: {err['ctx']['error']}"
+    return f"{key}: {err['msg']}"
 
 
-def _build_kind(section: str, table: Any, key: str) -> Any:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{key}: expected a table, got {table!r}")
-    kinds = _KINDS[section]
-    kind = table.get("kind")
-    if kind not in kinds:
-        raise ConfigError(f"{key}.kind: expected one of {'|'.join(kinds)}, got {kind!r}")
-    return _build(kinds[kind], table, key)
-
-
-def resolve_secret(value: str, key: str) -> str:
-    """Resolve ``env:NAME`` / ``file:PATH`` secret references; literal values pass through."""
-    if value.startswith("env:"):
-        name = value[4:]
-        if name not in os.environ:
-            raise ConfigError(f"{key}: environment variable {name} is not set")
-        return os.environ[name].strip()
-    if value.startswith("file:"):
-        try:
-            return Path(value[5:]).read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"{key}: cannot read {value[5:]}: {e.strerror}") from None
-    return value
+def _build(table: dict[str, Any]) -> Config:
+    """Validate a TOML table into :class:`Config`; the first problem as a :class:`ConfigError`."""
+    internal = sorted(_INTERNAL & set(table))
+    if internal:  # set by parse_config, not keys of the file
+        raise ConfigError(_unknown(internal[0], Config))
+    try:
+        return Config.model_validate(table)
+    except ValidationError as e:
+        # An unknown key is reported before a bad value, as a reader scans a table.
+        errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        raise ConfigError(_message(errors[0])) from None
 
 
 def _check_engine(e: EngineConfig) -> None:
@@ -477,7 +445,7 @@ def parse_config(table: dict[str, Any], base: Path | None = None, path: str = ""
     Raises:
         ConfigError: naming the key path of the first problem.
     """
-    cfg = _build(Config, table, "")
+    cfg = _build(table)
     _read_deprecated(cfg, table)
     _check(cfg)
     _resolve_paths(cfg, base or Path.cwd())
@@ -502,6 +470,6 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(table, p.resolve().parent, str(p))
 
 
-def field_docs(cls: type) -> dict[str, str]:
+def field_docs(cls: type[BaseModel]) -> dict[str, str]:
     """``{key: description}`` of a section, for ``--help`` text and the default.toml test."""
-    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
+    return {name: f.description or "" for name, f in cls.model_fields.items()}

@@ -23,7 +23,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -399,7 +398,7 @@ class Service:
             log.error("config reload refused; keeping the running config", error=str(e))
             self.notifier.ready("guarding")
             return
-        old_flat, new_flat = _flat(asdict(self.cfg)), _flat(asdict(new))
+        old_flat, new_flat = _flat(self.cfg.model_dump()), _flat(new.model_dump())
         changed = sorted(k for k in set(old_flat) | set(new_flat)
                          if old_flat.get(k) != new_flat.get(k))
         live = [k for k in changed if k in LIVE_KEYS]

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -24,7 +23,7 @@ class TestDefaultToml:
         assert cfg.guard.enabled and cfg.model.generator == "default"
         assert cfg.sources[0].kind == "folder" and cfg.sinks[0].kind == "folder"
 
-    def test_matches_dataclass_defaults(self):
+    def test_matches_model_defaults(self):
         cfg = load_config(ROOT / "config" / "default.toml")
         for section in ("model", "guard", "engine", "logging", "http", "daemon"):
             assert getattr(cfg, section) == getattr(C.Config(), section), section
@@ -34,8 +33,8 @@ class TestDefaultToml:
         for cls in (C.ModelConfig, C.GuardConfig, C.FolderSourceConfig, C.ZmqSourceConfig,
                     C.FolderSinkConfig, C.ZmqSinkConfig, C.LoggingConfig, C.HttpConfig,
                     C.EngineConfig, C.DaemonConfig):
-            for f in dataclasses.fields(cls):
-                assert re.search(rf"^#? ?{f.name} = ", text, re.M), f"{cls.__name__}.{f.name}"
+            for name in cls.model_fields:
+                assert re.search(rf"^#? ?{name} = ", text, re.M), f"{cls.__name__}.{name}"
 
 
 class TestErrors:
@@ -66,6 +65,25 @@ class TestErrors:
     def test_missing_kind_and_required(self):
         assert _err({"sinks": [{"path": "x"}]}).startswith("sinks[0].kind: expected one of")
         assert _err({"sinks": [{"kind": "zmq"}]}) == "sinks[0].endpoint: required"
+
+    def test_paths_through_lists_and_kinds(self):
+        # pydantic's locations carry the chosen kind ('zmq'); the key path does not
+        assert _err({"sources": [{"kind": "zmq", "endpoint": "tcp://127.0.0.1:1", "zz": 1}]}) \
+            .startswith("sources[0].zz: unknown key (known: bind, color, curve_client_keys, ")
+        assert _err({"sinks": 3}) == "sinks: expected an array, got 3"
+        assert _err({"sinks": [3]}) == "sinks[0]: expected a table, got 3"
+        assert _err({"sinks": [{"kind": "zmq", "endpoint": "tcp://127.0.0.1:1",
+                                "curve_client_keys": [1]}]}) == \
+            "sinks[0].curve_client_keys[0]: expected a string, got 1"
+        assert _err({"daemon": {"rescan_s": 0}}) == \
+            "daemon.rescan_s: expected a value in [0.1, ∞], got 0.0"
+
+    def test_internal_fields_are_not_keys(self):
+        assert _err({"path": "x"}).startswith("path: unknown key (known: daemon, engine, ")
+        assert "deprecated" not in _err({"deprecated": []}).partition("known:")[2]
+
+    def test_field_docs(self):
+        assert C.field_docs(C.GuardConfig)["batch_size"] == "faces per guard call"
 
     def test_folder_source_needs_folder_sink(self):
         assert "needs a folder sink" in _err({"sources": [{"kind": "folder", "path": "in"}]})
@@ -115,6 +133,10 @@ class TestSecretsAndPaths:
         monkeypatch.delenv("MAGDR_NOPE", raising=False)
         assert _err(self._zmq("env:MAGDR_NOPE")) == \
             "sinks[0].curve_secret_key: environment variable MAGDR_NOPE is not set"
+
+    def test_unreadable_file(self, tmp_path):
+        assert _err(self._zmq(f"file:{tmp_path / 'nope'}")) == \
+            f"sinks[0].curve_secret_key: cannot read {tmp_path / 'nope'}: No such file or directory"
 
     def test_bad_key_length(self):
         assert "40-character Z85" in _err(self._zmq("short"))
