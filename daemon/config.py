@@ -85,6 +85,17 @@ class GuardConfig:
         default=1, metadata=doc("detect on every Nth frame of a stream, reuse boxes between",
                                 min=1, max=100)
     )
+    align: bool = field(
+        default=True, metadata=doc("align faces on their eyes and mouth (dlib landmarks) as "
+                                   "CelebA's are; false: the square around the Haar box")
+    )
+    temporal_k: int = field(
+        default=0, metadata=doc("flag a face track when k of its last temporal_n frames score "
+                                "above the threshold; 0 = every frame on its own", min=0)
+    )
+    temporal_n: int = field(
+        default=0, metadata=doc("frames of a face track the temporal rule looks back on", min=0)
+    )
     reuse_chains: bool = field(
         default=True, metadata=doc("try a face's Rec-Net chain of the stream's previous frame "
                                    "before searching a new one")
@@ -385,6 +396,10 @@ def _check_engine(e: EngineConfig) -> None:
 def _check(cfg: Config) -> None:
     """Cross-field rules (the ones a single field cannot express)."""
     _check_engine(cfg.engine)
+    g = cfg.guard
+    if g.temporal_k > g.temporal_n or (g.temporal_n and not g.temporal_k):
+        raise ConfigError(f"guard.temporal_k: expected 1 <= temporal_k <= temporal_n when "
+                          f"temporal_n is set, got {g.temporal_k} of {g.temporal_n}")
     folders_in = [i for i, s in enumerate(cfg.sources) if s.kind == "folder"]
     folder_sinks = [i for i, s in enumerate(cfg.sinks) if s.kind == "folder"]
     if len(folder_sinks) > 1:

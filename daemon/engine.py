@@ -3,7 +3,7 @@
 Everything the daemon asks of the ``magdr`` library goes through this module, so a change in the
 library's API is one place to follow: :meth:`Engine.guard_faces` is the adapter around
 ``magdr.Guard`` (or plain G with ``[guard] enabled = false``), and :meth:`Engine.find_faces` /
-:meth:`Engine.paste` around ``magdr.faces.locate``.
+:meth:`Engine.paste` around ``magdr.faces.locate`` and ``magdr.faces.align``.
 """
 
 from __future__ import annotations
@@ -40,11 +40,34 @@ class FaceResult:
 
 @dataclass
 class Crops:
-    """Faces cut out of one frame: ``x`` ``(F, 3, S, S)`` in [-1, 1], ``rects`` ``(F, 4)``."""
+    """Faces cut out of one frame: ``x`` ``(F, 3, S, S)`` in [-1, 1], ``rects`` ``(F, 4)``.
+
+    ``matrices`` ``(F, 2, 3)`` (frame -> crop) when the faces were aligned, else None and the
+    crops are the squares ``rects``.
+    """
 
     x: torch.Tensor
     rects: np.ndarray
     boxes: list[list[int]]
+    matrices: np.ndarray | None = None
+
+
+def landmark_locator(cfg: Config) -> Any:
+    """The dlib landmark locator for ``[guard] align``, or None (alignment off or unavailable).
+
+    A missing dlib or model is not fatal: faces are then cropped around their boxes, as before
+    alignment existed, and a warning says so once.
+    """
+    g = cfg.guard
+    if not g.align or g.faces != "detect":
+        return None
+    from magdr.faces.align import LandmarkLocator
+
+    try:
+        return LandmarkLocator()
+    except FileNotFoundError as e:
+        log.warning("face alignment off: faces are cropped around their boxes", error=str(e))
+        return None
 
 
 def _jsonable(v: Any) -> Any:
@@ -100,7 +123,8 @@ class Engine:
             self.purifier_name = "off" if self.guard.purifier is None else m.purifier
             self.threshold = float(getattr(self.guard.profile, "threshold", float("nan")))
         self._conds: dict[tuple[tuple[str, float], ...], torch.Tensor] = {}
-        self._boxes: dict[str, tuple[int, Any, tuple[int, ...]]] = {}
+        self.landmarks = landmark_locator(cfg)
+        self._boxes: dict[str, tuple[int, Any, Any, tuple[int, ...]]] = {}
         self._boxes_lock = threading.Lock()
         self.default_cond = self.condition(m.condition)  # unknown attributes fail at start-up
         log.info("models loaded", model=self.model_name, profile=self.profile_name,
@@ -126,9 +150,11 @@ class Engine:
     def find_faces(self, image: np.ndarray, stream: str | None = None) -> Crops:
         """Locate and crop the faces of one RGB frame (``[guard] faces``).
 
-        With ``[guard] detect_every = N > 1`` the boxes found on a stream's frame are reused
-        for its next N-1 frames (talking heads move little between frames; detection is the
-        most expensive step of a CPU pipeline).
+        With ``[guard] align`` (and dlib present) each face is warped so that its eyes and
+        mouth land where CelebA's do (:mod:`magdr.faces.align`); else the square around its
+        box is cropped. With ``[guard] detect_every = N > 1`` the boxes and landmarks found on
+        a stream's frame are reused for its next N-1 frames (talking heads move little between
+        frames; detection is the most expensive step of a CPU pipeline).
         """
         g = self.cfg.guard
         if g.faces == "frame":
@@ -137,27 +163,35 @@ class Engine:
             small = cv2.resize(image, (self.size, self.size), interpolation=interp)
             x = torch.from_numpy(small).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
             return Crops(x, np.array([[0, 0, w, h]], np.int64), [[0, 0, w, h]])
+        from magdr.faces.align import align_matrices, anchor_points, warp_faces
         from magdr.faces.locate import crop_faces, locate_faces
 
-        boxes = None
+        boxes = mats = None
         if stream is not None and g.detect_every > 1:
             with self._boxes_lock:
-                n, last, shape = self._boxes.get(stream, (0, None, None))
+                n, last, last_mats, shape = self._boxes.get(stream, (0, None, None, None))
                 if last is not None and n < g.detect_every - 1 and shape == image.shape:
-                    self._boxes[stream] = (n + 1, last, shape)
-                    boxes = last
+                    self._boxes[stream] = (n + 1, last, last_mats, shape)
+                    boxes, mats = last, last_mats
         if boxes is None:
             boxes = locate_faces(image, min_size=g.min_face, max_faces=g.max_faces,
                                  max_side=g.detect_side)
+            if boxes and self.landmarks is not None:
+                # landmarks are found with the boxes, and reused with them
+                mats = align_matrices(anchor_points(self.landmarks(image, boxes)), self.size)
             if stream is not None and g.detect_every > 1:
                 with self._boxes_lock:
                     if len(self._boxes) > 1024:  # streams come and go
                         self._boxes.clear()
-                    self._boxes[stream] = (0, boxes, image.shape)
+                    self._boxes[stream] = (0, boxes, mats, image.shape)
         if not boxes:
             return Crops(torch.empty(0, 3, self.size, self.size), np.zeros((0, 4), np.int64), [])
+        listed = [b.as_list() for b in boxes]
+        if mats is not None:
+            return Crops(warp_faces(image, mats, self.size), np.array(listed, np.int64), listed,
+                         mats)
         x, rects = crop_faces(image, boxes, self.size)
-        return Crops(x, rects, [b.as_list() for b in boxes])
+        return Crops(x, rects, listed)
 
     def paste(self, image: np.ndarray, faces: torch.Tensor, crops: Crops) -> np.ndarray:
         """Put guarded faces ``(F, 3, S, S)`` back into (a copy of) the frame."""
@@ -168,6 +202,10 @@ class Engine:
             pix = ((faces[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
             interp = cv2.INTER_AREA if min(h, w) < self.size else cv2.INTER_LINEAR
             return cv2.resize(np.ascontiguousarray(pix), (w, h), interpolation=interp)
+        if crops.matrices is not None:
+            from magdr.faces.align import paste_warped
+
+            return paste_warped(image, faces, crops.matrices)
         from magdr.faces.locate import paste_faces
 
         return paste_faces(image, faces, crops.rects)

@@ -81,7 +81,8 @@ def _cascade(name: str) -> cv2.CascadeClassifier:
     return cache[name]
 
 
-def _check_frame(frame: object) -> np.ndarray:
+def check_frame(frame: object) -> np.ndarray:
+    """``frame`` if it is a ``uint8`` :math:`(H, W, 3)` array; else TypeError / ValueError."""
     if not isinstance(frame, np.ndarray):
         raise TypeError(f"frame: expected a numpy array, got {type(frame).__name__}")
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
@@ -118,7 +119,7 @@ def locate_faces(
         >>> locate_faces(np.zeros((48, 64, 3), np.uint8))
         []
     """
-    frame = _check_frame(frame)
+    frame = check_frame(frame)
     h, w = frame.shape[:2]
     if min(h, w) == 0:
         return []
@@ -198,7 +199,7 @@ def crop_faces(
         >>> faces.shape, rects.tolist()
         (torch.Size([1, 3, 32, 32]), [[12, 10, 35, 35]])
     """
-    frame = _check_frame(frame)
+    frame = check_frame(frame)
     h, w = frame.shape[:2]
     rects = crop_rects(boxes, scale, shift)
     out = np.empty((len(rects), size, size, 3), np.uint8)
@@ -261,7 +262,7 @@ def paste_faces(
     Returns:
         a new ``uint8`` :math:`(H, W, 3)` frame.
     """
-    frame = _check_frame(frame)
+    frame = check_frame(frame)
     if isinstance(faces, torch.Tensor):
         faces = faces.detach().to("cpu", torch.float32).numpy()
     faces = np.asarray(faces, np.float32)
