@@ -400,6 +400,9 @@ def _check(cfg: Config) -> None:
     if g.temporal_k > g.temporal_n or (g.temporal_n and not g.temporal_k):
         raise ConfigError(f"guard.temporal_k: expected 1 <= temporal_k <= temporal_n when "
                           f"temporal_n is set, got {g.temporal_k} of {g.temporal_n}")
+    if g.temporal_k and cfg.engine.backend != "local":
+        # tracks hear their faces' verdicts in frame order, in this process
+        raise ConfigError("guard.temporal_k: the temporal rule needs [engine] backend = 'local'")
     folders_in = [i for i, s in enumerate(cfg.sources) if s.kind == "folder"]
     folder_sinks = [i for i, s in enumerate(cfg.sinks) if s.kind == "folder"]
     if len(folder_sinks) > 1:

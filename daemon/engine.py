@@ -20,6 +20,7 @@ import structlog
 import torch
 
 from daemon.config import Config
+from daemon.tracks import Track
 from magdr.checkpoints import resolve_device
 from magdr.purifier import STEP_NAME as PURIFIER_STEP  # noqa: F401 - verdicts' chain step name
 
@@ -50,6 +51,20 @@ class Crops:
     rects: np.ndarray
     boxes: list[list[int]]
     matrices: np.ndarray | None = None
+
+
+@dataclass
+class FaceHint:
+    """What the pipeline knows of a face besides its pixels (the batcher's per-row hint).
+
+    Attributes:
+        chain: the Rec-Net chain that cured the same face in the stream's previous frame
+            (``[guard] reuse_chains``), tried before a search.
+        track: the face's track (``[guard] temporal_k`` / ``temporal_n``).
+    """
+
+    chain: list[dict[str, Any]] | None = None
+    track: Track | None = None
 
 
 def landmark_locator(cfg: Config) -> Any:
@@ -213,20 +228,22 @@ class Engine:
     # ---- the adapter --------------------------------------------------------------------
     @torch.no_grad()
     def guard_faces(
-        self, x: torch.Tensor, c: torch.Tensor, hints: list[Any] | None = None
+        self, x: torch.Tensor, c: torch.Tensor, hints: list[FaceHint | None] | None = None
     ) -> tuple[torch.Tensor, list[dict]]:
         """Guard a batch of faces; the only place the daemon calls ``magdr.Guard``.
 
         Args:
             x: faces :math:`(B, 3, S, S)` in [-1, 1] (CPU).
             c: conditions :math:`(B, c_dim)`.
-            hints: per face, a chain to try before Rec-Net searches (``Guard``'s ``hints``).
+            hints: per face, what the pipeline knows of it (:class:`FaceHint`). Faces with a
+                track are detected first; only those the temporal rule flags and whose own
+                score is above the threshold are reconstructed.
 
         Returns:
             ``(faces, verdicts)``: the faces to paste back :math:`(B, 3, S, S)` on the CPU
             (``output`` = y*, or ``purified`` = x* with ``publish_purified``), and per face
-            ``{"disrupted", "score", "s_dist", "s_cons", "chain", "reused"}``, plus, with
-            ``[http]`` on, a flagged face's ``detail`` (:mod:`daemon.web.flagged`).
+            ``{"disrupted", "score", "s_dist", "s_cons", "chain", "reused", "cured"}``, plus,
+            with ``[http]`` on, a flagged face's ``detail`` (:mod:`daemon.web.flagged`).
         """
         x, c = x.to(self.device), c.to(self.device)
         if self.guard is None:
@@ -236,19 +253,42 @@ class Engine:
                  "reused": False}
                 for _ in range(x.shape[0])
             ]
-        r = self.guard(x, c, hints=hints)
+        hints = hints or [None] * x.shape[0]
+        chains = [h.chain if h else None for h in hints]
+        tracks = [h.track if h else None for h in hints]
+        if all(t is None for t in tracks):
+            return self._guard(x, c, chains)
+        det = self.guard.detect(x, c)
+        over = det.disrupted.tolist()
+        # Every track hears its face's own verdict, in frame order (the batch is FIFO).
+        act = [o if t is None else t.update(o) and o for t, o in zip(tracks, over, strict=True)]
+        faces = (x if self.cfg.guard.publish_purified else det.output).clone()
+        verdicts = [_verdict(det, i, disrupted=False, chain=[], reused=False, cured=False)
+                    for i in range(x.shape[0])]
+        todo = [i for i, a in enumerate(act) if a]
+        if todo:
+            done, per = self._guard(x[todo], c[todo], [chains[i] for i in todo])
+            faces[todo] = done.to(faces)
+            for j, i in enumerate(todo):
+                verdicts[i] = per[j]
+        self.threshold = float(self.guard.profile.threshold)
+        return faces.float().cpu(), verdicts
+
+    def _guard(
+        self, x: torch.Tensor, c: torch.Tensor, chains: list[Any]
+    ) -> tuple[torch.Tensor, list[dict]]:
+        """``magdr.Guard`` on every face: detect, and reconstruct those above the threshold."""
+        r = self.guard(x, c, hints=chains if any(chains) else None)
         faces = r.purified if self.cfg.guard.publish_purified else r.output
         verdicts = [
-            {
-                "disrupted": bool(r.disrupted[i]),
-                "score": _jsonable(float(r.score[i])),
-                "s_dist": _jsonable(float(r.s_dist[i])),
-                "s_cons": _jsonable(float(r.s_cons[i])),
-                "chain": _jsonable(r.chains[i]),
-                "reused": bool(r.reused[i]),
+            _verdict(
+                r, i,
+                disrupted=bool(r.disrupted[i]),
+                chain=_jsonable(r.chains[i]),
+                reused=bool(r.reused[i]),
                 # Reconstructed below the threshold: this chain is worth trying next frame.
-                "cured": bool(r.disrupted[i]) and float(r.score_after[i]) <= r.threshold,
-            }
+                cured=bool(r.disrupted[i]) and float(r.score_after[i]) <= r.threshold,
+            )  # fmt: skip
             for i in range(x.shape[0])
         ]
         if self.cfg.http.enabled:  # the operator page's side by side of each flagged face
@@ -259,3 +299,9 @@ class Engine:
                     v["detail"] = detail
         self.threshold = float(r.threshold)
         return faces.float().cpu(), verdicts
+
+
+def _verdict(r: Any, i: int, **rest: Any) -> dict[str, Any]:
+    """Face ``i``'s own scores from a ``GuardResult`` or ``Detection``, plus ``rest``."""
+    return {"score": _jsonable(float(r.score[i])), "s_dist": _jsonable(float(r.s_dist[i])),
+            "s_cons": _jsonable(float(r.s_cons[i])), **rest}

@@ -64,6 +64,10 @@ class TestErrors:
         msg = _err({"guard": {"temporal_k": k, "temporal_n": n}})
         assert msg.startswith("guard.temporal_k: expected 1 <= temporal_k <= temporal_n")
 
+    def test_temporal_rule_is_local_only(self):
+        msg = _err({"guard": {"temporal_k": 1, "temporal_n": 2}, "engine": {"backend": "ray"}})
+        assert msg == "guard.temporal_k: the temporal rule needs [engine] backend = 'local'"
+
     def test_align_is_a_boolean(self):
         assert _err({"guard": {"align": "yes"}}) == "guard.align: expected a boolean, got 'yes'"
 

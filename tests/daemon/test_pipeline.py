@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from daemon.config import load_config
 from daemon.metrics import Metrics
@@ -273,3 +274,38 @@ def test_align_off_crops_the_box_square(tmp_path, tiny_models):
         np.testing.assert_array_equal(crops.rects, crop_rects(boxes))
     finally:
         batcher.close(5)
+
+
+def test_temporal_rule_reconstructs_a_track_from_its_kth_flagged_frame(tmp_path, tiny_models):
+    """[guard] temporal_k = 2 of temporal_n = 3: a face above the threshold passes (G's plain
+    output, its own score in the verdict) until its track has two such frames; from then on it
+    is reconstructed. Another stream starts its own track."""
+    from magdr.profile import Profile
+
+    frame = np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    prof = tmp_path / "p.json"
+    flag_all = Profile.load(tiny_models["flag_all"])
+    Profile(**{**flag_all.__dict__, "threshold": -1e9}).save(prof)  # every face is above it
+    cfg = load_config(write_config(tmp_path / "c.toml", {**tiny_models, "profile": prof},
+                                   guard=True))
+    cfg.guard.temporal_k, cfg.guard.temporal_n = 2, 3
+    _, batcher, pipe = build_pipeline(cfg, Metrics())
+    crops = pipe.engine.find_faces(frame)
+    with torch.no_grad():
+        plain = pipe.engine.G(crops.x, pipe.engine.default_cond[None])
+    try:
+        def guard(stream):
+            return pipe.submit(frame, stream=stream, seq=0, source="t").result(60)
+
+        first = guard("a")
+        face = first.verdict["faces"][0]
+        assert not face["disrupted"] and face["chain"] == [] and face["score"] > -1e9
+        assert not first.verdict["disrupted"]
+        np.testing.assert_array_equal(first.image, pipe.engine.paste(frame, plain, crops))
+        second = guard("a")
+        assert second.verdict["faces"][0]["disrupted"] and second.verdict["faces"][0]["chain"]
+        assert second.verdict["faces"][0]["score"] == pytest.approx(face["score"])
+        assert not guard("b").verdict["disrupted"]  # a new stream's first frame
+    finally:
+        batcher.close(5)
+
