@@ -43,8 +43,8 @@ class FaceResult:
 class Crops:
     """Faces cut out of one frame: ``x`` ``(F, 3, S, S)`` in [-1, 1], ``rects`` ``(F, 4)``.
 
-    ``matrices`` ``(F, 2, 3)`` (frame -> crop) when the faces were aligned, else None and the
-    crops are the squares ``rects``.
+    ``matrices`` ``(F, 2, 3)`` (frame -> crop) when the faces were aligned, and ``rects`` are
+    then the face boxes; else None and the crops are the squares ``rects``.
     """
 
     x: torch.Tensor
@@ -178,7 +178,7 @@ class Engine:
             small = cv2.resize(image, (self.size, self.size), interpolation=interp)
             x = torch.from_numpy(small).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
             return Crops(x, np.array([[0, 0, w, h]], np.int64), [[0, 0, w, h]])
-        from magdr.faces.align import align_matrices, anchor_points, warp_faces
+        from magdr.faces.align import face_matrices, warp_faces
         from magdr.faces.locate import crop_faces, locate_faces
 
         boxes = mats = None
@@ -193,7 +193,7 @@ class Engine:
                                  max_side=g.detect_side)
             if boxes and self.landmarks is not None:
                 # landmarks are found with the boxes, and reused with them
-                mats = align_matrices(anchor_points(self.landmarks(image, boxes)), self.size)
+                mats = face_matrices(self.landmarks(image, boxes), boxes, self.size)
             if stream is not None and g.detect_every > 1:
                 with self._boxes_lock:
                     if len(self._boxes) > 1024:  # streams come and go

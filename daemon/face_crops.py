@@ -37,7 +37,7 @@ from daemon.engine import Engine, landmark_locator
 
 
 @dataclass
-class _Framing:
+class Framing:
     """What :meth:`Engine.find_faces` reads of its engine: the config and the crop side.
 
     Locating and cropping needs no model; calling the engine's own method on this stand-in
@@ -82,7 +82,7 @@ def clip_crops(
     if every < 1:
         raise ValueError(f"every: expected >= 1, got {every}")
     cfg = cfg or Config()
-    framing = _Framing(cfg, size, landmark_locator(cfg))
+    framing = Framing(cfg, size, landmark_locator(cfg))
     name = Path(path).name
     images: list[np.ndarray] = []
     sources: list[str] = []

@@ -6,8 +6,9 @@ roll, scale and position wander with the detector's box. Here a face goes throug
 
 - :class:`LandmarkLocator`: dlib's 68-point shape predictor (Debian's ``libdlib-data``), started
   from the Haar box mapped onto the box dlib's own detector draws (:data:`HAAR_TO_DLIB`);
-- :func:`align_matrices`: the similarity transform taking the eye centres and the mouth centre
-  onto :data:`CELEBA_ANCHOR` (:func:`eye_mouth_similarity`);
+- :func:`face_matrices`: the similarity transform taking the eye centres and the mouth centre
+  onto :data:`CELEBA_ANCHOR` (:func:`eye_mouth_similarity`), or the box square's where the
+  landmarks are not sane;
 - :func:`warp_faces`: the crop, area-averaged first where the face is larger than the crop, so
   a sharp HD face is not aliased on its way to G's size;
 - :func:`paste_warped`: the inverse warp of each face, blended in with the warped raised-cosine
@@ -28,7 +29,7 @@ import cv2
 import numpy as np
 import torch
 
-from magdr.faces.locate import FaceBox, check_frame, feather_mask
+from magdr.faces.locate import FaceBox, check_frame, crop_rects, feather_mask
 
 #: Image-left eye centre, image-right eye centre and mouth centre (means of iBUG points 36-41,
 #: 42-47, 48-59) of CelebA's aligned faces in G's square frame, as fractions of its side: the
@@ -100,6 +101,56 @@ def align_matrices(anchors: np.ndarray, size: int) -> np.ndarray:
     dst = CELEBA_ANCHOR * size
     return np.stack([eye_mouth_similarity(a, dst) for a in np.reshape(anchors, (-1, 3, 2))]
                     ) if len(anchors) else np.zeros((0, 2, 3))  # fmt: skip
+
+
+#: Eye-midpoint-to-mouth distance of a sane landmark fit, in Haar box widths: CelebA's is
+#: 0.42 (0.24 of a crop 1.75 box widths wide). Outside this range, or rolled further than
+#: :data:`MAX_ROLL_DEG`, the landmarks missed the face (a false box, a profile) and the face is
+#: cropped as the square around its box instead.
+EYE_MOUTH_RANGE = (0.2, 0.8)
+MAX_ROLL_DEG = 50.0
+
+
+def box_matrices(boxes: Sequence[FaceBox], size: int) -> np.ndarray:
+    """Frame -> crop matrices of the squares :func:`~magdr.faces.locate.crop_faces` cuts.
+
+    Args:
+        boxes: located faces.
+        size: crop side.
+
+    Returns:
+        ``float64`` :math:`(F, 2, 3)`; with :func:`warp_faces` they cut the same crops as
+        ``crop_faces`` (within resampling).
+    """
+    out = np.zeros((len(boxes), 2, 3))
+    for i, (x0, y0, side, _) in enumerate(crop_rects(boxes)):
+        k = size / side
+        # pixel centres: q + 0.5 = k (p - x0 + 0.5), as cv2.resize maps them
+        out[i] = [[k, 0, 0.5 * k - 0.5 - k * x0], [0, k, 0.5 * k - 0.5 - k * y0]]
+    return out
+
+
+def face_matrices(landmarks: np.ndarray, boxes: Sequence[FaceBox], size: int) -> np.ndarray:
+    """Aligning matrices from landmarks; the box square where the landmarks are not sane.
+
+    Args:
+        landmarks: :math:`(F, 68, 2)` from :class:`LandmarkLocator`, frame pixels.
+        boxes: the faces' boxes (same order).
+        size: crop side.
+
+    Returns:
+        ``float64`` :math:`(F, 2, 3)` frame -> crop.
+    """
+    anchors = anchor_points(landmarks).reshape(-1, 3, 2)
+    mats = align_matrices(anchors, size)
+    fallback = box_matrices(boxes, size)
+    for i, (a, b) in enumerate(zip(anchors, boxes, strict=True)):
+        axis = a[2] - (a[0] + a[1]) / 2
+        roll = np.degrees(np.arctan2(-axis[0], axis[1]))  # 0 for an upright face
+        length = np.linalg.norm(axis) / max(b.w, 1)
+        if not EYE_MOUTH_RANGE[0] <= length <= EYE_MOUTH_RANGE[1] or abs(roll) > MAX_ROLL_DEG:
+            mats[i] = fallback[i]
+    return mats
 
 
 def _invert(m: np.ndarray) -> np.ndarray:

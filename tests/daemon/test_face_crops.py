@@ -12,7 +12,7 @@ import pytest
 
 from daemon import face_crops, media
 from daemon.config import Config
-from magdr.faces.align import LandmarkLocator, align_matrices, anchor_points, warp_faces
+from magdr.faces.align import LandmarkLocator, face_matrices, warp_faces
 from magdr.faces.locate import crop_faces, locate_faces
 from magdr.faces.parsing import landmarks_available
 from tests.conftest import data_dir
@@ -56,7 +56,7 @@ class TestPortraitClip:
             boxes = locate_faces(frames[i], min_size=g.min_face, max_faces=g.max_faces,
                                  max_side=g.detect_side)  # fmt: skip
             if boxes and locate:
-                m = align_matrices(anchor_points(locate(frames[i], boxes)), 64)
+                m = face_matrices(locate(frames[i], boxes), boxes, 64)
                 x = warp_faces(frames[i], m, 64)
             elif boxes:
                 x, _ = crop_faces(frames[i], boxes, 64)

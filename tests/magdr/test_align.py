@@ -13,12 +13,14 @@ from magdr.faces.align import (
     LandmarkLocator,
     align_matrices,
     anchor_points,
+    box_matrices,
     eye_mouth_similarity,
+    face_matrices,
     paste_warped,
     unwarp,
     warp_faces,
 )
-from magdr.faces.locate import locate_faces
+from magdr.faces.locate import FaceBox, crop_faces, locate_faces
 from magdr.faces.parsing import landmarks_available
 
 DATA = Path(os.environ.get("MAGDR_DATA") or Path(__file__).resolve().parents[3] / "shared/data")
@@ -72,6 +74,24 @@ class TestGeometry:
         np.testing.assert_allclose(m[0, :, :2] @ mid + m[0, :, 2], (target[0] + target[1]) / 2)
         np.testing.assert_allclose(m[0, :, :2] @ anchor[2] + m[0, :, 2], target[2])
         assert align_matrices(np.zeros((0, 3, 2)), 128).shape == (0, 2, 3)
+
+
+    def test_box_matrices_cut_what_crop_faces_cuts(self):
+        frame = _smooth(120, 160)
+        boxes = [FaceBox(40, 30, 40, 40, 1.0), FaceBox(130, 90, 30, 30, 1.0)]  # one off the edge
+        want, _ = crop_faces(frame, boxes, 64)
+        got = warp_faces(frame, box_matrices(boxes, 64), 64)
+        assert (got - want).abs().max() * 127.5 <= 3
+
+    def test_insane_landmarks_fall_back_to_the_box_square(self):
+        box = FaceBox(100, 100, 100, 100, 1.0)
+        upright = np.array([[130.0, 140.0], [170.0, 140.0], [150.0, 182.0]])  # 0.42 box widths
+        squashed = np.array([[140.0, 150.0], [160.0, 150.0], [150.0, 155.0]])  # a mouth box
+        rolled = np.array([[130.0, 140.0], [130.0, 180.0], [170.0, 160.0]])  # 90° roll
+        mats = face_matrices(np.stack([_landmarks(a) for a in (upright, squashed, rolled)]),
+                             [box] * 3, 128)
+        np.testing.assert_allclose(mats[0], align_matrices(upright[None], 128)[0])
+        np.testing.assert_allclose(mats[1:], box_matrices([box] * 2, 128))
 
 
 class TestWarpFaces:
@@ -158,7 +178,7 @@ class TestLandmarkLocator:
         locate = LandmarkLocator()
         boxes = locate_faces(frame)
         assert len(boxes) == 1
-        m = align_matrices(anchor_points(locate(frame, boxes)), 128)
+        m = face_matrices(locate(frame, boxes), boxes, 128)
         face = warp_faces(frame, m, 128)
         crop = np.ascontiguousarray(
             np.rint((face[0].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
