@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import torch
 
-from magdr.faces.locate import FaceBox, check_frame, crop_rects, feather_mask
+from magdr.faces.locate import FaceBox, check_frame, crop_rects, face_pixels, feather_mask
 
 #: Image-left eye centre, image-right eye centre and mouth centre (means of iBUG points 36-41,
 #: 42-47, 48-59) of CelebA's aligned faces in G's square frame, as fractions of its side: the
@@ -272,17 +272,9 @@ def paste_warped(
         a new ``uint8`` :math:`(H, W, 3)` frame.
     """
     frame = check_frame(frame)
-    if isinstance(faces, torch.Tensor):
-        faces = faces.detach().to("cpu", torch.float32).numpy()
-    faces = np.asarray(faces, np.float32)
     mats = np.asarray(matrices, np.float64).reshape(-1, 2, 3)
-    if faces.ndim != 4 or faces.shape[1] != 3 or faces.shape[0] != len(mats):
-        raise ValueError(
-            f"faces: expected [F,3,S,S] with F = len(matrices) = {len(mats)}, "
-            f"got {list(faces.shape)}"
-        )
+    pix = face_pixels(faces, len(mats), "matrices")
     out = frame.copy()
-    pix = (np.clip(faces, -1.0, 1.0).transpose(0, 2, 3, 1) + 1.0) * 127.5
     for face, m in zip(pix, mats, strict=True):
         back = unwarp(face, m, frame.shape[:2], replicate=True)
         if back is None:
@@ -307,23 +299,9 @@ class LandmarkLocator:
     """
 
     def __init__(self, model_path: str | Path | None = None) -> None:
-        from magdr.faces.parsing import DLIB_LANDMARKS, find_landmark_model
+        from magdr.faces.parsing import dlib_shape_predictor
 
-        try:
-            import dlib  # type: ignore[import-not-found]
-        except ImportError as e:
-            raise FileNotFoundError(
-                "face alignment needs dlib: pip install 'magdr-guard[dlib]' (dlib-bin)"
-            ) from e
-        path = Path(model_path) if model_path is not None else find_landmark_model()
-        if path is None or not path.is_file():
-            raise FileNotFoundError(
-                f"dlib's 68-point landmark model not found{f' at {path}' if path else ''}: "
-                f"install Debian's libdlib-data (-> {DLIB_LANDMARKS}) or "
-                "`pip install face-recognition-models`"
-            )
-        self.model_path = path
-        self._predictor = dlib.shape_predictor(str(path))
+        dlib, self._predictor, self.model_path = dlib_shape_predictor(model_path, "alignment")
         self._rect = dlib.rectangle
         self._lock = threading.Lock()  # one 100 MB model shared by the source threads
 
