@@ -289,6 +289,14 @@ def attack_file(
         n_faces += x.shape[0]
         out = image.astype(np.float32)
         h, w = image.shape[:2]
+        if crops.matrices is not None:  # aligned crops: the inverse warp puts δ back
+            from magdr.faces.align import unwarp
+
+            for d, m in zip(delta, crops.matrices, strict=True):
+                back = unwarp(np.ascontiguousarray(d, np.float32), m, (h, w))
+                if back is not None:
+                    out[back[0]] += back[1]
+            return np.clip(np.rint(out), 0, 255).astype(np.uint8)
         for d, (x0, y0, rw, rh) in zip(delta, crops.rects, strict=True):
             big = cv2.resize(d, (int(rw), int(rh)), interpolation=cv2.INTER_LINEAR)
             fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x0 + rw, w), min(y0 + rh, h)

@@ -103,6 +103,17 @@ class GuardConfig(Section):
     detect_every: int = Field(
         1, ge=1, le=100, description="detect on every Nth frame of a stream, reuse boxes between"
     )
+    align: bool = Field(
+        True, description="align faces on their eyes and mouth (dlib landmarks) as CelebA's "
+                          "are; false: the square around the Haar box"
+    )
+    temporal_k: int = Field(
+        0, ge=0, description="flag a face track when k of its last temporal_n frames score "
+                             "above the threshold; 0 = every frame on its own"
+    )
+    temporal_n: int = Field(
+        0, ge=0, description="frames of a face track the temporal rule looks back on"
+    )
     reuse_chains: bool = Field(
         True, description="try a face's Rec-Net chain of the stream's previous frame before "
                           "searching a new one"
@@ -353,6 +364,13 @@ def _check_engine(e: EngineConfig) -> None:
 def _check(cfg: Config) -> None:
     """Cross-field rules (the ones a single field cannot express)."""
     _check_engine(cfg.engine)
+    g = cfg.guard
+    if g.temporal_k > g.temporal_n or (g.temporal_n and not g.temporal_k):
+        raise ConfigError(f"guard.temporal_k: expected 1 <= temporal_k <= temporal_n when "
+                          f"temporal_n is set, got {g.temporal_k} of {g.temporal_n}")
+    if g.temporal_k and cfg.engine.backend != "local":
+        # tracks hear their faces' verdicts in frame order, in this process
+        raise ConfigError("guard.temporal_k: the temporal rule needs [engine] backend = 'local'")
     folders_in = [i for i, s in enumerate(cfg.sources) if s.kind == "folder"]
     folder_sinks = [i for i, s in enumerate(cfg.sinks) if s.kind == "folder"]
     if len(folder_sinks) > 1:

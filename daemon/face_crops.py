@@ -11,8 +11,9 @@ benchmark of the current profile (``magdr.detect``) keeps every test clip below 
 (model card). Check per clip before pooling.
 
 The framing is not re-implemented: every frame goes through :meth:`daemon.engine.Engine.find_faces`
-with the daemon's ``[guard]`` settings (``detect_side``, ``min_face``, ``max_faces``, ``faces``)
-and crop side, and frames come from the daemon's own decoder, :func:`daemon.media.decode`::
+with the daemon's ``[guard]`` settings (``detect_side``, ``min_face``, ``max_faces``, ``faces``,
+``align``) and crop side, and frames come from the daemon's own decoder,
+:func:`daemon.media.decode`::
 
     python -m daemon.face_crops CLIP [CLIP ...] --out crops.npz [--every N] [--max-per-clip M]
 
@@ -32,11 +33,11 @@ import numpy as np
 
 from daemon import media
 from daemon.config import Config, load_config
-from daemon.engine import Engine
+from daemon.engine import Engine, landmark_locator
 
 
 @dataclass
-class _Framing:
+class Framing:
     """What :meth:`Engine.find_faces` reads of its engine: the config and the crop side.
 
     Locating and cropping needs no model; calling the engine's own method on this stand-in
@@ -45,6 +46,7 @@ class _Framing:
 
     cfg: Config
     size: int
+    landmarks: Any = None
 
     find_faces = Engine.find_faces
 
@@ -80,7 +82,7 @@ def clip_crops(
     if every < 1:
         raise ValueError(f"every: expected >= 1, got {every}")
     cfg = cfg or Config()
-    framing = _Framing(cfg, size)
+    framing = Framing(cfg, size, landmark_locator(cfg))
     name = Path(path).name
     images: list[np.ndarray] = []
     sources: list[str] = []

@@ -26,8 +26,9 @@ import structlog
 from daemon import media
 from daemon.batching import Batcher
 from daemon.config import Config
-from daemon.engine import PURIFIER_STEP, Engine
+from daemon.engine import PURIFIER_STEP, Engine, FaceHint
 from daemon.metrics import Metrics
+from daemon.tracks import Tracker
 
 log = structlog.get_logger()
 VERDICT_VERSION = 1
@@ -117,14 +118,24 @@ class FramePipeline:
         # the hints of the stream's next frame ([guard] reuse_chains).
         self._chains: dict[str, list[Any]] = {}
         self._chains_lock = threading.Lock()
+        g = engine.cfg.guard
+        # [guard] temporal_k of temporal_n: face tracks per stream
+        self.tracker = Tracker(g.temporal_k, g.temporal_n) if g.temporal_k else None
 
-    def _hints(self, stream: str, faces: int) -> list[Any] | None:
-        if not self.engine.cfg.guard.reuse_chains:
+    def _hints(self, stream: str, boxes: list[list[int]]) -> list[FaceHint] | None:
+        """Per face, the chain that cured it last frame and its track; None when neither."""
+        tracks = self.tracker.assign(stream, boxes) if self.tracker else None
+        last = None
+        if self.engine.cfg.guard.reuse_chains:
+            with self._chains_lock:
+                last = self._chains.get(stream)
+            # Faces are matched by position: same count, same order of the locator's boxes.
+            if last is None or len(last) != len(boxes) or not any(last):
+                last = None
+        if tracks is None and last is None:
             return None
-        with self._chains_lock:
-            last = self._chains.get(stream)
-        # Faces are matched by position: same count, same order of the locator's boxes.
-        return last if last is not None and len(last) == faces and any(last) else None
+        return [FaceHint(last[i] if last else None, tracks[i] if tracks else None)
+                for i in range(len(boxes))]
 
     def _remember(self, stream: str, per: list[dict[str, Any]]) -> None:
         if not self.engine.cfg.guard.reuse_chains:
@@ -150,10 +161,10 @@ class FramePipeline:
         crops = self.engine.find_faces(image, stream)
         meta = {"stream": stream, "seq": seq, "pts": pts, "source": source, "t0": t0}
         out = self._order.slot(stream)
+        hints = self._hints(stream, crops.boxes)  # also ends the tracks of a faceless frame
         if not crops.boxes:
             self._order.settle(out, self._finish(image, image, [], [], meta, time_base))
             return out.future
-        hints = self._hints(stream, len(crops.boxes))
         try:
             inner = self.batcher.submit(crops.x, c[None].expand(len(crops.boxes), -1), hints)
         except Exception as e:  # its place in the stream's order must not block the frames after

@@ -81,7 +81,8 @@ def _cascade(name: str) -> cv2.CascadeClassifier:
     return cache[name]
 
 
-def _check_frame(frame: object) -> np.ndarray:
+def check_frame(frame: object) -> np.ndarray:
+    """``frame`` if it is a ``uint8`` :math:`(H, W, 3)` array; else TypeError / ValueError."""
     if not isinstance(frame, np.ndarray):
         raise TypeError(f"frame: expected a numpy array, got {type(frame).__name__}")
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
@@ -118,7 +119,7 @@ def locate_faces(
         >>> locate_faces(np.zeros((48, 64, 3), np.uint8))
         []
     """
-    frame = _check_frame(frame)
+    frame = check_frame(frame)
     h, w = frame.shape[:2]
     if min(h, w) == 0:
         return []
@@ -198,7 +199,7 @@ def crop_faces(
         >>> faces.shape, rects.tolist()
         (torch.Size([1, 3, 32, 32]), [[12, 10, 35, 35]])
     """
-    frame = _check_frame(frame)
+    frame = check_frame(frame)
     h, w = frame.shape[:2]
     rects = crop_rects(boxes, scale, shift)
     out = np.empty((len(rects), size, size, 3), np.uint8)
@@ -239,6 +240,22 @@ def feather_mask(side: int, feather: float = 0.15) -> np.ndarray:
     return np.outer(r, r)
 
 
+def face_pixels(faces: torch.Tensor | np.ndarray, count: int, per: str) -> np.ndarray:
+    """Faces ``(F, 3, S, S)`` in [-1, 1] as ``float32`` ``(F, S, S, 3)`` in [0, 255] for pasting.
+
+    Raises:
+        ValueError: not ``count`` faces of shape ``(3, S, S)`` (``per`` names what counts them).
+    """
+    if isinstance(faces, torch.Tensor):
+        faces = faces.detach().to("cpu", torch.float32).numpy()
+    faces = np.asarray(faces, np.float32)
+    if faces.ndim != 4 or faces.shape[1] != 3 or faces.shape[0] != count:
+        raise ValueError(
+            f"faces: expected [F,3,S,S] with F = len({per}) = {count}, got {list(faces.shape)}"
+        )
+    return (np.clip(faces, -1.0, 1.0).transpose(0, 2, 3, 1) + 1.0) * 127.5
+
+
 def paste_faces(
     frame: np.ndarray,
     faces: torch.Tensor | np.ndarray,
@@ -261,19 +278,11 @@ def paste_faces(
     Returns:
         a new ``uint8`` :math:`(H, W, 3)` frame.
     """
-    frame = _check_frame(frame)
-    if isinstance(faces, torch.Tensor):
-        faces = faces.detach().to("cpu", torch.float32).numpy()
-    faces = np.asarray(faces, np.float32)
+    frame = check_frame(frame)
     rects = np.asarray(rects, np.int64).reshape(-1, 4)
-    if faces.ndim != 4 or faces.shape[1] != 3 or faces.shape[0] != len(rects):
-        raise ValueError(
-            f"faces: expected [F,3,S,S] with F = len(rects) = {len(rects)}, got {list(faces.shape)}"
-        )
+    pix = face_pixels(faces, len(rects), "rects")
     out = frame.copy()
     h, w = frame.shape[:2]
-    # [-1,1] CHW -> [0,255] HWC once for the whole batch.
-    pix = (np.clip(faces, -1.0, 1.0).transpose(0, 2, 3, 1) + 1.0) * 127.5
     for face, (x0, y0, side, _) in zip(pix, rects, strict=True):
         fx0, fy0 = max(x0, 0), max(y0, 0)
         fx1, fy1 = min(x0 + side, w), min(y0 + side, h)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -317,6 +318,34 @@ def landmarks_available() -> bool:
     return find_landmark_model() is not None
 
 
+def dlib_shape_predictor(
+    model_path: str | os.PathLike[str] | None, needed_by: str
+) -> tuple[Any, Any, Path]:
+    """dlib, its 68-point shape predictor and the model's path.
+
+    Args:
+        model_path: ``shape_predictor_68_face_landmarks.dat``; None: :func:`find_landmark_model`.
+        needed_by: what needs them, for the error message.
+
+    Raises:
+        FileNotFoundError: dlib or the model is missing (the message says how to get them).
+    """
+    try:
+        import dlib  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise FileNotFoundError(
+            f"{needed_by} needs dlib: pip install 'magdr-guard[dlib]' (dlib-bin)"
+        ) from e
+    path = Path(model_path) if model_path is not None else find_landmark_model()
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"dlib's 68-point landmark model not found{f' at {path}' if path else ''}: "
+            f"install Debian's libdlib-data (-> {DLIB_LANDMARKS}) or "
+            "`pip install face-recognition-models`, or pass model_path"
+        )
+    return dlib, dlib.shape_predictor(str(path)), path
+
+
 #: dlib face box (left, top, right, bottom) expected in a CelebA-framed crop, as fractions of
 #: the side: the median over 200 CelebA training crops. Used when dlib finds no face.
 _FALLBACK_BOX = (0.254, 0.363, 0.738, 0.848)
@@ -408,22 +437,8 @@ class LandmarkParser(FaceParser):
 
     def __init__(self, model_path: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
-        try:
-            import dlib  # type: ignore[import-not-found]
-        except ImportError as e:
-            raise FileNotFoundError(
-                "LandmarkParser needs dlib: pip install 'magdr-guard[dlib]' (dlib-bin)"
-            ) from e
-        path = Path(model_path) if model_path is not None else find_landmark_model()
-        if path is None or not path.is_file():
-            raise FileNotFoundError(
-                f"dlib's 68-point landmark model not found{f' at {path}' if path else ''}: "
-                f"install Debian's libdlib-data (-> {DLIB_LANDMARKS}) or "
-                "`pip install face-recognition-models`, or pass model_path"
-            )
-        self.model_path = path
+        dlib, self._predictor, self.model_path = dlib_shape_predictor(model_path, "LandmarkParser")
         self._detector = dlib.get_frontal_face_detector()
-        self._predictor = dlib.shape_predictor(str(path))
         self._rect = dlib.rectangle
 
     def landmarks(self, img: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from magdr.faces.align import anchor_points, eye_mouth_similarity
 from magdr.faces.regions import BISENET_CLASSES
 
 SIZE = 128
@@ -118,15 +119,10 @@ def load_celeba(root: Path | None = None) -> dict[str, np.ndarray]:
     return out
 
 
-def _anchor(pts: np.ndarray) -> np.ndarray:
-    """Eye centres and mouth centre of 68 iBUG landmarks, ``[3,2]``."""
-    return np.stack([pts[36:42].mean(0), pts[42:48].mean(0), pts[48:60].mean(0)])
-
-
 def celeba_mean_anchor(celeba: dict[str, np.ndarray]) -> np.ndarray:
     """Mean eye/mouth anchor of the detected CelebA train faces in the 128 frame."""
     sel = celeba["detected"][: len(CELEBA_TRAIN)]
-    return np.stack([_anchor(p) for p in celeba["landmarks"][: len(CELEBA_TRAIN)][sel]]).mean(0)
+    return anchor_points(celeba["landmarks"][: len(CELEBA_TRAIN)][sel]).mean(0)
 
 
 def load_facesynthetics(root: Path | None = None) -> dict[str, np.ndarray]:
@@ -141,25 +137,8 @@ def load_facesynthetics(root: Path | None = None) -> dict[str, np.ndarray]:
     for i in range(80):
         imgs.append(cv2.imread(str(root / f"{i:06d}.png"))[:, :, ::-1].copy())
         labs.append(_FS_LUT[cv2.imread(str(root / f"{i:06d}_seg.png"), cv2.IMREAD_UNCHANGED)])
-        anchors.append(_anchor(np.loadtxt(root / f"{i:06d}_ldmks.txt")[:68]))
+        anchors.append(anchor_points(np.loadtxt(root / f"{i:06d}_ldmks.txt")[:68]))
     return {"images": np.stack(imgs), "labels": np.stack(labs), "anchor": np.stack(anchors)}
-
-
-def _eye_mouth_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """2×3 similarity taking the eye-midpoint -> mouth axis of ``src`` onto that of ``dst``.
-
-    The eye-mouth axis, unlike the eye distance, barely shrinks with head yaw, so profile faces
-    keep a sane scale.
-    """
-    def axis(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mid = (a[0] + a[1]) / 2
-        return mid, a[2] - mid
-
-    (ms, vs), (md, vd) = axis(src), axis(dst)
-    scale = np.linalg.norm(vd) / max(np.linalg.norm(vs), 1e-6)
-    ang = np.arctan2(vd[1], vd[0]) - np.arctan2(vs[1], vs[0])
-    r = scale * np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
-    return np.concatenate([r, (md - r @ ms)[:, None]], 1).astype(np.float32)
 
 
 def fs_warp(
@@ -181,7 +160,7 @@ def fs_warp(
         s = rng.uniform(0.88, 1.12)
         rot = s * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]], np.float32)
         dst = (dst - c) @ rot.T + c + rng.uniform(-6, 6, 2).astype(np.float32)
-    m = _eye_mouth_similarity(src_anchor.astype(np.float32), dst)
+    m = eye_mouth_similarity(src_anchor, dst)
     # Downscale in two steps so fine texture is averaged, not aliased.
     im = cv2.warpAffine(img, m, (SIZE, SIZE), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT)
     lb = cv2.warpAffine(

@@ -58,6 +58,18 @@ class TestErrors:
     def test_range(self):
         assert _err({"guard": {"batch_size": 0}}).startswith("guard.batch_size: expected a value")
 
+    @pytest.mark.parametrize("k, n", [(3, 2), (0, 3)])
+    def test_temporal_rule_needs_k_of_n(self, k, n):
+        msg = _err({"guard": {"temporal_k": k, "temporal_n": n}})
+        assert msg.startswith("guard.temporal_k: expected 1 <= temporal_k <= temporal_n")
+
+    def test_temporal_rule_is_local_only(self):
+        msg = _err({"guard": {"temporal_k": 1, "temporal_n": 2}, "engine": {"backend": "ray"}})
+        assert msg == "guard.temporal_k: the temporal rule needs [engine] backend = 'local'"
+
+    def test_align_is_a_boolean(self):
+        assert _err({"guard": {"align": "yes"}}) == "guard.align: expected a boolean, got 'yes'"
+
     def test_condition_values(self):
         assert _err({"model": {"condition": {"Blond_Hair": "yes"}}}) == \
             "model.condition.Blond_Hair: expected a number, got 'yes'"

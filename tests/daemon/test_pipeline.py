@@ -6,11 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from daemon.config import load_config
 from daemon.metrics import Metrics
 from daemon.pipeline import Aborted, process_file
 from daemon.service import build_pipeline
+from magdr.faces.align import CELEBA_ANCHOR, anchor_points
+from magdr.faces.locate import crop_rects, locate_faces
+from magdr.faces.parsing import landmarks_available
 from tests.daemon.helpers import make_clip, write_config
 
 
@@ -206,3 +210,102 @@ def test_frames_in_flight_fill_every_replica():
     assert frames_in_flight(cfg) == MAX_WINDOW
     cfg.guard.batch_size = 1024
     assert frames_in_flight(cfg) == 2048  # never fewer than two batches
+
+
+def _demo_frame() -> np.ndarray:
+    from daemon.media import decode
+
+    asset = Path(__file__).resolve().parents[2] / "daemon" / "assets" / "demo.mp4"
+    return next(decode(asset, 1 << 30)).image
+
+
+@pytest.mark.skipif(not landmarks_available(), reason="dlib's landmark model is not installed")
+def test_aligned_faces_are_warped_and_pasted_back(pipeline):
+    """[guard] align (the default): the face is cut by its landmarks' similarity, the guarded
+    face goes back through the inverse warp, and detect_every reuses the landmarks too."""
+    pipe = pipeline(faces="detect")
+    engine, frame = pipe.engine, _demo_frame()
+    assert engine.landmarks is not None
+    crops = engine.find_faces(frame)
+    assert crops.matrices is not None and crops.matrices.shape == (1, 2, 3)
+    # the eyes' midpoint and the mouth land where CelebA's do
+    eyes_mouth = anchor_points(engine.landmarks(frame, locate_faces(frame, max_side=640)))[0]
+    m, size = crops.matrices[0], engine.size
+    mapped = eyes_mouth @ m[:, :2].T + m[:, 2]
+    np.testing.assert_allclose(mapped[2], CELEBA_ANCHOR[2] * size, atol=1e-6)
+    g = pipe.submit(frame, stream="demo", seq=0, source="t").result(10)
+    x, y, w, h = g.verdict["faces"][0]["box"]
+    diff = np.abs(g.image.astype(int) - frame).sum(2) > 0
+    assert diff[y + h // 2, x + w // 2] and not diff[0, 0]
+    engine.cfg.guard.detect_every = 2
+    first = engine.find_faces(frame, "s")
+    reused = engine.find_faces(np.full_like(frame, 90), "s")
+    np.testing.assert_array_equal(reused.matrices, first.matrices)
+
+
+def test_without_the_landmark_model_faces_are_box_cropped(pipeline, monkeypatch):
+    """A machine without dlib's model keeps working: a warning, then the square box crops."""
+    from structlog.testing import capture_logs
+
+    import magdr.faces.parsing
+
+    monkeypatch.setattr(magdr.faces.parsing, "find_landmark_model", lambda: None)
+    with capture_logs() as logs:
+        pipe = pipeline(faces="detect")
+    assert pipe.engine.landmarks is None
+    assert any(e["event"].startswith("face alignment off") and e["log_level"] == "warning"
+               for e in logs)
+    frame = _demo_frame()
+    crops = pipe.engine.find_faces(frame)
+    boxes = locate_faces(frame, max_side=pipe.engine.cfg.guard.detect_side)
+    assert crops.matrices is None
+    np.testing.assert_array_equal(crops.rects, crop_rects(boxes))
+
+
+def test_align_off_crops_the_box_square(tmp_path, tiny_models):
+    text = write_config(tmp_path / "c.toml", tiny_models, faces="detect").read_text()
+    (tmp_path / "c.toml").write_text(text.replace("[guard]", "[guard]\nalign = false", 1))
+    _, batcher, pipe = build_pipeline(load_config(tmp_path / "c.toml"), Metrics())
+    try:
+        frame = _demo_frame()
+        crops = pipe.engine.find_faces(frame)
+        assert pipe.engine.landmarks is None and crops.matrices is None
+        boxes = locate_faces(frame, max_side=pipe.engine.cfg.guard.detect_side)
+        np.testing.assert_array_equal(crops.rects, crop_rects(boxes))
+    finally:
+        batcher.close(5)
+
+
+def test_temporal_rule_reconstructs_a_track_from_its_kth_flagged_frame(tmp_path, tiny_models):
+    """[guard] temporal_k = 2 of temporal_n = 3: a face above the threshold passes (G's plain
+    output, its own score in the verdict) until its track has two such frames; from then on it
+    is reconstructed. Another stream starts its own track."""
+    from magdr.profile import Profile
+
+    frame = np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    prof = tmp_path / "p.json"
+    flag_all = Profile.load(tiny_models["flag_all"])
+    Profile(**{**flag_all.__dict__, "threshold": -1e9}).save(prof)  # every face is above it
+    cfg = load_config(write_config(tmp_path / "c.toml", {**tiny_models, "profile": prof},
+                                   guard=True))
+    cfg.guard.temporal_k, cfg.guard.temporal_n = 2, 3
+    _, batcher, pipe = build_pipeline(cfg, Metrics())
+    crops = pipe.engine.find_faces(frame)
+    with torch.no_grad():
+        plain = pipe.engine.G(crops.x, pipe.engine.default_cond[None])
+    try:
+        def guard(stream):
+            return pipe.submit(frame, stream=stream, seq=0, source="t").result(60)
+
+        first = guard("a")
+        face = first.verdict["faces"][0]
+        assert not face["disrupted"] and face["chain"] == [] and face["score"] > -1e9
+        assert not first.verdict["disrupted"]
+        np.testing.assert_array_equal(first.image, pipe.engine.paste(frame, plain, crops))
+        second = guard("a")
+        assert second.verdict["faces"][0]["disrupted"] and second.verdict["faces"][0]["chain"]
+        assert second.verdict["faces"][0]["score"] == pytest.approx(face["score"])
+        assert not guard("b").verdict["disrupted"]  # a new stream's first frame
+    finally:
+        batcher.close(5)
+
