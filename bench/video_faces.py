@@ -282,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    if a.cmd in ("detectors", "faces"):  # the runs of G; 'temporal' only counts (tests call it)
+        torch.set_num_threads(2)
     if a.cmd == "detectors":
         detectors(a.every)
     elif a.cmd == "faces":
