@@ -295,14 +295,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     # ---- Table 2: every attack of Table 1, and PGD at a radius the purifier never saw ----
     t0 = time.time()
     held_out = f"PGD ε {args.held_out_eps:g}"
-    attacked[held_out] = detection.run_attack(
-        bench,
-        detection.attack_suite(args.cw_steps, args.steps, args.held_out_eps, args.held_out_eps / 5)[
-            "PGD"
-        ],
-        val,
-        args.seed + 101,
-    )
+    eps = args.held_out_eps
+    held_out_pgd = detection.attack_suite(args.cw_steps, args.steps, eps, eps / 5)["PGD"]
+    attacked[held_out] = detection.run_attack(bench, held_out_pgd, val, args.seed + 101)
     rec_net = (
         magdr.Guard(
             guard.G, parser=guard.parser, profile=guard.profile, device=device, purifier=None

@@ -25,6 +25,7 @@ import torch
 from bench.baselines import reconstructions
 from bench.common import Bench
 from bench.data import Faces
+from magdr.purifier import STEP_NAME as PURIFIER_STEP
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def _guarded(guard: Any, bench: Bench, x: torch.Tensor, c: torch.Tensor | None):
             sum(int((r.disrupted & (r.score_after <= r.threshold)).sum()) for r in parts)
         ),
         "purifier_only": int(
-            sum(1 for r in parts for ch in r.chains if [s["name"] for s in ch] == ["purifier"])
+            sum(1 for r in parts for ch in r.chains if [s["name"] for s in ch] == [PURIFIER_STEP])
         ),
     }
     return x_star, counts
@@ -115,7 +116,7 @@ def run(
 
     Returns:
         ``rows[method]`` = ``{"mse_i", "ssim_i", "psnr_i", "feat_i", "mse_o", …, "seconds"}``
-        means over the faces, ``guard`` (its counts), and ``examples`` (x* of the first faces).
+        means over the faces, and ``guard`` / ``guard_counts``: each guard's counts.
     """
     x_adv, c = pos.x, pos.c
     gen = torch.Generator().manual_seed(seed)
@@ -130,7 +131,6 @@ def run(
     methods.update(reconstructions(ae))
     names += [n for n in methods if n not in names]
     rows: dict[str, dict[str, float]] = {}
-    examples: dict[str, torch.Tensor] = {}
     guard_counts: dict[str, dict[str, int]] = {}
     y_clean = bench.generate(x_clean, c)
     for name in names:
@@ -164,17 +164,12 @@ def run(
             ),
         }
         rows[name] = row
-        examples[name] = x_star[:8]
         log.info("reconstruction %s: PSNR(I) %.2f PSNR(O) %.2f", name, row["psnr_i"], row["psnr_o"])
     return {
         "rows": rows,
-        "examples": examples,
         "n": len(pos),
         "guard": guard_counts.get(MAGDR),
         "guard_counts": guard_counts,
-        "clean": x_clean[:8],
-        "adv": x_adv[:8],
-        "c": None if c is None else c[:8],
     }
 
 

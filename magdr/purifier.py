@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from magdr.check import check_images
 from magdr.checkpoints import (
     CheckpointError,
     load_strict,
@@ -95,13 +94,6 @@ class Purifier(nn.Module):
         up = F.interpolate(d1, size=e0.shape[-2:], mode="bilinear", align_corners=False)
         d0 = self.dec0(torch.cat([up, e0], 1))
         return (x + self.head(d0)).clamp(-1, 1)
-
-
-def purify(P: nn.Module, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """P over ``x`` in chunks, without gradients, after checking the input."""
-    check_images(x)
-    with torch.no_grad():
-        return torch.cat([P(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
 
 
 def _meta_path(path: Path) -> Path:

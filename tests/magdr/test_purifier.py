@@ -16,7 +16,6 @@ from magdr.purifier import (
     Purifier,
     load_purifier,
     purifier_for,
-    purify,
     save_purifier,
 )
 from magdr.train.purifier import main as train_main
@@ -39,10 +38,6 @@ class TestNetwork:
         y = P(_faces(2, 1) * 0.99)
         assert y.shape == (2, 3, 32, 32)
         assert y.min() >= -1 and y.max() <= 1
-
-    def test_purify_checks_its_input(self):
-        with pytest.raises(ValueError):
-            purify(Purifier(width=4), torch.zeros(3, 32, 32))
 
 
 class TestCheckpoints:
