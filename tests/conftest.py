@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 torch.set_num_threads(1)
 
-from magdr.faces.parsing import FaceParser  # noqa: E402
+from magdr.faces.parsing import FaceParser, landmarks_available  # noqa: E402
 from magdr.faces.regions import BISENET_CLASSES  # noqa: E402
 from magdr.models.stargan import StarGAN  # noqa: E402
 
@@ -69,6 +69,12 @@ def count_g_images(G: torch.nn.Module, fn: Callable[[], object]) -> tuple[object
         return fn(), sum(calls)
     finally:
         h.remove()
+
+
+#: Skips a test where dlib or its 68-point landmark model is missing.
+needs_landmarks = pytest.mark.skipif(
+    not landmarks_available(), reason="dlib or its 68-point landmark model is not installed"
+)
 
 
 def data_dir() -> Path:

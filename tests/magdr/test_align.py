@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import cv2
 import numpy as np
 import pytest
@@ -21,12 +18,9 @@ from magdr.faces.align import (
     warp_faces,
 )
 from magdr.faces.locate import FaceBox, crop_faces, locate_faces
-from magdr.faces.parsing import landmarks_available
+from tests.conftest import data_dir, needs_landmarks
 
-DATA = Path(os.environ.get("MAGDR_DATA") or Path(__file__).resolve().parents[3] / "shared/data")
-needs_dlib = pytest.mark.skipif(
-    not landmarks_available(), reason="dlib or its 68-point landmark model is not installed"
-)
+DATA = data_dir()
 
 
 def _smooth(h: int, w: int) -> np.ndarray:
@@ -75,7 +69,6 @@ class TestGeometry:
         np.testing.assert_allclose(m[0, :, :2] @ anchor[2] + m[0, :, 2], target[2])
         assert align_matrices(np.zeros((0, 3, 2)), 128).shape == (0, 2, 3)
 
-
     def test_box_matrices_cut_what_crop_faces_cuts(self):
         frame = _smooth(120, 160)
         boxes = [FaceBox(40, 30, 40, 40, 1.0), FaceBox(130, 90, 30, 30, 1.0)]  # one off the edge
@@ -88,8 +81,9 @@ class TestGeometry:
         upright = np.array([[130.0, 140.0], [170.0, 140.0], [150.0, 182.0]])  # 0.42 box widths
         squashed = np.array([[140.0, 150.0], [160.0, 150.0], [150.0, 155.0]])  # a mouth box
         rolled = np.array([[130.0, 140.0], [130.0, 180.0], [170.0, 160.0]])  # 90° roll
-        mats = face_matrices(np.stack([_landmarks(a) for a in (upright, squashed, rolled)]),
-                             [box] * 3, 128)
+        mats = face_matrices(
+            np.stack([_landmarks(a) for a in (upright, squashed, rolled)]), [box] * 3, 128
+        )
         np.testing.assert_allclose(mats[0], align_matrices(upright[None], 128)[0])
         np.testing.assert_allclose(mats[1:], box_matrices([box] * 2, 128))
 
@@ -168,7 +162,7 @@ class TestLandmarkLocator:
         with pytest.raises(FileNotFoundError, match="libdlib-data"):
             LandmarkLocator(tmp_path / "none.dat")
 
-    @needs_dlib
+    @needs_landmarks
     def test_aligned_portrait_has_celeba_eyes_and_mouth(self):
         # The locator's own landmarks on the aligned crop land on the CelebA anchor.
         path = DATA / "portraits" / "s8.jpg"

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +15,15 @@ from magdr.faces.parsing import (
     FaceParser,
     LandmarkParser,
     ParseNetParser,
-    landmarks_available,
     load_parser,
     rasterize_landmarks,
     read_state_dict,
     sniff_parser,
 )
 from magdr.faces.regions import BISENET_CLASSES, REGIONS, group_regions
+from tests.conftest import data_dir, needs_landmarks
 
-DATA = Path(os.environ.get("MAGDR_DATA") or Path(__file__).resolve().parents[3] / "shared/data")
-needs_landmarks = pytest.mark.skipif(
-    not landmarks_available(), reason="dlib or its 68-point landmark model is not installed"
-)
+DATA = data_dir()
 C = {name: i for i, name in enumerate(BISENET_CLASSES)}
 
 
