@@ -347,14 +347,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 # ---- calibrate, bench ----------------------------------------------------------------------
 #: Subcommands that hand every argument (``--help`` included) to another module's ``main(argv)``.
-PASS_THROUGH = {"calibrate": "magdr.calibrate", "bench": "bench.__main__"}
+#: ``calibrate`` adds ``--videos DIR`` (video I/O is the daemon's) before ``magdr.calibrate``.
+PASS_THROUGH = {"calibrate": "daemon.face_crops:calibrate_main", "bench": "bench.__main__:main"}
 
 
 def cmd_pass_through(args: argparse.Namespace) -> int:
     """``magdr-guard calibrate|bench ...``: the module's own command line, unchanged."""
     from importlib import import_module
 
-    return int(import_module(PASS_THROUGH[args.cmd]).main(args.rest) or 0)
+    module, _, fn = PASS_THROUGH[args.cmd].partition(":")
+    return int(getattr(import_module(module), fn)(args.rest) or 0)
 
 
 # ---- demo -----------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from magdr.detect import distortion_score, region_presence
-from magdr.profile import DEFAULT_PROFILE, DEFAULT_REFERENCE, Profile
+from magdr.profile import DEFAULT_PROFILE, DEFAULT_REFERENCE, Profile, default_consistency
 from magdr.reconstruct import pretrain
 from magdr.transforms import apply
 from magdr.transforms import get as get_transform
@@ -327,9 +327,20 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument(
         "--edits", default="random", metavar="LIST",
-        help="comma list of the edits asked of G: 'random' (each face one changed attribute) "
+        help="comma list of the edits asked of G: 'random' (each face one changed attribute), "
+        "'own' (the face's own attributes; G's keep condition for unlabelled extra faces) "
         "and/or fixed conditions 'NAME=V[+NAME=V]' such as the daemon's [model] condition; "
         "every face is used once per entry (default: random)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--attack-extra", type=int, default=0, metavar="N",
+        help="also attack up to N faces of each --extra-negatives file (positives from the "
+        "faces a deployment sees, beside the CelebA ones)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--consistency", nargs="+", default=None, metavar="NAME[:KEY=V,...]",
+        help="the K transforms of the consistency detector (Eq. 7; default: "
+        + " ".join(_spec(t) for t in default_consistency()) + ")",
     )  # fmt: skip
     args = ap.parse_args(argv)
     try:
@@ -340,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         reference = parse_transform(args.reference)
     except (ValueError, KeyError) as e:
         ap.error(f"--reference: {e}")
+    try:
+        consistency = [parse_transform(t) for t in args.consistency or []]
+        if None in consistency:
+            raise ValueError("'none' is not a transform")
+    except (ValueError, KeyError) as e:
+        ap.error(f"--consistency: {e}")
     try:
         extra = [(p, load_negatives(p)) for p in args.extra_negatives]
     except (OSError, ValueError, KeyError) as e:
@@ -353,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     G = magdr.load_generator(args.generator, kind=args.kind)
     base = Profile(reference=reference)
+    if consistency:
+        base.consistency = consistency
     guard = magdr.Guard(G, parser=args.parser, profile=base, device=args.device)
     celeba = load_celeba(Path(args.data) if args.data else None)
     rng = np.random.default_rng(args.seed)
@@ -363,31 +382,42 @@ def main(argv: list[str] | None = None) -> int:
     # target region, hence the clean scores, depends on the edit (paper §3.2.2, Eq. 5).
     cs = []
     for e in edits:
-        if e == "random":
-            cs.append(random_edits(G, celeba["attrs"][idx], rng))
-        else:
-            cs.append(magdr.condition(G, e, batch=len(idx)).cpu())
+        cs.append(_edit_conditions(G, e, celeba["attrs"][idx], rng))
     x, c = torch.cat([x1] * len(cs)), torch.cat(cs)
     x_neg = torch.cat([x, benign_copies(x)])
     c_neg = torch.cat([c] * (1 + len(BENIGN)))
     extra_meta = []
+    x_extra_att: list[torch.Tensor] = []
+    c_extra_att: list[torch.Tensor] = []
     if extra:
         # A separate stream, so the CelebA draw above is the same with or without extras.
         erng = np.random.default_rng([args.seed, 1])
+
+        def erng_attrs(n: int) -> np.ndarray:
+            return celeba["attrs"][erng.integers(8000, size=n)]
+
         for path, images in extra:
             if not len(images):  # a clip set where no face was found: nothing to add
                 extra_meta.append({"path": str(path), "faces": 0, "negatives": 0})
                 continue
             xe = _resize(to_tensor(images), int(G.image_size))
-            # Video crops have no attribute labels: borrow those of random CelebA train faces,
-            # so the edits asked of G are distributed like the CelebA negatives' edits.
-            ce = random_edits(G, celeba["attrs"][erng.integers(8000, size=len(xe))], erng)
-            x_neg = torch.cat([x_neg, xe, benign_copies(xe)])
-            c_neg = torch.cat([c_neg, *[ce] * (1 + len(BENIGN))])
+            # Every edit of --edits, as for the CelebA faces. Video crops have no attribute
+            # labels: 'random' borrows those of random CelebA train faces, 'own' is G's keep
+            # condition (G.neutral). Their benign copies come with them (face_crops --benign).
+            ce = [_edit_conditions(G, e, erng_attrs(len(xe)), erng, own=None) for e in edits]
+            x_neg = torch.cat([x_neg, *[xe] * len(ce)])
+            c_neg = torch.cat([c_neg, *ce])
+            if args.attack_extra and len(xe):
+                pick = erng.choice(len(xe), size=min(args.attack_extra, len(xe)), replace=False)
+                x_extra_att.append(xe[pick])
+                c_extra_att.append(torch.cat(ce)[pick])
             extra_meta.append({"path": str(path), "faces": len(xe),
-                               "negatives": len(xe) * (1 + len(BENIGN))})  # fmt: skip
-            log.info("extra negatives %s: %d faces (+ benign copies)", path, len(xe))
+                               "negatives": len(xe) * len(ce)})  # fmt: skip
+            log.info("extra negatives %s: %d faces x %d edits", path, len(xe), len(ce))
     adv, adv_c = [], []
+    if x_extra_att:
+        # Attacked video crops beside attacked CelebA faces: the positives of the faces served.
+        x, c = torch.cat([x, *x_extra_att]), torch.cat([c, *c_extra_att])
     xd, cd = x.to(guard.device), c.to(guard.device)
     with torch.no_grad():
         y_clean = G(xd, cd)
@@ -446,7 +476,9 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def parse_edits(text: str) -> list[str | dict[str, float]]:
-    """``"random,Blond_Hair=1,Male=1+Young=0"`` -> ``["random", {"Blond_Hair": 1.0}, ...]``.
+    """``"random,own,Blond_Hair=1,Male=1+Young=0"`` -> ``["random", "own", {...}, ...]``.
+
+    ``own``: the face's own attributes (an edit that keeps the face).
 
     Example:
         >>> parse_edits("random,Blond_Hair=1")
@@ -454,14 +486,14 @@ def parse_edits(text: str) -> list[str | dict[str, float]]:
     """
     out: list[str | dict[str, float]] = []
     for entry in (e.strip() for e in text.split(",")):
-        if entry == "random":
+        if entry in ("random", "own"):
             out.append(entry)
             continue
         cond = {}
         for part in entry.split("+"):
             name, eq, value = part.partition("=")
             if not eq or not name.strip():
-                raise ValueError(f"expected 'random' or NAME=V[+NAME=V], got {entry!r}")
+                raise ValueError(f"expected 'random', 'own' or NAME=V[+NAME=V], got {entry!r}")
             cond[name.strip()] = float(value)
         out.append(cond)
     if not out:
@@ -497,6 +529,26 @@ def parse_transform(text: str) -> dict[str, Any] | None:
         except ValueError:
             params[key.strip()] = float(value)
     return {"name": name, "params": params}
+
+
+def _edit_conditions(
+    G: nn.Module, edit: str | dict[str, float], attrs: np.ndarray, rng: np.random.Generator,
+    own: np.ndarray | None | str = "attrs",
+) -> torch.Tensor:  # fmt: skip
+    """Conditions for faces with labels ``attrs`` under one entry of ``--edits``.
+
+    ``own`` is what ``"own"`` means: the faces' labels (``"attrs"``), or G's keep condition
+    (``None``: faces without labels).
+    """
+    import magdr
+
+    if edit == "random":
+        return random_edits(G, attrs, rng)
+    if edit == "own":
+        if isinstance(own, str):
+            return torch.as_tensor(np.asarray(attrs), dtype=torch.float32)
+        return magdr.condition(G, {}, batch=len(attrs)).cpu()
+    return magdr.condition(G, edit, batch=len(attrs)).cpu()
 
 
 def random_edits(G: nn.Module, attrs: np.ndarray, rng: np.random.Generator) -> torch.Tensor:

@@ -42,7 +42,8 @@ DEFAULT_LAYERS: list[list[str]] = [
 DEFAULT_REFERENCE: dict[str, Any] = {"name": "median", "params": {"k": 3}}
 
 
-def _default_consistency() -> list[dict[str, Any]]:
+def default_consistency() -> list[dict[str, Any]]:
+    """The K transforms of Eq. 7 a profile gets unless ``calibrate --consistency`` says."""
     # The reference first: Rec-Net's search scores with the first few f_k, and a reference
     # among them costs no extra call of G.
     return [
@@ -108,7 +109,7 @@ class Profile:
     reference: dict[str, Any] | None = None
     lam: float = 0.05
     threshold: float = 0.05
-    consistency: list[dict[str, Any]] = field(default_factory=_default_consistency)
+    consistency: list[dict[str, Any]] = field(default_factory=default_consistency)
     cons_distance: str = "l2"
     min_region_area: float = 0.005
     recnet: RecNetSettings = field(default_factory=RecNetSettings)

@@ -111,6 +111,34 @@ def gaussian_blur(x: torch.Tensor, sigma: float = 1.0, size: int | None = None) 
     )
 
 
+def _median_of_3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
+
+
+def _median3x3(x: torch.Tensor) -> torch.Tensor:
+    """The 3×3 median from sorted columns, exactly, without sorting nine values per pixel.
+
+    Sort each vertical triple; the window's median is then the median of (the largest low,
+    the median of the middles, the smallest high) over its three columns. ~10× faster on the
+    CPU than the unfold-and-sort of other sizes; the detector runs it on every face as its
+    reference transform.
+    """
+    xp = F.pad(x, [1, 1, 1, 1], mode="replicate")
+    up, mid, down = xp[..., :-2, :], xp[..., 1:-1, :], xp[..., 2:, :]
+    lo = torch.minimum(torch.minimum(up, mid), down)
+    hi = torch.maximum(torch.maximum(up, mid), down)
+    me = _median_of_3(up, mid, down)
+
+    def cols(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return t[..., :-2], t[..., 1:-1], t[..., 2:]
+
+    l0, l1, l2 = cols(lo)
+    h0, h1, h2 = cols(hi)
+    largest_low = torch.maximum(torch.maximum(l0, l1), l2)
+    smallest_high = torch.minimum(torch.minimum(h0, h1), h2)
+    return _median_of_3(largest_low, _median_of_3(*cols(me)), smallest_high)
+
+
 def median(x: torch.Tensor, k: int = 3) -> torch.Tensor:
     """Median filter with a ``k×k`` window (odd), replicate padding.
 
@@ -120,6 +148,8 @@ def median(x: torch.Tensor, k: int = 3) -> torch.Tensor:
         raise ValueError(f"k: expected an odd size >= 1, got {k}")
     if k == 1:
         return x.clone()
+    if k == 3:
+        return _median3x3(x)
     b, c, h, w = x.shape
     p = k // 2
     patches = F.unfold(F.pad(x, [p] * 4, mode="replicate"), k)  # [B, C*k*k, H*W]

@@ -78,6 +78,46 @@ class TestPortraitClip:
         assert [str(s) for s in z["sources"]] == ["p.mp4#0", "p.mp4#1"]
         assert "2 crops" in capsys.readouterr().out
 
+    def test_benign_copies_are_framed_again(self, tmp_path):
+        portrait_clip(tmp_path / "p.mp4", frames=4)
+        cfg = Config()
+        cfg.guard.align = False
+        images, sources = face_crops.clip_negatives(tmp_path / "p.mp4", cfg, size=32, every=2)
+        tags = {s.partition("@")[2] for s in sources}
+        want = {"", *face_crops.FRAME_BENIGN, *(f"crf{q}" for q in face_crops.REENCODE_CRF)}
+        assert tags == want  # the face is found in every copy
+        assert len(images) == len(sources)
+        by_tag = {t: images[[s.partition("@")[2] == t for s in sources]] for t in tags}
+        orig = by_tag[""].astype(np.float32)
+        # brighter and darker copies, a softer down-and-up one, a lossy re-encode: all differ
+        assert by_tag["bright1.3"].mean() > orig.mean() > by_tag["bright0.7"].mean()
+        lap = lambda a: np.abs(cv2.Laplacian(a[0], cv2.CV_32F)).mean()  # noqa: E731
+        assert lap(by_tag["scale0.3"]) < lap(by_tag[""])
+        crf35 = np.abs(by_tag["crf35"].astype(np.float32) - orig).mean()
+        crf23 = np.abs(by_tag["crf23"].astype(np.float32) - orig).mean()
+        assert 0 < crf23 < crf35
+
+    def test_calibrate_videos_hands_the_crops_to_the_fit(self, tmp_path, monkeypatch):
+        from magdr import calibrate
+
+        (tmp_path / "clips").mkdir()
+        portrait_clip(tmp_path / "clips" / "p.mp4", frames=2)
+        (tmp_path / "clips" / "notes.txt").write_text("not a clip")
+        seen = {}
+
+        def fake_main(argv):
+            npz = argv[argv.index("--extra-negatives") + 1]
+            seen["argv"], seen["n"] = argv, len(np.load(npz)["images"])
+            return 0
+
+        monkeypatch.setattr(calibrate, "main", fake_main)
+        argv = ["--videos", str(tmp_path / "clips"), "--video-every", "1", "--n", "8"]
+        assert face_crops.calibrate_main(argv) == 0
+        assert seen["argv"][:2] == ["--n", "8"]
+        n_copies = 1 + len(face_crops.FRAME_BENIGN) + len(face_crops.REENCODE_CRF)
+        assert seen["n"] == 2 * n_copies  # one face in each of 2 frames, in every copy
+        assert face_crops.calibrate_main(["--videos", str(tmp_path)]) == 2  # no clips there
+
 
 def test_faceless_clip_gives_no_crops(tmp_path, capsys):
     make_clip(tmp_path / "flat.mp4", frames=3, size=(64, 48))

@@ -239,7 +239,7 @@ class TestExtraNegatives:
         seen: dict = {}
 
         def fit_fast(guard, x_neg, c_neg, x_pos, c_pos, **kw):
-            seen.update(x_neg=x_neg, c_neg=c_neg)
+            seen.update(x_neg=x_neg, c_neg=c_neg, n_pos=len(x_pos))
             return real_fit(guard, x_neg, c_neg, x_pos, c_pos, **{**kw, "pretrain_recnet": False})
 
         monkeypatch.setattr(magdr, "load_generator", lambda *a, **k: G)
@@ -268,25 +268,57 @@ class TestExtraNegatives:
         assert "extra_negatives" not in base.meta
         p, seen = run_main("--extra-negatives", str(a), "--extra-negatives", str(b))
         k = 1 + len(BENIGN)
+        # The extras bring their own benign copies (face_crops --benign): added as they are.
         assert p.meta["extra_negatives"] == [
-            {"path": str(a), "faces": 3, "negatives": 3 * k},
-            {"path": str(b), "faces": 2, "negatives": 2 * k},
+            {"path": str(a), "faces": 3, "negatives": 3},
+            {"path": str(b), "faces": 2, "negatives": 2},
         ]
-        assert p.meta["n_clean"] == 4 * k + 5 * k
-        assert seen["x_neg"].shape == (9 * k, 3, SIZE, SIZE)
-        assert seen["c_neg"].shape == (9 * k, 5)
-        # The CelebA part is unchanged by the extras; then each file's faces and benign copies.
+        assert p.meta["n_clean"] == 4 * k + 5
+        assert seen["x_neg"].shape == (4 * k + 5, 3, SIZE, SIZE)
+        assert seen["c_neg"].shape == (4 * k + 5, 5)
+        # The CelebA part is unchanged by the extras; then each file's faces.
         torch.testing.assert_close(seen["x_neg"][: 4 * k], seen0["x_neg"])
         torch.testing.assert_close(seen["c_neg"][: 4 * k], seen0["c_neg"])
         from magdr.train.data import to_tensor
 
         xa = to_tensor(np.load(a)["images"])
         torch.testing.assert_close(seen["x_neg"][4 * k : 4 * k + 3], xa)
-        torch.testing.assert_close(seen["x_neg"][4 * k + 3 : 4 * k + 3 * k], benign_copies(xa))
         # One edit per extra face, drawn like the CelebA faces' (a one-hot change of G's five
-        # attributes' condition), repeated for its benign copies.
-        ca = seen["c_neg"][4 * k : 4 * k + 3 * k]
-        torch.testing.assert_close(ca, ca[:3].repeat(k, 1))
+        # attributes' condition).
+        ca = seen["c_neg"][4 * k : 4 * k + 3]
+        assert ((ca == 0) | (ca == 1) | (ca == 0.5)).all()
+
+    def test_extras_take_every_edit_and_own_is_the_keep_condition(self, run_main, tmp_path):
+        import magdr
+
+        a = tmp_path / "a.npz"
+        np.savez(a, images=np.random.default_rng(1).integers(0, 256, (3, SIZE, SIZE, 3), np.uint8))
+        p, seen = run_main("--extra-negatives", str(a), "--edits", "own,Blond_Hair=1")
+        k = 1 + len(BENIGN)
+        assert p.meta["n_clean"] == 2 * 4 * k + 2 * 3
+        c = seen["c_neg"]
+        # CelebA faces: 'own' is each face's labels, so rows differ from the keep condition.
+        assert set(c[:4].flatten().tolist()) <= {0.0, 1.0}
+        extra = c[2 * 4 * k :]
+        keep = magdr.condition(magdr.load_generator("default"), {}, batch=3).cpu()
+        torch.testing.assert_close(extra[:3], keep)
+        torch.testing.assert_close(extra[3:], torch.tensor([[0, 1, 0, 0, 0]] * 3).float())
+
+    def test_attack_extra_adds_positives(self, run_main, tmp_path):
+        a = tmp_path / "a.npz"
+        np.savez(a, images=np.random.default_rng(1).integers(0, 256, (3, SIZE, SIZE, 3), np.uint8))
+        _, seen0 = run_main("--extra-negatives", str(a))
+        p, seen = run_main("--extra-negatives", str(a), "--attack-extra", "2")
+        # the negatives do not change; up to 2 more faces were attacked (successful ones kept)
+        torch.testing.assert_close(seen["x_neg"], seen0["x_neg"])
+        assert seen0["n_pos"] <= seen["n_pos"] <= seen0["n_pos"] + 2
+
+    def test_consistency_option(self, run_main, capsys):
+        p, _ = run_main("--consistency", "median:k=3")
+        assert p.consistency == [{"name": "median", "params": {"k": 3}}]
+        with pytest.raises(SystemExit) as e:
+            run_main("--consistency", "sharpen:k=3")
+        assert e.value.code == 2 and "--consistency" in capsys.readouterr().err
 
     def test_bad_file_is_a_usage_error(self, run_main, tmp_path, capsys):
         bad = tmp_path / "bad.npz"

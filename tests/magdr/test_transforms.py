@@ -182,6 +182,17 @@ class TestKnownValues:
         # The corner (0, 0) with replicate padding sees 0.9 ×4, -0.2 ×2, 0.1 ×2, 1.0: median 0.9.
         torch.testing.assert_close(y[0, :, 0, 0], torch.full((3,), 0.9))
 
+    @pytest.mark.parametrize("shape", [(2, 3, 7, 5), (1, 1, 1, 1), (1, 3, 2, 9), (3, 3, 32, 32)])
+    def test_median3_equals_sorting_every_window(self, shape):
+        # k=3 takes the sorted-columns shortcut; it must equal the unfold-and-sort of other k
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(*shape, generator=g)
+        for t in (x, (x * 4).round() / 4):  # with ties
+            padded = torch.nn.functional.pad(t, [1] * 4, mode="replicate")
+            windows = torch.nn.functional.unfold(padded, 3).view(shape[0], shape[1], 9, -1)
+            want = windows.median(dim=2).values.view(shape)
+            assert torch.equal(median(t, 3), want)
+
     def test_median_removes_impulse(self):
         x = torch.zeros(1, 3, 8, 8)
         x[..., 4, 4] = 1.0
