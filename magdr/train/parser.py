@@ -11,6 +11,8 @@ Usage::
     nice -n 10 python -m magdr.train.parser --steps 1200          # CPU, ~25 min
     python -m magdr.train.parser --resume                           # continue a run
     python -m magdr.train.parser --smoke                            # 2 steps, 4 images, temp dir
+    # a smaller parser taught by the shipped one (what the guard's clean path can afford)
+    python -m magdr.train.parser --teacher magdr/models/weights/parser.pt --width 8 --depth 5
 """
 
 from __future__ import annotations
@@ -210,6 +212,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     ap.add_argument("--init", type=Path, default=None, help="ParseNet weights to start from")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="end (and finish the lr schedule) after this much wall time")
+    ap.add_argument(
+        "--teacher", type=Path, default=None,
+        help="distil this ParseNet (e.g. the shipped parser.pt) into a smaller one: the "
+        "student matches the teacher's class probabilities on every augmented image",
+    )  # fmt: skip
+    ap.add_argument(
+        "--label-weight", type=float, default=1.0,
+        help="with --teacher: weight of the labelled loss beside the teacher's (0 = teacher only)",
+    )  # fmt: skip
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="2 steps on 4 images into a temp dir")
     a = ap.parse_args(argv)
@@ -253,6 +264,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     if a.resume and ckpt.exists():
         start = load_ckpt(ckpt, rng, net=net, opt=opt)
         log.info("resumed at step %d", start)
+    teacher = None
+    if a.teacher is not None:
+        sd = torch.load(a.teacher, map_location="cpu", weights_only=True)
+        teacher = ParseNet.from_state_dict(sd).to(dev).eval()
     budget = Budget(a.steps, a.max_minutes)
     losses = LossLog(a.run_dir)
     # Class weights: thin parts (brows, eyes, lips) are few pixels but what MagDR's regions need.
@@ -280,12 +295,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         l_fs = (ce[:nf]).sum() / valid[:nf].sum().clamp(min=1)
         l_cel = (ce[nf:]).sum() / valid[nf:].sum().clamp(min=1)
         loss = l_fs + a.celeba_weight * l_cel
+        l_kd = None
+        if teacher is not None:
+            # Distillation: the teacher's soft classes on the same augmented pixels, so a
+            # smaller student keeps the regions MagDR's profile was fitted on.
+            with torch.no_grad():
+                soft = teacher(x).softmax(1)
+            l_kd = -(soft * logits.log_softmax(1)).sum(1).mean()
+            loss = a.label_weight * loss + l_kd
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(fs=f"{l_fs.item():.3f}", celeba=f"{l_cel.item():.3f}")
+        shown = {"fs": l_fs.item(), "celeba": l_cel.item()}
+        if l_kd is not None:
+            shown["teacher"] = l_kd.item()
+        bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
         if (step + 1) % a.log_every == 0 or step + 1 == a.steps:
-            losses.write(step + 1, {"fs": l_fs.item(), "celeba": l_cel.item()})
+            losses.write(step + 1, shown)
         if (step + 1) % a.ckpt_every == 0 or step + 1 == a.steps:
             save_ckpt(ckpt, step + 1, rng, net=net, opt=opt)
     else:

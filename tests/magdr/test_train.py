@@ -35,6 +35,21 @@ def test_parser_smoke(tmp_path: Path) -> None:
     assert set(table) == {*parser.EVAL_GROUPS, "mIoU"}
 
 
+def test_parser_distillation_smoke(tmp_path: Path) -> None:
+    from magdr.train import parser
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pt"
+    torch.save(ParseNet(width=6, depth=3).state_dict(), teacher)
+    run = tmp_path / "run"
+    argv = ["--smoke", "--threads", "1", "--teacher", str(teacher), "--label-weight", "0",
+            "--run-dir", str(run)]  # fmt: skip
+    parser.main(argv)
+    rows = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+    assert rows and all(r["teacher"] > 0 for r in rows)
+    assert ParseNet.from_state_dict(torch.load(run / "parser.pt", weights_only=True)).width == 4
+
+
 @pytest.mark.parametrize("which", ["eval", "hair"])
 def test_classifier_smoke(which: str) -> None:
     from magdr.train import classifier
