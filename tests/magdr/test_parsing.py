@@ -146,6 +146,28 @@ class TestParseNetParser:
             ref = F.interpolate(probs, (40, 48), mode="bilinear", antialias=True)
         torch.testing.assert_close(p, ref)
 
+    def test_inference_folds_batch_norms_into_the_convs(self, parsenet_sd):
+        P = ParseNetParser.from_state_dict(parsenet_sd).eval()
+        # non-trivial batch-norm statistics, so folding has something to do
+        g = torch.Generator().manual_seed(0)
+        for m in P.net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+        P.load_state_dict(P.state_dict())  # drops any folded copy made before
+        x = _images(2, 128, 128)
+        with torch.enable_grad():
+            want = P(x).detach()  # gradients on: the module as it is
+        with torch.no_grad():
+            got = P(x)  # the folded copy
+        folded = P.__dict__["_folded"]
+        assert folded is not None
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert set(P.state_dict()) == {f"net.{k}" for k in parsenet_sd}  # nothing extra saved
+        P.train()
+        assert P.__dict__["_folded"] is None  # training changes the weights: fold again later
+
     def test_differentiable_wrt_input(self, parsenet_sd):
         P = ParseNetParser.from_state_dict(parsenet_sd).eval()
         x = _images(1, 32, 32).requires_grad_(True)
