@@ -7,7 +7,7 @@
     magdr-guard demo [--out DIR]
     magdr-guard calibrate ...
     magdr-guard bench ...
-    magdr-guard attack INPUT... --out DIR [--method pgd|ifgsm|cw|adaptive] [--eps 0.05]
+    magdr-guard attack INPUT... --out DIR [--method pgd|ifgsm|cw|adaptive] [--eps 0.05] [--eot 4]
     magdr-guard --validate-config [FILE]    magdr-guard --version
 
 Human output of ``process``/``demo`` goes through :func:`daemon.logging.say`; everything else is
@@ -27,6 +27,7 @@ from typing import Any
 
 from daemon import __version__
 from daemon import logging as dlog
+from daemon.attack import attack_file, attack_name, report_name
 from daemon.config import (
     SYSTEM_CONFIG,
     Config,
@@ -230,118 +231,33 @@ def cmd_process(args: argparse.Namespace) -> int:
 
 
 # ---- attack ---------------------------------------------------------------------------------
-def attack_file(
-    cfg: Config,
-    src: Path,
-    dst: Path,
-    method: str = "pgd",
-    eps: float = 0.05,
-    steps: int = 10,
-    seed: int = 0,
-    frames: int = 0,
-) -> int:
-    """Write a disrupted copy of ``src``: located faces attacked against G (red team).
-
-    Videos are written losslessly (libx264rgb, CRF 0, Matroska) so the perturbation survives;
-    images as PNG. ``frames > 0`` attacks only that many frames, spread evenly over the video
-    (the others are copied untouched), to keep CPU demos short. Returns the faces attacked.
-    """
-    import cv2
-    import numpy as np
-    import torch
-
-    from daemon import media
-    from daemon.engine import Engine
-    from magdr import attacks
-
-    cfg.guard.enabled = False  # only G is needed to attack it
-    engine = Engine(cfg)
-    G = engine.G
-    gen = torch.Generator(device=engine.device).manual_seed(seed)
-    fns = {
-        "pgd": lambda x, c: attacks.pgd(G, x, c, eps=eps, step=eps / 5, steps=steps, generator=gen),
-        "ifgsm": lambda x, c: attacks.ifgsm(G, x, c, eps=eps, step=eps / 5, steps=steps),
-        "cw": lambda x, c: attacks.cw_l2(G, x, c, steps=max(steps, 10)),
-        "adaptive": lambda x, c: attacks.adaptive_pgd(
-            G, x, c, eps=eps, step=eps / 5, steps=steps, generator=gen
-        ),
-    }
-    attack = fns[method]
-    info = media.probe(src)
-    n_faces = 0
-    total = info.frames
-    chosen = None
-    if frames > 0:
-        chosen = (
-            set(np.linspace(0, max(total - 1, 0), frames).round().astype(int).tolist())
-            if total
-            else set(range(frames))
-        )
-
-    def perturb(image: np.ndarray) -> np.ndarray:
-        nonlocal n_faces
-        crops = engine.find_faces(image)
-        if not crops.boxes:
-            return image
-        x = crops.x.to(engine.device)
-        c = engine.default_cond.to(engine.device)[None].expand(x.shape[0], -1)
-        delta = (attack(x, c).detach() - x).cpu().permute(0, 2, 3, 1).numpy() * 127.5
-        n_faces += x.shape[0]
-        out = image.astype(np.float32)
-        h, w = image.shape[:2]
-        if crops.matrices is not None:  # aligned crops: the inverse warp puts δ back
-            from magdr.faces.align import unwarp
-
-            for d, m in zip(delta, crops.matrices, strict=True):
-                back = unwarp(np.ascontiguousarray(d, np.float32), m, (h, w))
-                if back is not None:
-                    out[back[0]] += back[1]
-            return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-        for d, (x0, y0, rw, rh) in zip(delta, crops.rects, strict=True):
-            big = cv2.resize(d, (int(rw), int(rh)), interpolation=cv2.INTER_LINEAR)
-            fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x0 + rw, w), min(y0 + rh, h)
-            if fx1 > fx0 and fy1 > fy0:
-                out[fy0:fy1, fx0:fx1] += big[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-    if media.is_image(src):
-        frame = next(media.decode(src, cfg.guard.max_frame_pixels))
-        media.write_image(dst, perturb(frame.image))
-        return n_faces
-    with media.audio_source(src) as audio:
-        writer = media.VideoWriter(dst, info, codec="libx264rgb", crf=0, audio=audio)
-        ok = False
-        try:
-            for frame in media.decode(src, cfg.guard.max_frame_pixels, writer.mux_audio):
-                hit = chosen is None or frame.index in chosen
-                writer.write(perturb(frame.image) if hit else frame.image, frame.pts)
-            ok = True
-        finally:
-            writer.close(commit=ok)
-    return n_faces
-
-
-def attack_name(src: Path) -> str:
-    """``clip.mp4`` -> ``clip.adv.mkv`` (lossless container), ``face.jpg`` -> ``face.adv.png``."""
-    return f"{src.stem}.adv{'.png' if src.suffix.lower() in ('.jpg', '.jpeg', '.png') else '.mkv'}"
-
-
 def cmd_attack(args: argparse.Namespace) -> int:
-    """Disrupted copies for red-team tests."""
+    """Disrupted copies for red-team tests, and what of them survives the daemon's crop."""
     cfg = _one_shot_config(args)
     if cfg is None:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report and len(args.inputs) > 1:
+        dlog.say("magdr-guard attack: --report takes one INPUT", file=sys.stderr)
+        return 2
     rc = 0
     for p in map(Path, args.inputs):
         dst = out / attack_name(p)
+        report = Path(args.report) if args.report else report_name(dst)
+        t0 = time.monotonic()
         try:
-            n = attack_file(cfg, p, dst, args.method, args.eps, args.steps, args.seed, args.frames)
-            dlog.say(f"  {p.name}: {n} faces attacked ({args.method}, eps {args.eps}) -> {dst}")
+            r = attack_file(cfg, p, dst, args.method, args.eps, args.steps, args.seed,
+                            args.frames, args.eot, report)  # fmt: skip
         except Exception as e:
             dlog.say(f"  {p.name}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
             rc = 1
+            continue
+        lossless = "" if r.lossless else "; NOT LOSSLESS"
+        dlog.say(
+            f"  {p.name}: {r.summary()} ({args.method}, eps {args.eps}, {args.steps} steps, "
+            f"{time.monotonic() - t0:.1f} s{lossless}) -> {dst}, {report}"
+        )
     return rc
 
 
@@ -396,10 +312,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     adv = staging / attack_name(clip)
     t0 = time.monotonic()
-    n = attack_file(
-        _base_config(args), clip, adv, "pgd", args.eps, args.steps, frames=args.attack_frames
-    )
-    dlog.say(f"  attacked {n} faces in {time.monotonic() - t0:.1f} s -> {adv.name}")
+    report = out / f"{adv.name}.report.jsonl"
+    r = attack_file(_base_config(args), clip, adv, "pgd", args.eps, args.steps,
+                    frames=args.attack_frames, report=report)  # fmt: skip
+    dlog.say(f"  {r.summary()} in {time.monotonic() - t0:.1f} s -> {adv.name}")
     shutil.copy2(clip, staging / clip.name)
     cfg.sources = [FolderSourceConfig(path=str(inbox), stable_s=0.2)]
     cfg.sinks = [FolderSinkConfig(path=str(outbox))]
@@ -511,6 +427,17 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: D103
         type=int,
         default=0,
         help="attack only this many frames, spread evenly (0 = every frame)",
+    )
+    p.add_argument(
+        "--eot",
+        type=int,
+        default=4,
+        help="pgd/ifgsm: framings sampled per step (landmark jitter; the first one unmoved)",
+    )
+    p.add_argument(
+        "--report",
+        metavar="PATH",
+        help="per-frame JSON lines (default: OUTPUT.report.jsonl beside the copy)",
     )
     _model_args(p)
     p.set_defaults(fn=cmd_attack)

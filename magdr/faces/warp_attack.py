@@ -94,7 +94,7 @@ def _area_resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def _affine_sample(x: torch.Tensor, m: np.ndarray, size: int) -> torch.Tensor:
-    """``cv2.warpAffine(x, m, (size, size), INTER_LINEAR, BORDER_REPLICATE)`` of :math:`(C, H, W)`."""
+    """``cv2.warpAffine(x, m, (size, size))``, bilinear, edge replicated; x :math:`(C, H, W)`."""
     h, w = x.shape[-2:]
     back = torch.as_tensor(_invert(m), dtype=x.dtype, device=x.device)
     q = torch.arange(size, dtype=x.dtype, device=x.device)
@@ -226,7 +226,7 @@ def jitter_matrices(
         generator: random source (CPU).
 
     Returns:
-        ``float64`` :math:`(F \\cdot n, 2, 3)`, face-major (face 0's copies first).
+        ``float64`` :math:`(F n, 2, 3)`, face-major (face 0's copies first).
     """
     mats = np.asarray(matrices, np.float64).reshape(-1, 1, 2, 3).repeat(n, 1)
     u = torch.rand((mats.shape[0], n, 4), generator=generator, dtype=torch.float64).numpy()
@@ -245,11 +245,12 @@ def jitter_matrices(
     return np.concatenate([out, out_t[..., None]], -1).reshape(-1, 2, 3)
 
 
-def _region(
-    matrices: np.ndarray, size: int, hw: tuple[int, int], margin: float
-) -> np.ndarray:
-    """Per face, the part ``(x0, y0, x1, y1)`` of the frame its crop (moved by up to ``margin``
-    of its side) sees, clipped to the frame; ``int64`` :math:`(F, 4)`."""
+def _region(matrices: np.ndarray, size: int, hw: tuple[int, int], margin: float) -> np.ndarray:
+    """Per face, the part of the frame its crop sees, moved by up to ``margin`` of its side.
+
+    Returns:
+        ``int64`` :math:`(F, 4)` ``(x0, y0, x1, y1)``, clipped to the frame.
+    """
     h, w = hw
     out = np.zeros((len(matrices), 4), np.int64)
     for i, m in enumerate(matrices):
@@ -340,7 +341,7 @@ class FramePGD(Attack):
         Args:
             frame: :math:`(3, H, W)` in [-1, 1].
             matrices: :math:`(F, 2, 3)` frame -> crop, how the daemon cut each face.
-            c: conditions :math:`(F, c\\_dim)` or ``None``.
+            c: conditions :math:`(F, C)` or ``None``.
             reference: :math:`(F, 3, S, S)` r; G of the clean crops when ``None``.
             generator: CPU random source for the start and the jitter (seeded runs).
 
@@ -396,8 +397,9 @@ class FramePGD(Attack):
 
         if self.random_start:
             start, probe = x + seen * _uniform(x, self.eps, rng), None
-        else:  # I-FGSM: the first gradient at a tiny fixed probe (see magdr.attacks.PGD._start)
-            start, probe = x.clone(), _uniform(x, PROBE, _seed0())
+        else:  # I-FGSM: the first gradient at a fixed probe (see magdr.attacks.PGD._start),
+            # of a uint8 level: a smaller one would be rounded away with the written frame
+            start, probe = x.clone(), _uniform(x, max(PROBE, 1 / 127.5), _seed0())
         return _linf_ascent(x, start, objective, self.eps, self.step, self.steps, probe)
 
 

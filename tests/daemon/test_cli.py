@@ -82,7 +82,20 @@ def test_attack_writes_a_lossless_disrupted_copy(tmp_path, tiny_models, capsys):
     assert 0 < diff.max() <= round(0.05 * 127.5) + 1  # within the eps ball, in pixels
     got, _ = read_pts(tmp_path / "adv" / "v.adv.mkv")
     assert len(got) == 3
-    assert "1 faces attacked" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "1 faces attacked" in text and "3 faces attacked" in text
+    # the report: one row per attacked frame, checked through the daemon's own crop
+    rows = [json.loads(x) for x in (tmp_path / "adv" / "v.adv.mkv.report.jsonl").open()]
+    assert [r["frame"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r["faces"] == len(r["mse"]) == len(r["mse_same_crop"]) == len(r["boxes"]) == 1
+        assert r["disrupting"] == sum(m is not None and m > 0.05 for m in r["mse"])
+        assert r["lost"] == 0 and r["lossless"] is True  # decoded again, bit for bit
+        # faces = "frame": the framing cannot move, so the re-crop is the attacked crop
+        assert r["mse"][0] == pytest.approx(r["mse_same_crop"][0], abs=1e-4)
+    hit = sum(r["disrupting"] for r in rows)
+    assert f"3 faces attacked, {hit} still disrupt G after the daemon's crop" in text
+    assert (tmp_path / "adv" / "f.adv.png.report.jsonl").is_file()
     # --frames 1: one frame attacked, the others copied losslessly
     assert (
         main(
@@ -97,10 +110,16 @@ def test_attack_writes_a_lossless_disrupted_copy(tmp_path, tiny_models, capsys):
                 "1",
                 "--frames",
                 "1",
+                "--method",
+                "ifgsm",
+                "--report",
+                str(tmp_path / "one.jsonl"),
             ]
         )
         == 0
     )
+    (row,) = [json.loads(x) for x in (tmp_path / "one.jsonl").open()]
+    assert row["faces"] == 1 and row["lossless"] is True
     import av
 
     with av.open(str(tmp_path / "v.mp4")) as a, av.open(str(tmp_path / "one" / "v.adv.mkv")) as b:
