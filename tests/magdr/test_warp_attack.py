@@ -166,7 +166,8 @@ class TestFramePGD:
 
         a = run()
         assert torch.equal(a, run())
-        b = FramePGD(self.G, 32, **kw)(x, self.m, self.c, generator=torch.Generator().manual_seed(3))
+        g = torch.Generator().manual_seed(3)
+        b = FramePGD(self.G, 32, **kw)(x, self.m, self.c, generator=g)
         assert torch.equal(a, b)
 
     def test_survives_the_recrop_better_than_a_pasted_crop_attack(self):
