@@ -126,7 +126,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 #: Sections other commands write into ``REPORT.md`` (``python -m bench.soak --report``); a run of
 #: ``python -m bench`` keeps them as they are.
-OWN_SECTIONS = ("## Soak",)
+OWN_SECTIONS = ("## Soak", "## Video")
 
 
 def section(text: str, heading: str) -> str:
