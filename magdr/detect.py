@@ -139,7 +139,9 @@ def consistency_score(y: torch.Tensor, y_k: torch.Tensor, distance: str = "l2") 
         distance: the distance D (a key of ``magdr.metrics.DISTANCES``).
 
     Returns:
-        the population standard deviation over the K distances (σ = sqrt(E[(d^k − μ)²])).
+        the population standard deviation over the K distances (σ = sqrt(E[(d^k − μ)²]));
+        with K = 1 the one distance d^1 itself (a single value has no spread, but how far G's
+        output moves under one denoising transform is the same evidence, at one pass of G).
     """
     b, k = y_k.shape[:2]
     fn = DISTANCES[distance]

@@ -239,7 +239,7 @@ class TestExtraNegatives:
         seen: dict = {}
 
         def fit_fast(guard, x_neg, c_neg, x_pos, c_pos, **kw):
-            seen.update(x_neg=x_neg, c_neg=c_neg, n_pos=len(x_pos))
+            seen.update(x_neg=x_neg, c_neg=c_neg, n_pos=len(x_pos), groups=kw.get("groups"))
             return real_fit(guard, x_neg, c_neg, x_pos, c_pos, **{**kw, "pretrain_recnet": False})
 
         monkeypatch.setattr(magdr, "load_generator", lambda *a, **k: G)
@@ -303,6 +303,10 @@ class TestExtraNegatives:
         keep = magdr.condition(magdr.load_generator("default"), {}, batch=3).cpu()
         torch.testing.assert_close(extra[:3], keep)
         torch.testing.assert_close(extra[3:], torch.tensor([[0, 1, 0, 0, 0]] * 3).float())
+        # one false-alarm group per edit and source: CelebA 'own' (with its benign copies),
+        # CelebA Blond_Hair, the extras' 'own', the extras' Blond_Hair
+        g = seen["groups"]
+        assert g.tolist() == ([0] * 4 + [1] * 4) * k + [2] * 3 + [3] * 3
 
     def test_attack_extra_adds_positives(self, run_main, tmp_path):
         a = tmp_path / "a.npz"
@@ -372,3 +376,16 @@ def test_parse_edits():
     for bad in ("", "Blond_Hair", "=1", "random,,"):
         with pytest.raises(ValueError):
             calibrate.parse_edits(bad)
+
+
+def test_threshold_holds_the_rate_in_every_group():
+    # group 0: 100 low clean scores; group 1: 10 clean scores, two of them high
+    neg = torch.cat([torch.linspace(0, 0.4, 100), torch.tensor([0.1] * 8 + [0.7, 0.8])])
+    groups = torch.tensor([0] * 100 + [1] * 10)
+    pos = torch.linspace(0.75, 1.0, 20)
+    pooled, _ = choose_threshold(neg, pos, fpr=0.05)
+    assert pooled < 0.8  # 1 of 110 pooled: allowed, though group 1 then flags 10%
+    t, _ = choose_threshold(neg, pos, fpr=0.05, groups=groups)
+    assert t >= 0.8  # no more than 5% of group 1 either: both of its high scores pass
+    assert ((neg[groups == 1] > t).float().mean()) <= 0.05
+
