@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from magdr.detect import distortion_score, region_presence
+from magdr.metrics import DISTANCES
 from magdr.profile import DEFAULT_PROFILE, DEFAULT_REFERENCE, Profile, default_consistency
 from magdr.reconstruct import pretrain
 from magdr.transforms import apply
@@ -371,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         "faces a deployment sees, beside the CelebA ones)",
     )  # fmt: skip
     ap.add_argument(
+        "--distances", default=",".join(Profile().distances), metavar="LIST",
+        help="the distances of the vector D (Eq. 4), comma list of "
+        + ", ".join(DISTANCES) + " (default %(default)s)",
+    )  # fmt: skip
+    ap.add_argument(
         "--consistency", nargs="+", default=None, metavar="NAME[:KEY=V,...]",
         help="the K transforms of the consistency detector (Eq. 7; default: "
         + " ".join(_spec(t) for t in default_consistency()) + ")",
@@ -384,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         reference = parse_transform(args.reference)
     except (ValueError, KeyError) as e:
         ap.error(f"--reference: {e}")
+    distances = [d.strip() for d in args.distances.split(",") if d.strip()]
+    if not distances or any(d not in DISTANCES for d in distances):
+        ap.error(f"--distances: expected a comma list of {', '.join(DISTANCES)}")
     try:
         consistency = [parse_transform(t) for t in args.consistency or []]
         if None in consistency:
@@ -402,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     t0 = time.time()
     G = magdr.load_generator(args.generator, kind=args.kind)
-    base = Profile(reference=reference)
+    m = len(distances)
+    base = Profile(reference=reference, distances=distances, mu=[0.0] * m, sigma=[1.0] * m,
+                   w=[1.0 / m] * m)  # fmt: skip
     if consistency:
         base.consistency = consistency
     guard = magdr.Guard(G, parser=args.parser, profile=base, device=args.device)

@@ -317,6 +317,13 @@ class TestExtraNegatives:
         torch.testing.assert_close(seen["x_neg"], seen0["x_neg"])
         assert seen0["n_pos"] <= seen["n_pos"] <= seen0["n_pos"] + 2
 
+    def test_distances_option(self, run_main, capsys):
+        p, _ = run_main("--distances", "l1,l2")
+        assert p.distances == ["l1", "l2"] and len(p.mu) == len(p.sigma) == len(p.w) == 2
+        with pytest.raises(SystemExit) as e:
+            run_main("--distances", "l1,psnr")
+        assert e.value.code == 2 and "--distances" in capsys.readouterr().err
+
     def test_consistency_option(self, run_main, capsys):
         p, _ = run_main("--consistency", "median:k=3")
         assert p.consistency == [{"name": "median", "params": {"k": 3}}]
