@@ -14,7 +14,8 @@ Per clip of ``$MAGDR_DATA/videos``, everything through the daemon's own code pat
   file, its faces found again and matched by box overlap to the clean frame's: a face still
   *disrupts* when MSE(G(x̂), G(x)) > 0.05, and *recall* is the share of those the guard flags;
 - **frames/s** of ``magdr-guard process`` on the first ``--fps-frames`` frames, guard on and off
-  (one run each, in the same process order for every clip).
+  (one run each, in the same process order for every clip);
+- beside the clips, CelebA validation faces flagged under every edit of the profile's fit.
 """
 
 from __future__ import annotations
@@ -68,6 +69,31 @@ def clean(engine: Any, clip: Path, every: int) -> dict[str, Any]:
         "flagged_edit": sum(_flag_rate(engine.guard, x, engine.default_cond)),
         "flagged_keep": sum(_flag_rate(engine.guard, x, keep)),
     }
+
+
+def celeba_conditions(engine: Any, n: int) -> dict[str, dict[str, int]]:
+    """CelebA validation faces flagged under each edit the profile was fitted for.
+
+    The edits are the profile's ``meta["edits"]`` (``'own'``: each face's own attributes); the
+    faces are ``008001`` onward, which no model or profile saw.
+    """
+    from magdr.calibrate import _edit_conditions, parse_edits
+    from magdr.train.data import load_celeba, to_tensor
+
+    celeba = load_celeba()
+    idx = np.arange(8000, min(8000 + n, len(celeba["images"])))
+    x = to_tensor(celeba["images"][idx])
+    rng = np.random.default_rng(0)
+    out = {}
+    for edit in parse_edits(engine.guard.profile.meta.get("edits", "own")):
+        c = _edit_conditions(engine.G, edit, celeba["attrs"][idx], rng)
+        flags = []
+        with torch.inference_mode():
+            for i in range(0, len(x), 32):
+                flags += engine.guard.detect(x[i : i + 32], c[i : i + 32]).disrupted.tolist()
+        name = edit if isinstance(edit, str) else "+".join(f"{k}={v:g}" for k, v in edit.items())
+        out[name] = {"faces": len(flags), "flagged": sum(flags)}
+    return out
 
 
 def _frames_at(path: Path, indices: set[int], max_pixels: int) -> dict[int, np.ndarray]:
@@ -134,8 +160,11 @@ def fps(clip: Path, frames: int, threads: int, tmp: Path) -> dict[str, float]:
     return got
 
 
-def section(rows: list[dict[str, Any]], command: str, profile: str) -> str:
-    """The ``## Video`` section from the per-clip rows."""
+def section(
+    rows: list[dict[str, Any]], command: str, profile: str,
+    celeba: dict[str, dict[str, int]] | None = None,
+) -> str:  # fmt: skip
+    """The ``## Video`` section from the per-clip rows (and CelebA's per-edit false alarms)."""
     from bench.__main__ import commit
 
     def pct(a: int, b: int) -> str:
@@ -145,10 +174,10 @@ def section(rows: list[dict[str, Any]], command: str, profile: str) -> str:
     head = (
         f"Every shared clip through the daemon's own face path (aligned crops, the "
         f"`config/default.toml` defaults, profile `{profile}`). Made by `{command}` at commit "
-        f"`{commit()}` on this 2-core CPU. Clean faces: every 10th frame; attacks: `magdr-guard attack --method pgd` "
-        "through the frame path (EoT over the re-crop), faces found again on the written "
-        "frame; *disrupting* = MSE(G(x̂), G(x)) > 0.05 after that re-crop; *recall* = "
-        "disrupting faces the guard flags.\n"
+        f"`{commit()}` on this 2-core CPU. Clean faces: every 10th frame; attacks: "
+        "`magdr-guard attack --method pgd` through the frame path (EoT over the re-crop), "
+        "faces found again on the written frame; *disrupting* = MSE(G(x̂), G(x)) > 0.05 "
+        "after that re-crop; *recall* = disrupting faces the guard flags.\n"
     )
     lines = [
         "## Video",
@@ -181,6 +210,17 @@ def section(rows: list[dict[str, Any]], command: str, profile: str) -> str:
         f"{pct(t['d1'], t['a1'])} | {pct(t['f1'], t['d1'])} | {pct(t['d2'], t['a2'])} | "
         f"{pct(t['f2'], t['d2'])} | |"
     )
+    if celeba:
+        lines += [
+            "",
+            "Beside the clips, CelebA validation faces (`008001` on) under every edit the "
+            "profile was fitted for:",
+            "",
+            "| edit | " + " | ".join(celeba) + " |",
+            "| --- |" + " --- |" * len(celeba),
+            "| flagged | " + " | ".join(pct(v["flagged"], v["faces"]) for v in celeba.values())
+            + " |",
+        ]
     sec = [r["attacks"][0]["seconds_per_face"] for r in rows if r["attacks"][0]["attacked"]]
     if sec:
         lines.append(f"\nThe ε {e1[0]} attack took {np.median(sec):.0f} s per face (median over "
@@ -195,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=10, help="clean faces: every Nth frame")
     ap.add_argument("--attack-frames", type=int, default=3, help="frames attacked per clip")
     ap.add_argument("--fps-frames", type=int, default=30, help="frames timed per clip")
+    ap.add_argument("--celeba", type=int, default=1000, help="CelebA validation faces (0: none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the per-clip rows here")
     ap.add_argument("--report", type=Path, default=None, help="write '## Video' of this REPORT.md")
@@ -212,10 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             row["fps"] = fps(clip, a.fps_frames, a.threads, Path(tmp))
             print(json.dumps(row), flush=True)
             rows.append(row)
+    celeba = celeba_conditions(engine, a.celeba) if a.celeba else None
     if a.json:
-        a.json.write_text(json.dumps(rows, indent=1))
+        a.json.write_text(json.dumps({"clips": rows, "celeba": celeba}, indent=1))
     command = "python -m bench.video " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = section(rows, command.strip(), engine.profile_name)
+    text = section(rows, command.strip(), engine.profile_name, celeba)
     print(text)
     if a.report:
         from bench.report import put_section
