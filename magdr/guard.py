@@ -129,7 +129,7 @@ class Guard(nn.Module):
             parser = load_parser(parser or "default", device=self.device)
         self.parser = parser.to(self.device).eval()
         self.profile = load_profile(profile)
-        self.detector = Detector(self.G, self.profile)
+        self.detector = Detector(self.G, self.profile, stacked=self.device.type != "cpu")
         self.max_batch = max_batch
         self.recnet_chunk = recnet_chunk or (256 if self.device.type == "cuda" else 32)
         self.purifier = purifier_for(self.G, purifier, self.device)

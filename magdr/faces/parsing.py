@@ -288,11 +288,14 @@ class ParseNetParser(FaceParser):
     def parse(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.training or torch.is_grad_enabled():
             return self.net(x).softmax(1)
-        # Inference runs a copy with each batch norm folded into its conv: the same function
-        # (to float rounding) at ~15% less time, on every face the guard sees.
+        # Inference runs a copy with each batch norm folded into its conv, in channels-last
+        # memory: the same function (to float rounding) at about half the CPU time (oneDNN's
+        # convolutions then skip a layout reorder per layer), on every face the guard sees.
         if self.__dict__["_folded"] is None:
-            self.__dict__["_folded"] = fold_batch_norms(self.net)
-        return self.__dict__["_folded"](x).softmax(1)
+            net = fold_batch_norms(self.net).to(memory_format=torch.channels_last)
+            self.__dict__["_folded"] = net
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.__dict__["_folded"](x).softmax(1).contiguous()
 
     def _drop_folded(self) -> None:
         # Kept outside the module tree, so the state dict and .to() see only ``net``.

@@ -238,6 +238,18 @@ class TestOutputsUnderTransforms:
         torch.testing.assert_close(y2_k, y_k)
         torch.testing.assert_close(y2, y)
 
+    def test_one_call_per_input_gives_the_same_outputs(self, small_g):
+        G = CountingG(small_g)
+        g = torch.Generator().manual_seed(1)
+        x, c = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1, torch.eye(5)[:3]
+        with torch.no_grad():
+            y, y_k = outputs_under_transforms(G, x, c, TRANSFORMS)
+            G.calls.clear()
+            y1, y1_k = outputs_under_transforms(G, x, c, TRANSFORMS, stacked=False)
+        assert G.calls == [3] * (1 + len(TRANSFORMS))
+        torch.testing.assert_close(y1, y)
+        torch.testing.assert_close(y1_k, y_k)
+
     def test_unconditional(self):
         G = CountingG(StarGAN(conv_dim=4, c_dim=0, repeat_num=1, image_size=16))
         x = torch.zeros(1, 3, 16, 16)
