@@ -267,6 +267,7 @@ def calibrate_main(argv: Sequence[str] | None = None) -> int:
     ours, rest = ap.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         print(ap.format_help().replace("usage: ", "video options of ", 1))
+        return calibrate.main(rest)
     if ours.videos is None:
         return calibrate.main(rest)
     clips = sorted(p for p in Path(ours.videos).iterdir() if media.is_media(p))
