@@ -270,7 +270,8 @@ def calibrate_main(argv: Sequence[str] | None = None) -> int:
         return calibrate.main(rest)
     if ours.videos is None:
         return calibrate.main(rest)
-    clips = sorted(p for p in Path(ours.videos).iterdir() if media.is_media(p))
+    folder = Path(ours.videos)
+    clips = sorted(p for p in folder.iterdir() if media.is_media(p)) if folder.is_dir() else []
     if not clips:
         print(f"calibrate: --videos {ours.videos}: no video files there", file=sys.stderr)
         return 2

@@ -117,6 +117,7 @@ class TestPortraitClip:
         n_copies = 1 + len(face_crops.FRAME_BENIGN) + len(face_crops.REENCODE_CRF)
         assert seen["n"] == 2 * n_copies  # one face in each of 2 frames, in every copy
         assert face_crops.calibrate_main(["--videos", str(tmp_path)]) == 2  # no clips there
+        assert face_crops.calibrate_main(["--videos", str(tmp_path / "absent")]) == 2
 
 
 def test_faceless_clip_gives_no_crops(tmp_path, capsys):
