@@ -93,9 +93,8 @@ class TestPortraitClip:
         assert by_tag["bright1.3"].mean() > orig.mean() > by_tag["bright0.7"].mean()
         lap = lambda a: np.abs(cv2.Laplacian(a[0], cv2.CV_32F)).mean()  # noqa: E731
         assert lap(by_tag["scale0.3"]) < lap(by_tag[""])
-        crf35 = np.abs(by_tag["crf35"].astype(np.float32) - orig).mean()
-        crf23 = np.abs(by_tag["crf23"].astype(np.float32) - orig).mean()
-        assert 0 < crf23 < crf35
+        for q in face_crops.REENCODE_CRF:  # lossy, so never the same pixels
+            assert np.abs(by_tag[f"crf{q}"].astype(np.float32) - orig).mean() > 0.5
 
     def test_calibrate_videos_hands_the_crops_to_the_fit(self, tmp_path, monkeypatch):
         from magdr import calibrate
