@@ -77,7 +77,7 @@ def celeba_conditions(engine: Any, n: int) -> dict[str, dict[str, int]]:
     The edits are the profile's ``meta["edits"]`` (``'own'``: each face's own attributes); the
     faces are ``008001`` onward, which no model or profile saw.
     """
-    from magdr.calibrate import _edit_conditions, parse_edits
+    from magdr.calibrate import edit_conditions, parse_edits
     from magdr.train.data import load_celeba, to_tensor
 
     celeba = load_celeba()
@@ -86,7 +86,7 @@ def celeba_conditions(engine: Any, n: int) -> dict[str, dict[str, int]]:
     rng = np.random.default_rng(0)
     out = {}
     for edit in parse_edits(engine.guard.profile.meta.get("edits", "own")):
-        c = _edit_conditions(engine.G, edit, celeba["attrs"][idx], rng)
+        c = edit_conditions(engine.G, edit, celeba["attrs"][idx], rng)
         flags = []
         with torch.inference_mode():
             for i in range(0, len(x), 32):

@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     # target region, hence the clean scores, depends on the edit (paper §3.2.2, Eq. 5).
     cs = []
     for e in edits:
-        cs.append(_edit_conditions(G, e, celeba["attrs"][idx], rng))
+        cs.append(edit_conditions(G, e, celeba["attrs"][idx], rng))
     x, c = torch.cat([x1] * len(cs)), torch.cat(cs)
     x_neg = torch.cat([x, benign_copies(x)])
     c_neg = torch.cat([c] * (1 + len(BENIGN)))
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             # Every edit of --edits, as for the CelebA faces. Video crops have no attribute
             # labels: 'random' borrows those of random CelebA train faces, 'own' is G's keep
             # condition (G.neutral). Their benign copies come with them (face_crops --benign).
-            ce = [_edit_conditions(G, e, erng_attrs(len(xe)), erng, own=None) for e in edits]
+            ce = [edit_conditions(G, e, erng_attrs(len(xe)), erng, labelled=False) for e in edits]
             x_neg = torch.cat([x_neg, *[xe] * len(ce)])
             c_neg = torch.cat([c_neg, *ce])
             ids = torch.arange(len(ce)) + int(g_neg.max()) + 1
@@ -582,21 +582,21 @@ def parse_transform(text: str) -> dict[str, Any] | None:
     return {"name": name, "params": params}
 
 
-def _edit_conditions(
+def edit_conditions(
     G: nn.Module, edit: str | dict[str, float], attrs: np.ndarray, rng: np.random.Generator,
-    own: np.ndarray | None | str = "attrs",
+    labelled: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """Conditions for faces with labels ``attrs`` under one entry of ``--edits``.
 
-    ``own`` is what ``"own"`` means: the faces' labels (``"attrs"``), or G's keep condition
-    (``None``: faces without labels).
+    ``"own"`` is the faces' labels, or G's keep condition for faces without labels
+    (``labelled=False``: video crops, whose ``attrs`` are borrowed for ``"random"`` only).
     """
     import magdr
 
     if edit == "random":
         return random_edits(G, attrs, rng)
     if edit == "own":
-        if isinstance(own, str):
+        if labelled:
             return torch.as_tensor(np.asarray(attrs), dtype=torch.float32)
         return magdr.condition(G, {}, batch=len(attrs)).cpu()
     return magdr.condition(G, edit, batch=len(attrs)).cpu()
