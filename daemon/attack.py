@@ -129,17 +129,21 @@ class Attacker:
         steps: iterations.
         seed: random start and EoT draws.
         eot: framings sampled per step and face (frame path).
+        through_frame: PGD and I-FGSM through the daemon's framing; False: on the crop, the
+            change pasted back (the path every method took before; what the demo shows).
     """
 
     def __init__(
-        self, engine: Engine, method: str, eps: float, steps: int, seed: int, eot: int
-    ) -> None:
+        self, engine: Engine, method: str, eps: float, steps: int, seed: int, eot: int,
+        through_frame: bool = True,
+    ) -> None:  # fmt: skip
         import torch
 
         if method not in (*FRAME_METHODS, "cw", "adaptive"):
             raise ValueError(f"method: expected pgd|ifgsm|cw|adaptive, got {method!r}")
         self.engine, self.method = engine, method
         self.eps, self.steps, self.eot = eps, steps, eot
+        self.through_frame = through_frame
         self.gen = torch.Generator().manual_seed(seed)  # CPU: the EoT draws are numpy's
         self.report = AttackReport()
 
@@ -159,7 +163,7 @@ class Attacker:
         with torch.no_grad():
             r = e.G(x, c)
         mode, mats, jitter = framing(e, crops)
-        if self.method in FRAME_METHODS:
+        if self.through_frame and self.method in FRAME_METHODS:
             from magdr.faces.warp_attack import FramePGD
 
             attack = FramePGD(e.G, e.size, eps=self.eps, step=self.eps / 5, steps=self.steps,
@@ -175,7 +179,10 @@ class Attacker:
     def _paste(
         self, image: np.ndarray, crops: Crops, x: torch.Tensor, c: torch.Tensor
     ) -> np.ndarray:
-        """C&W and adaptive PGD: attack the crop, paste the change back (the old path)."""
+        """Attack the crop and paste the change back.
+
+        C&W and adaptive PGD always; PGD and I-FGSM with ``through_frame`` off.
+        """
         import cv2
 
         from magdr import attacks
@@ -183,6 +190,10 @@ class Attacker:
         G, eps, steps = self.engine.G, self.eps, self.steps
         if self.method == "cw":
             x_adv = attacks.cw_l2(G, x, c, steps=max(steps, 10))
+        elif self.method == "pgd":
+            x_adv = attacks.pgd(G, x, c, eps=eps, step=eps / 5, steps=steps, generator=self.gen)
+        elif self.method == "ifgsm":
+            x_adv = attacks.ifgsm(G, x, c, eps=eps, step=eps / 5, steps=steps)
         else:
             x_adv = attacks.adaptive_pgd(
                 G, x, c, eps=eps, step=eps / 5, steps=steps, generator=self.gen
@@ -279,6 +290,7 @@ def attack_file(
     frames: int = 0,
     eot: int = 4,
     report: Path | None = None,
+    through_frame: bool = True,
 ) -> AttackReport:
     """Write a disrupted copy of ``src`` and a per-frame report of what survives the re-crop.
 
@@ -291,7 +303,7 @@ def attack_file(
     from daemon.engine import Engine
 
     cfg.guard.enabled = False  # only G is needed to attack it
-    attacker = Attacker(Engine(cfg), method, eps, steps, seed, eot)
+    attacker = Attacker(Engine(cfg), method, eps, steps, seed, eot, through_frame)
     info = media.probe(src)
     chosen = None
     if frames > 0:

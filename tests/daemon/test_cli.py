@@ -173,3 +173,23 @@ def test_pass_through_commands_are_wired(capsys, cmd, own_option):
     assert rc == 0
     out = capsys.readouterr().out
     assert "usage" in out.lower() and own_option in out
+
+
+def test_attack_on_the_crop_when_not_through_the_frame(tmp_path, tiny_models, monkeypatch):
+    """``through_frame=False`` (the demo's attack): PGD on the crop, pasted back; the frame
+    path is not used, and the report still checks the re-cropped faces."""
+    from daemon.attack import attack_file
+    from daemon.config import load_config
+    from magdr.faces import warp_attack
+
+    def no_frame_path(*a, **k):
+        raise AssertionError("the frame path ran")
+
+    monkeypatch.setattr(warp_attack.FramePGD, "forward", no_frame_path)
+    cfg = load_config(write_config(tmp_path / "c.toml", tiny_models))
+    make_clip(tmp_path / "v.mp4", frames=2, size=(32, 32))
+    rep = attack_file(cfg, tmp_path / "v.mp4", tmp_path / "v.adv.mkv", "pgd", eps=0.05,
+                      steps=2, through_frame=False)  # fmt: skip
+    assert rep.attacked == 2 and rep.frames == 2 and rep.lossless
+    with pytest.raises(AssertionError, match="frame path"):
+        attack_file(cfg, tmp_path / "v.mp4", tmp_path / "w.adv.mkv", "pgd", eps=0.05, steps=1)
