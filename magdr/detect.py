@@ -2,7 +2,7 @@
 
 The functions are pure and batched; :class:`Detector` runs them for a generator G, a face
 parser and a :class:`magdr.profile.Profile`, with G called once on the stacked batch of the
-inputs and their K transforms.
+inputs and their K transforms (on a GPU; once on each on a CPU, where that is cheaper).
 
 *Per-face benchmark of S_dist.* How far G's output sits from its input in a region depends on
 the face as much as on an attack: a small G reconstructs an unusual face (a green-screen clip, a
@@ -171,7 +171,7 @@ def outputs_under_transforms(
     x_k: list[torch.Tensor] | None = None,
     stacked: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """G(x, c) and G(f_k(x), c) for the K transforms, from ONE call of G on the stacked batch.
+    """G(x, c) and G(f_k(x), c) for the K transforms: one call of G on them stacked, or one each.
 
     ``x_k``: the f_k(x) (:func:`transformed_inputs`) when the caller needs them too; then
     ``differentiable`` (what :func:`transformed_inputs` takes) is already decided and unused.

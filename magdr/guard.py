@@ -2,7 +2,7 @@
 
 Per batch of faces x̂ and conditions c::
 
-    y = G(x̂, c)                       (with the K transformed inputs, one stacked call)
+    y = G(x̂, c)                       (with the K transformed inputs: stacked on a GPU)
     M = regions(parser(x̂))            19 soft classes -> N attribute regions
     S_final = λ·S_dist + S_cons        Eq. 4-7, 9  -> disrupted?
     if disrupted: x* = P(x̂)           the learned purifier (magdr.purifier), when G has one;
