@@ -47,6 +47,17 @@ def _cfg(tmp_path: Path, tiny_models: dict[str, Path], backend: str, profile: st
     return load_config(write_config(tmp_path / f"{backend}.toml", models, engine, guard=True))
 
 
+def _rounded(v):
+    """``v`` with every float rounded to 6 significant digits (JSON-like nesting)."""
+    if isinstance(v, float):
+        return float(f"{v:.6g}")
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_rounded(x) for x in v]
+    return v
+
+
 def _verdicts(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -67,7 +78,9 @@ def test_verdicts_equal_local_and_name_two_workers(tmp_path, tiny_models):
     assert "worker" not in got["local"][0]
     for v in got["local"] + got["ray"]:
         v.pop("latency_ms")
-    assert got["ray"] == got["local"]
+    # Equal up to float rounding: the replicas batch the frames differently, and oneDNN's
+    # convolutions round the last bits differently for another batch size.
+    assert _rounded(got["ray"]) == _rounded(got["local"])
     assert [v["seq"] for v in got["ray"]] == list(range(12))
     assert read_pts(tmp_path / "ray" / "clip.mp4")[0] == read_pts(clip)[0]
 
