@@ -128,7 +128,8 @@ def _recrop_check(engine: Any, clean_frame: np.ndarray, adv_frame: np.ndarray) -
 
     Returns how many still disrupt G (MSE > 0.05) and how many of those the guard flags.
     """
-    from daemon.attack import MATCH_IOU, _iou
+    from daemon.attack import MATCH_IOU
+    from daemon.tracks import iou
     from magdr.attacks import SUCCESS_MSE
 
     before, after = engine.find_faces(clean_frame), engine.find_faces(adv_frame)
@@ -140,7 +141,7 @@ def _recrop_check(engine: Any, clean_frame: np.ndarray, adv_frame: np.ndarray) -
     flags = engine.guard.detect(after.x, cond.expand(len(after.boxes), -1)).disrupted
     disrupting = flagged = 0
     for a, box in enumerate(before.boxes):
-        ious = [_iou(box, b) for b in after.boxes]
+        ious = [iou(box, b) for b in after.boxes]
         j = int(np.argmax(ious))
         if ious[j] >= MATCH_IOU and float((y1[j] - y0[a]).pow(2).mean()) > SUCCESS_MSE:
             disrupting += 1

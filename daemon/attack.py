@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from daemon.config import Config
+from daemon.tracks import iou
 
 if TYPE_CHECKING:
     import torch
@@ -99,15 +100,6 @@ def framing(engine: Engine, crops: Crops) -> tuple[str, np.ndarray, tuple[float,
     if engine.cfg.guard.faces == "frame":  # no detector in the loop: the framing cannot move
         return "resize", mats, (0.0, 0.0, 0.0)
     return "resize", mats, BOX_JITTER
-
-
-def _iou(a: list[int], b: list[int]) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
-    h = max(0, min(ay + ah, by + bh) - max(ay, by))
-    inter = w * h
-    return inter / max(aw * ah + bw * bh - inter, 1)
 
 
 def _drift(m: np.ndarray, m2: np.ndarray, size: int) -> float:
@@ -242,7 +234,7 @@ class Attacker:
         mse, mse_fixed, drift = [], [], []
         for i, box in enumerate(crops.boxes):
             mse_fixed.append(round(float((y_fixed[i] - r[i]).pow(2).mean()), 5))
-            ious = [_iou(box, b) for b in again.boxes]
+            ious = [iou(box, b) for b in again.boxes]
             j = int(np.argmax(ious)) if ious else -1
             if j < 0 or ious[j] < MATCH_IOU:
                 mse.append(None)
