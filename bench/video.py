@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -161,16 +160,13 @@ def fps(clip: Path, frames: int, threads: int, tmp: Path) -> dict[str, float]:
             writer.write(f.image, f.pts)
     finally:
         writer.close()
-    got = {}
-    for guard in (True, False):
-        out = tmp / f"out-{clip.stem}-{guard}"
-        cmd = [sys.executable, "-m", "daemon", "process", str(short), "--out", str(out),
-               "--no-progress", "--threads", str(threads)]  # fmt: skip
-        subprocess.run(cmd + ([] if guard else ["--no-guard"]), check=True, capture_output=True)
-        got["on" if guard else "off"] = json.loads(next(out.glob("*.summary.json")).read_text())[
-            "fps"
-        ]
-    return got
+    from bench.video_faces import process_fps
+
+    out = {True: tmp / f"out-{clip.stem}-on", False: tmp / f"out-{clip.stem}-off"}
+    return {
+        "on" if guard else "off": process_fps(short, out[guard], threads, guard)
+        for guard in (True, False)
+    }
 
 
 def section(

@@ -231,13 +231,25 @@ def temporal(clean: Path, attacked: Path | None) -> None:
 
 
 # ---- fps ------------------------------------------------------------------------------------
+def process_fps(
+    clip: Path, out: Path, threads: int, guard: bool, config: Path | None = None
+) -> float:
+    """Frames/s that ``magdr-guard process`` reports for ``clip`` (a fresh process each time)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "daemon", "process", str(clip), "--out", str(out),
+           "--no-progress", "--threads", str(threads)]  # fmt: skip
+    cmd += ["--config", str(config)] if config else []
+    subprocess.run(cmd + ([] if guard else ["--no-guard"]), check=True, capture_output=True)
+    return float(json.loads(next(out.glob("*.summary.json")).read_text())["fps"])
+
+
 def fps(clip: Path, threads: int, repeats: int) -> None:
     """Frames/s of ``magdr-guard process`` on one clip: align off / on, guard on / off.
 
     Settings alternate within each repeat and the best of the repeats is kept, so that a
     shared machine's load drifts into every setting alike.
     """
-    import subprocess
     import tempfile
 
     print(f"| {clip.name} | align | guard | frames/s (best of {repeats}) |")
@@ -249,12 +261,8 @@ def fps(clip: Path, threads: int, repeats: int) -> None:
                 for align in (False, True) if r % 2 == 0 else (True, False):
                     cfg, out = Path(tmp, "c.toml"), Path(tmp, f"out-{r}-{guard}-{align}")
                     cfg.write_text(f"[guard]\nalign = {str(align).lower()}\n")
-                    cmd = [sys.executable, "-m", "daemon", "process", str(clip), "--out",
-                           str(out), "--config", str(cfg), "--no-progress", "--threads",
-                           str(threads)]  # fmt: skip
-                    subprocess.run(cmd + ([] if guard else ["--no-guard"]), check=True)
-                    summary = json.loads(next(out.glob("*.summary.json")).read_text())
-                    got[guard, align] = max(got[guard, align], summary["fps"])
+                    v = process_fps(clip, out, threads, guard, cfg)
+                    got[guard, align] = max(got[guard, align], v)
     for (guard, align), v in sorted(got.items(), reverse=True):
         print(f"| | {align} | {guard} | {v:.2f} |")
     for guard in (True, False):
