@@ -558,6 +558,15 @@ def _spec(t: dict[str, Any]) -> str:
     return f"{t['name']}:{params}" if params else t["name"]
 
 
+def _number_or_text(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def parse_transform(text: str) -> dict[str, Any] | None:
     """``"median:k=3"`` -> ``{"name": "median", "params": {"k": 3}}``; ``"none"`` -> ``None``.
 
@@ -575,10 +584,7 @@ def parse_transform(text: str) -> dict[str, Any] | None:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ValueError(f"expected NAME[:KEY=V,...], got {text!r}")
-        try:
-            params[key.strip()] = int(value)
-        except ValueError:
-            params[key.strip()] = float(value)
+        params[key.strip()] = _number_or_text(value.strip())
     return {"name": name, "params": params}
 
 

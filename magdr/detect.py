@@ -15,6 +15,12 @@ d̄_i(x̂) − d̄_i(f_ref(x̂)). A clean face that G reconstructs badly is reco
 badly after a 3×3 median; a disrupted one much better, because the median breaks the
 perturbation. G's output for f_ref(x̂) is one of the consistency pass's outputs, so the
 benchmark costs no extra call of G when f_ref is among the K transforms.
+
+The transforms are the profile's. The shipped default profile uses one, K = 1, as both f_1
+and f_ref: the learned purifier of :mod:`magdr.purifier` (``magdr.transforms.purifier``). A
+hand-made filter only moves G's output when it breaks the perturbation, and an attack made
+through the daemon's resampling of video frames is smooth enough to pass a 3×3 median; the
+purifier was trained to undo disruptions of this very G and to leave clean faces alone.
 """
 
 from __future__ import annotations
@@ -170,6 +176,7 @@ def outputs_under_transforms(
     differentiable: bool = False,
     x_k: list[torch.Tensor] | None = None,
     stacked: bool = True,
+    y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """G(x, c) and G(f_k(x), c) for the K transforms: one call of G on them stacked, or one each.
 
@@ -184,14 +191,15 @@ def outputs_under_transforms(
     """
     if x_k is None:
         x_k = transformed_inputs(x, transforms, differentiable)
-    xs = [x, *x_k]
+    xs = [*([] if y is not None else [x]), *x_k]
     if stacked:
         out = G(torch.cat(xs, 0), None if c is None else c.repeat(len(xs), 1))
     else:
         out = torch.cat([G(xi, c) for xi in xs], 0)
     b = x.shape[0]
-    y = out[:b]
-    y_k = out[b:].view(len(transforms), b, *out.shape[1:]).transpose(0, 1)
+    if y is None:
+        y, out = out[:b], out[b:]
+    y_k = out.view(len(transforms), b, *out.shape[1:]).transpose(0, 1)
     return y, y_k
 
 
@@ -216,6 +224,9 @@ class Detection:
         excess: what S_dist standardises, :math:`(B, N, M)`: d̄_i minus the same distances for
             G on f_ref(x̂) when the profile has a ``reference``, else d̄_i.
         output: G(x̂, c), :math:`(B, 3, H, W)`.
+        inputs_k: the f_k(x̂) of the K transforms, then f_ref(x̂) if it is not among them,
+            :math:`(B, K', 3, H, W)`; outputs_k: G on each of them, same shape. The guard
+            reuses them when f_k is its purifier.
     """
 
     score: torch.Tensor
@@ -226,6 +237,8 @@ class Detection:
     distances: torch.Tensor
     excess: torch.Tensor
     output: torch.Tensor
+    inputs_k: torch.Tensor
+    outputs_k: torch.Tensor
 
 
 class Detector(nn.Module):
@@ -252,6 +265,14 @@ class Detector(nn.Module):
             torch.tensor(v, dtype=like.dtype, device=like.device) for v in (p.w, p.mu, p.sigma)
         )
 
+    def applied_transforms(self) -> list[dict[str, Any]]:
+        """The transforms behind ``Detection.inputs_k``, in order: the K, then f_ref if apart."""
+        p = self.profile
+        ts = list(p.consistency)
+        if p.reference is not None and _index_of(ts, p.reference) is None:
+            ts.append(p.reference)
+        return ts
+
     def forward(
         self,
         x: torch.Tensor,
@@ -260,6 +281,7 @@ class Detector(nn.Module):
         targets: torch.Tensor,
         transforms: list[dict[str, Any]] | None = None,
         differentiable: bool = False,
+        y: torch.Tensor | None = None,
     ) -> Detection:
         """Detect disrupted inputs.
 
@@ -270,6 +292,7 @@ class Detector(nn.Module):
             targets: :math:`(B, N)` 0/1 target regions (``G.target_regions(c)``).
             transforms: the consistency transforms; the profile's K by default.
             differentiable: BPDA through the transforms (for adaptive attacks).
+            y: G(x̂, c) when the caller has it (not computed again).
         """
         check_images(x)
         check_shape(regions, [str(x.shape[0]), str(len(REGIONS)), "H", "W"], "regions")
@@ -285,7 +308,7 @@ class Detector(nn.Module):
                 transforms.append(ref)
         x_all = transformed_inputs(x, transforms, differentiable)
         y, y_all = outputs_under_transforms(
-            self.G, x, c, transforms, x_k=x_all, stacked=self.stacked
+            self.G, x, c, transforms, x_k=x_all, stacked=self.stacked, y=y
         )
         y_k = y_all[:, :k]
         # The target region M_c rides along as one more mask: one pass over the pixel maps.
@@ -311,4 +334,6 @@ class Detector(nn.Module):
             distances=d,
             excess=excess,
             output=y,
+            inputs_k=torch.stack(x_all, 1),
+            outputs_k=y_all,
         )

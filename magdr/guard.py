@@ -25,7 +25,7 @@ from magdr.checkpoints import resolve_device
 from magdr.detect import Detection, Detector
 from magdr.faces.regions import REGIONS, group_regions
 from magdr.profile import Profile, load_profile
-from magdr.purifier import STEP_NAME, purifier_for
+from magdr.purifier import STEP_NAME, purifier_for, purifier_path
 from magdr.reconstruct import infer
 from magdr.transforms import apply_chain
 
@@ -133,6 +133,22 @@ class Guard(nn.Module):
         self.max_batch = max_batch
         self.recnet_chunk = recnet_chunk or (256 if self.device.type == "cuda" else 32)
         self.purifier = purifier_for(self.G, purifier, self.device)
+        self._purifier_k = self._purifier_in_detector()
+
+    def _purifier_in_detector(self) -> int | None:
+        """Where the detector already runs this guard's purifier (``Detection.inputs_k``).
+
+        With the purifier among the consistency transforms, a flagged face's P(x̂) and
+        G(P(x̂), c) come with its detection, and :meth:`_purify` does not compute them again.
+        """
+        source = getattr(self.purifier, "source", None)
+        if source is None:
+            return None
+        for k, t in enumerate(self.detector.applied_transforms()):
+            path = t.get("params", {}).get("path", "default")
+            if t["name"] == STEP_NAME and purifier_path(path).resolve() == source:
+                return k
+        return None
 
     # ---- pieces -------------------------------------------------------------------------
     def regions(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,6 +240,7 @@ class Guard(nn.Module):
     def _purify(
         self,
         x: torch.Tensor,
+        det: Detection,
         c: torch.Tensor | None,
         regions: torch.Tensor,
         targets: torch.Tensor,
@@ -238,9 +255,13 @@ class Guard(nn.Module):
         Every item takes P's output where it lowers S_final (Eq. 9), so Rec-Net's search, when
         still needed, starts from the purified face; the regions parsed from x̂ are kept.
         """
-        x_p = self.purifier(x[todo])
+        k = self._purifier_k
+        if k is None:
+            x_p, y_p = self.purifier(x[todo]), None
+        else:  # the detector ran P already: P(x̂) and G(P(x̂), c) come with det
+            x_p, y_p = det.inputs_k[todo, k], det.outputs_k[todo, k]
         sub_c = _rows(c, todo)
-        again = self.detector(x_p, sub_c, regions[todo], targets[todo])
+        again = self.detector(x_p, sub_c, regions[todo], targets[todo], y=y_p)
         better = again.score < score_after[todo]
         for j, i in enumerate(todo.tolist()):
             if better[j]:
@@ -328,7 +349,9 @@ class Guard(nn.Module):
                     reused[i] = True
             todo = todo[~reused[todo]]
         if self.purifier is not None and todo.numel():
-            todo = self._purify(x, c, regions, targets, todo, purified, output, score_after, chains)
+            todo = self._purify(
+                x, det, c, regions, targets, todo, purified, output, score_after, chains
+            )
         for _ in range(p.recnet.max_rounds):
             if todo.numel() == 0:
                 break

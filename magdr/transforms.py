@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -214,6 +215,30 @@ def resize(x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
     return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
 
 
+_purifiers: dict[tuple[str, str], nn.Module] = {}
+_purifiers_lock = threading.Lock()
+
+
+def purifier(x: torch.Tensor, path: str = "default") -> torch.Tensor:
+    """The learned purifier P of :mod:`magdr.purifier`: a checkpoint, or the shipped one.
+
+    Differentiable: adaptive attacks get its true gradient. As a consistency transform (Eq. 7)
+    it is the sharpest test the detector has: P leaves a clean face as it is, so G's output
+    barely moves, and undoes a disruption, so G's output moves far. A perturbation smooth
+    enough to pass the 3×3 median (one made through the daemon's resampling of frames) still
+    moves G's output under P by 5× as much as on the most moved clean face. Each checkpoint is
+    loaded once per device and kept.
+    """
+    key = (str(path), str(x.device))
+    with _purifiers_lock:
+        if key not in _purifiers:
+            from magdr.purifier import load_purifier
+
+            _purifiers[key] = load_purifier(path, x.device).requires_grad_(False)
+    P = _purifiers[key]
+    return P(x.to(P.head.weight.dtype)).to(x.dtype)
+
+
 @dataclass(frozen=True)
 class Transform:
     """One category of primitive f_k with its parameter grid p (Algorithm 1's B_i entries)."""
@@ -251,6 +276,7 @@ REGISTRY: dict[str, Transform] = {
         Transform("nl_means", nl_means, False, [{"h": h} for h in (3.0, 6.0, 10.0)]),
         Transform("bitdepth", bitdepth, False, [{"bits": b} for b in (6, 5, 4)]),
         Transform("resize", resize, True, [{"scale": s} for s in (0.85, 0.7, 0.5)]),
+        Transform("purifier", purifier, True, [{"path": "default"}]),
     ]
 }
 

@@ -20,6 +20,7 @@ from magdr.purifier import (
 )
 from magdr.train.purifier import main as train_main
 from magdr.train.purifier import purifier_loss
+from magdr.transforms import apply, bpda_apply
 from tests.conftest import count_g_images, synthetic_conditions, synthetic_faces
 
 
@@ -191,3 +192,76 @@ def test_training_command_smoke(tmp_path):
     P = load_purifier(out)
     assert P.meta["steps"] == 2 and P.meta["attacks"] == ["pgd", "ifgsm"]
     assert P.meta["generator_digest"] == weights_digest(magdr.load_generator("default"))
+
+
+class TestAsConsistencyTransform:
+    """``{"name": "purifier"}`` among the detector's transforms (Eq. 7), and the guard's reuse."""
+
+    @pytest.fixture()
+    def trained(self, tmp_path):
+        """A purifier checkpoint that changes faces (its last layer is not zero)."""
+        torch.manual_seed(0)
+        P = Purifier(width=4)
+        torch.nn.init.normal_(P.head.weight, std=0.05)
+        save_purifier(P, tmp_path / "p.pt")
+        return tmp_path / "p.pt"
+
+    def test_untrained_is_the_identity_with_a_true_gradient(self, tmp_path):
+        save_purifier(Purifier(width=4), tmp_path / "id.pt")
+        x = _faces(2, 3).requires_grad_()
+        y = bpda_apply("purifier", x, path=str(tmp_path / "id.pt"))
+        torch.testing.assert_close(y, x)
+        (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+        torch.testing.assert_close(x.grad, torch.arange(y.numel()).view_as(y).float())
+
+    def test_guard_reuses_the_detectors_purified_faces(self, tiny_stargan, face_parser, trained):
+        from magdr.profile import Profile
+
+        spec = {"name": "purifier", "params": {"path": str(trained)}}
+        # A threshold below every score: each face is flagged and goes to the purifier.
+        profile = Profile(consistency=[spec], reference=spec, threshold=-1.0)
+        profile.recnet.max_rounds = 0
+        g = torch.Generator().manual_seed(4)
+        x, c = synthetic_faces(6, g), synthetic_conditions(6, g)
+
+        def run(purifier):
+            guard = Guard(tiny_stargan, parser=face_parser, profile=profile, device="cpu",
+                          purifier=purifier)  # fmt: skip
+            return guard, count_g_images(tiny_stargan, lambda: guard(x, c))
+
+        shared, (r, n_shared) = run(str(trained))
+        apart = load_purifier(trained)
+        del apart.source  # the same weights, not known to be the detector's: computed again
+        alone, (r2, n_apart) = run(apart)
+        assert shared._purifier_k == 0 and alone._purifier_k is None
+        assert r.disrupted.all()
+        assert all(ch[0]["name"] == STEP_NAME for ch in r.chains)
+        for name in ("purified", "output", "score_after", "score"):
+            torch.testing.assert_close(getattr(r, name), getattr(r2, name))
+        assert n_shared == n_apart - len(x), (n_shared, n_apart)
+
+    @pytest.mark.slow
+    def test_shipped_purifier_separates_pgd_from_clean_faces(self):
+        """On held-out CelebA faces the shipped G's output moves under the shipped P many times
+        more for PGD-disrupted faces than for clean ones (what the shipped profile relies on)."""
+        from tests.conftest import data_dir
+
+        if not (data_dir() / "celeba").is_dir():
+            pytest.skip("no CelebA data")
+        from magdr.train.data import load_celeba, to_tensor
+
+        G = magdr.load_generator("default")
+        celeba = load_celeba(data_dir())
+        x = to_tensor(celeba["images"][8000:8012])
+        c = magdr.condition(G, {"Blond_Hair": 1}, batch=len(x))
+        x_adv = attacks.pgd(G, x, c, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            y, y_adv = G(x, c), G(x_adv, c)
+            hit = (y_adv - y).square().mean((1, 2, 3)) > 0.05
+
+            def moved(z):
+                return (G(apply("purifier", z), c) - G(z, c)).square().mean((1, 2, 3))
+
+            clean, attacked = moved(x), moved(x_adv)[hit]
+        assert hit.sum() >= 3
+        assert attacked.min() > 5 * clean.max(), (attacked, clean)

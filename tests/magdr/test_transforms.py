@@ -44,6 +44,7 @@ class TestRegistry:
     def test_expected_categories(self):
         assert set(REGISTRY) == {
             "jpeg", "gaussian_blur", "median", "bilateral", "nl_means", "bitdepth", "resize",
+            "purifier",
         }  # fmt: skip
         for name, t in REGISTRY.items():
             assert t.category == name and t.grid, name
