@@ -313,10 +313,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     adv = staging / attack_name(clip)
     t0 = time.monotonic()
     report = out / f"{adv.name}.report.jsonl"
-    # PGD on the face crops, pasted back: the attack the shipped profile detects. PGD through
-    # the daemon's own framing (`magdr-guard attack`'s default) evades it today (issue 17).
+    # PGD through the daemon's own framing, as `magdr-guard attack` makes it: the perturbation
+    # survives the daemon cropping the written frame again.
     r = attack_file(_base_config(args), clip, adv, "pgd", args.eps, args.steps,
-                    frames=args.attack_frames, report=report, through_frame=False)  # fmt: skip
+                    frames=args.attack_frames, report=report)  # fmt: skip
     dlog.say(f"  {r.summary()} in {time.monotonic() - t0:.1f} s -> {adv.name}")
     shutil.copy2(clip, staging / clip.name)
     cfg.sources = [FolderSourceConfig(path=str(inbox), stable_s=0.2)]

@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+#: Where the shipped weights live: the default G, parser, purifier and profile.
+WEIGHTS_DIR = Path(__file__).resolve().parent / "models" / "weights"
+
 #: Keys under which training scripts commonly nest a state dict.
 CONTAINER_KEYS = (
     "state_dict", "G", "netG", "generator", "G_state_dict", "model_state_dict", "model", "net",

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from magdr.checkpoints import WEIGHTS_DIR
 from magdr.faces.regions import REGIONS
 from magdr.metrics import DISTANCES
 from magdr.transforms import get as get_transform
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "models" / "weights"
 DEFAULT_PROFILE = WEIGHTS_DIR / "profile.json"
 
 #: Rec-Net's candidate layers B_i: the categories each layer may use (grids from the registry).

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from magdr.checkpoints import (
+    WEIGHTS_DIR,
     CheckpointError,
     load_strict,
     read_state_dict,
@@ -39,7 +40,6 @@ from magdr.checkpoints import (
     weights_digest,
 )
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "models" / "weights"
 DEFAULT_PURIFIER = WEIGHTS_DIR / "purifier.pt"
 
 #: The name chains give the purifier step (``GuardResult.chains``).

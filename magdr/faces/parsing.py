@@ -31,11 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from magdr.check import check_images
-from magdr.checkpoints import CheckpointError, load_strict, read_state_dict, resolve_device
+from magdr.checkpoints import (
+    WEIGHTS_DIR,
+    CheckpointError,
+    load_strict,
+    read_state_dict,
+    resolve_device,
+)
 from magdr.faces.regions import BISENET_CLASSES
 
 NUM_CLASSES = len(BISENET_CLASSES)
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "models" / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "parser.pt"
 #: Where dlib's 68-point landmark model is looked for (Debian's ``libdlib-data``).
 DLIB_LANDMARKS = Path("/usr/share/dlib/shape_predictor_68_face_landmarks.dat")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from magdr.checkpoints import (
+    WEIGHTS_DIR,
     CheckpointError,
     key_list,
     load_strict,
@@ -36,7 +37,6 @@ from magdr.models.cyclegan import CycleGAN
 from magdr.models.ganimation import GANimation, drop_debug_aliases
 from magdr.models.stargan import StarGAN
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_NAME = "default_G.pt"
 KINDS: dict[str, type[Generator]] = {
     "stargan": StarGAN,

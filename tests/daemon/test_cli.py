@@ -176,7 +176,7 @@ def test_pass_through_commands_are_wired(capsys, cmd, own_option):
 
 
 def test_attack_on_the_crop_when_not_through_the_frame(tmp_path, tiny_models, monkeypatch):
-    """``through_frame=False`` (the demo's attack): PGD on the crop, pasted back; the frame
+    """``through_frame=False``: PGD on the crop, pasted back (the pre-frame-path attack); the frame
     path is not used, and the report still checks the re-cropped faces."""
     from daemon.attack import attack_file
     from daemon.config import load_config
