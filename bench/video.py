@@ -95,10 +95,6 @@ def celeba_conditions(engine: Any, n: int) -> dict[str, dict[str, int]]:
     return out
 
 
-def _frames_at(path: Path, indices: set[int], max_pixels: int) -> dict[int, np.ndarray]:
-    return {f.index: f.image for f in media.decode(path, max_pixels) if f.index in indices}
-
-
 def attacked(
     engine: Any, clip: Path, eps: float, steps: int, frames: int, tmp: Path
 ) -> dict[str, Any]:
@@ -110,42 +106,8 @@ def attacked(
     t0 = time.monotonic()
     rep = attack_file(cfg, clip, dst, "pgd", eps=eps, steps=steps, frames=frames)
     wall = time.monotonic() - t0
-    idx = {row["frame"] for row in rep.rows}
-    mp = engine.cfg.guard.max_frame_pixels
-    clean_frames, adv_frames = _frames_at(clip, idx, mp), _frames_at(dst, idx, mp)
-    disrupting = flagged = 0
-    for i in sorted(idx):
-        d, f = _recrop_check(engine, clean_frames[i], adv_frames[i])
-        disrupting, flagged = disrupting + d, flagged + f
-    return {"attacked": rep.attacked, "disrupting": disrupting, "flagged": flagged,
+    return {"attacked": rep.attacked, "disrupting": rep.disrupting, "flagged": rep.flagged or 0,
             "seconds_per_face": wall / max(rep.attacked, 1)}  # fmt: skip
-
-
-@torch.inference_mode()
-def _recrop_check(engine: Any, clean_frame: np.ndarray, adv_frame: np.ndarray) -> tuple[int, int]:
-    """The attacked frame's faces, found again and matched to the clean frame's by overlap.
-
-    Returns how many still disrupt G (MSE > 0.05) and how many of those the guard flags.
-    """
-    from daemon.attack import MATCH_IOU
-    from daemon.tracks import iou
-    from magdr.attacks import SUCCESS_MSE
-
-    before, after = engine.find_faces(clean_frame), engine.find_faces(adv_frame)
-    if not before.boxes or not after.boxes:
-        return 0, 0
-    cond = engine.default_cond[None]
-    y0 = engine.G(before.x, cond.expand(len(before.boxes), -1))
-    y1 = engine.G(after.x, cond.expand(len(after.boxes), -1))
-    flags = engine.guard.detect(after.x, cond.expand(len(after.boxes), -1)).disrupted
-    disrupting = flagged = 0
-    for a, box in enumerate(before.boxes):
-        ious = [iou(box, b) for b in after.boxes]
-        j = int(np.argmax(ious))
-        if ious[j] >= MATCH_IOU and float((y1[j] - y0[a]).pow(2).mean()) > SUCCESS_MSE:
-            disrupting += 1
-            flagged += bool(flags[j])
-    return disrupting, flagged
 
 
 def fps(clip: Path, frames: int, threads: int, tmp: Path) -> dict[str, float]:

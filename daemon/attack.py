@@ -47,11 +47,14 @@ class AttackReport:
     """What ``attack_file`` did: faces attacked, and how many the daemon's crop left disrupting.
 
     ``lost`` faces were not found again on the attacked frame (counted as not disrupting).
+    ``flagged``: of the disrupting faces, how many the guard flags on that crop (``None``
+    when the configuration runs without a guard).
     """
 
     attacked: int = 0
     disrupting: int = 0
     lost: int = 0
+    flagged: int | None = None
     frames: int = 0
     lossless: bool = True
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -63,9 +66,10 @@ class AttackReport:
 
     def summary(self) -> str:
         """One line for the console."""
+        guard = "" if self.flagged is None else f", {self.flagged} of them flagged by the guard"
         return (
             f"{self.attacked} faces attacked, {self.disrupting} still disrupt G after the "
-            f"daemon's crop ({100 * self.rate:.0f}%; {self.lost} not found again)"
+            f"daemon's crop ({100 * self.rate:.0f}%; {self.lost} not found again){guard}"
         )
 
 
@@ -231,7 +235,12 @@ class Attacker:
         with torch.no_grad():
             y_fixed = e.G(fixed.to(e.device), self._cond(len(mats)))
             y = e.G(again.x.to(e.device), self._cond(len(again.boxes))) if again.boxes else None
-        mse, mse_fixed, drift = [], [], []
+        # The guard's verdict on the crops the daemon will see (what a red team wants to know).
+        verdicts = None
+        if e.guard is not None and again.boxes:
+            x_again = again.x.to(e.device)
+            verdicts = e.guard.detect(x_again, self._cond(len(again.boxes))).disrupted.tolist()
+        mse, mse_fixed, drift, flagged = [], [], [], []
         for i, box in enumerate(crops.boxes):
             mse_fixed.append(round(float((y_fixed[i] - r[i]).pow(2).mean()), 5))
             ious = [iou(box, b) for b in again.boxes]
@@ -239,21 +248,27 @@ class Attacker:
             if j < 0 or ious[j] < MATCH_IOU:
                 mse.append(None)
                 drift.append(None)
+                flagged.append(None)
                 continue
             assert y is not None
             mse.append(round(float((y[j] - r[i]).pow(2).mean()), 5))
             drift.append(round(_drift(mats[i], mats2[j], e.size), 2))
+            flagged.append(None if verdicts is None else verdicts[j])
         n = len(crops.boxes)
-        hit = sum(m is not None and m > SUCCESS_MSE for m in mse)
+        hits = [m is not None and m > SUCCESS_MSE for m in mse]
         lost = mse.count(None)
         rep = self.report
         rep.attacked, rep.disrupting, rep.lost, rep.frames = (
-            rep.attacked + n, rep.disrupting + hit, rep.lost + lost, rep.frames + 1
+            rep.attacked + n, rep.disrupting + sum(hits), rep.lost + lost, rep.frames + 1
         )  # fmt: skip
+        if e.guard is not None:
+            rep.flagged = (rep.flagged or 0) + sum(
+                bool(f) for f, h in zip(flagged, hits, strict=True) if h
+            )
         rep.rows.append({
-            "frame": index, "faces": n, "disrupting": hit, "lost": lost,
+            "frame": index, "faces": n, "disrupting": sum(hits), "lost": lost,
             "boxes": crops.boxes, "mse": mse, "mse_same_crop": mse_fixed, "drift_px": drift,
-            "crc32": zlib.crc32(out.tobytes()),
+            "flagged": flagged, "crc32": zlib.crc32(out.tobytes()),
         })  # fmt: skip
 
 
@@ -289,12 +304,12 @@ def attack_file(
     Videos are written losslessly (libx264rgb, CRF 0, Matroska) so the perturbation survives;
     images as PNG. ``frames > 0`` attacks only that many frames, spread evenly over the video
     (the others are copied untouched), to keep CPU demos short. The report (JSON lines, one
-    per attacked frame) goes to ``report`` or :func:`report_name` beside ``dst``.
+    per attacked frame) goes to ``report`` or :func:`report_name` beside ``dst``. With
+    ``[guard] enabled``, it also gives the guard's verdict on each face the daemon will crop.
     """
     from daemon import media
     from daemon.engine import Engine
 
-    cfg.guard.enabled = False  # only G is needed to attack it
     attacker = Attacker(Engine(cfg), method, eps, steps, seed, eot, through_frame)
     info = media.probe(src)
     chosen = None

@@ -93,8 +93,10 @@ def test_attack_writes_a_lossless_disrupted_copy(tmp_path, tiny_models, capsys):
         assert r["lost"] == 0 and r["lossless"] is True  # decoded again, bit for bit
         # faces = "frame": the framing cannot move, so the re-crop is the attacked crop
         assert r["mse"][0] == pytest.approx(r["mse_same_crop"][0], abs=1e-4)
+        assert r["flagged"] == [None]  # this configuration runs without a guard
     hit = sum(r["disrupting"] for r in rows)
     assert f"3 faces attacked, {hit} still disrupt G after the daemon's crop" in text
+    assert "flagged by the guard" not in text
     assert (tmp_path / "adv" / "f.adv.png.report.jsonl").is_file()
     # --frames 1: one frame attacked, the others copied losslessly
     assert (
@@ -193,3 +195,21 @@ def test_attack_on_the_crop_when_not_through_the_frame(tmp_path, tiny_models, mo
     assert rep.attacked == 2 and rep.frames == 2 and rep.lossless
     with pytest.raises(AssertionError, match="frame path"):
         attack_file(cfg, tmp_path / "v.mp4", tmp_path / "w.adv.mkv", "pgd", eps=0.05, steps=1)
+
+
+def test_attack_report_gives_the_guards_verdict(tmp_path, tiny_models, capsys):
+    """With the guard configured, each re-cropped face carries its verdict, and the summary
+    counts the disrupting faces it flags."""
+    cfg = write_config(tmp_path / "c.toml", tiny_models, guard=True)
+    make_clip(tmp_path / "v.mp4", frames=2, size=(32, 32))
+    rc = main(["attack", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "adv"),
+               "--config", str(cfg), "--steps", "2", "--eps", "0.1"])  # fmt: skip
+    assert rc == 0
+    rows = [json.loads(x) for x in (tmp_path / "adv" / "v.adv.mkv.report.jsonl").open()]
+    assert len(rows) == 2
+    for r in rows:
+        assert len(r["flagged"]) == r["faces"] == 1 and isinstance(r["flagged"][0], bool)
+    flagged = sum(
+        f for r in rows for f, m in zip(r["flagged"], r["mse"], strict=True) if m > 0.05
+    )
+    assert f"{flagged} of them flagged by the guard" in capsys.readouterr().out
