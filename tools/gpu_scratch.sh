@@ -11,7 +11,7 @@
 #   run(command="MAGDR_DATA=.gpu/data bash tools/gpu_scratch.sh", carry=[".gpu"], timeout_s=...)
 #
 # Measured on an H200 (AE_MIN=0.9 S1_MIN=1.2 S2_MIN=2.0): 278 s of training, 6 of 13 bars on
-# 1000 validation faces, E2's level (MODEL_CARD, part 4).
+# 1000 validation faces, E2's level (docs/training-log.md, generator part 4).
 #
 # Inputs: $MAGDR_DATA, $CLASSIFIERS (eval.pt, aux.pt), the minutes per stage (AE_MIN, S1_MIN,
 # S2_MIN). DEVICE, N_TRAIN, N_EVAL and S1_STEPS exist to rehearse it on a CPU.

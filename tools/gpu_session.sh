@@ -47,7 +47,7 @@ common=(--n-train "$N_TRAIN" --batch 32 --d-dim 32 --stage1-steps 0 --steps 1000
         --init magdr/models/weights/default_G.pt --max-minutes "$TRAIN_MIN" --lambda-cls 2
         --lr2 3e-4)
 RECIPES=(t1 t2 t3)
-# Model card, generator part 5: a hair-only teacher (--aux-hair) makes the hair edits real hair
+# docs/training-log.md, part 5: a hair-only teacher (--aux-hair) makes the hair edits real hair
 # colour, a tint penalty (--lambda-tint) keeps the rest of the image's colour; run h3 on the CPU
 # (batch 8, 30 min) reached ratios 1.29/1.39/1.16 with every PSNR bar. t1 is h3 at batch 32;
 # t2 holds the rest of the image harder. t3 (part 6) distils the shipped G's edits with the hair

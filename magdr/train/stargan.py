@@ -30,7 +30,7 @@ keeps stage 1's recoloured target instead: the evaluation classifier recognises 
 as the requested colour for only 15–29% of faces, so they cannot carry the recognisability
 bar.)
 
-Options tried on top (model card, generator part 5; none is in the shipped weights):
+Options tried on top (docs/training-log.md, generator parts 5–6; none is in the shipped weights):
 
 - ``--teacher G.pt``: stage 1 as distillation. Male/Young are flipped too, their target is the
   teacher's output (:func:`distillation_target`), hair requests get the recoloured hair on top.
