@@ -349,9 +349,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     if not args.skip_throughput:
         t0 = time.time()
         m = min(args.n_throughput, len(val))
+        hit = pgd.ok.nonzero().flatten()[:m]  # the PGD faces that disrupt G
         thr_res = throughput.run(
-            bench, val.x[:m], pgd.x_adv[:m], None if val.c is None else val.c[:m]
-        )
+            bench, val.x[:m], pgd.x_adv[:m], None if val.c is None else val.c[:m],
+            disrupted=(pgd.x_adv[hit], None if val.c is None else val.c[hit]),
+        )  # fmt: skip
         lap("throughput", t0)
 
     # ---- report ----

@@ -56,21 +56,26 @@ def run(
     x_adv: torch.Tensor,
     c: torch.Tensor | None,
     repeats: int = 1,
+    disrupted: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> dict[str, Any]:
     """Time G, guard(clean) and guard(attacked) on the same faces and batch size.
 
     Args:
         bench: the benchmark state.
         x_clean: clean faces :math:`(B, 3, S, S)`.
-        x_adv: the same faces attacked (PGD), same shape.
+        x_adv: the same faces attacked (PGD), same shape; only some of them disrupt G.
         c: their conditions.
         repeats: passes over the faces per phase.
+        disrupted: attacked faces that all disrupt G and their conditions: what a disrupted
+            face costs (detection, reconstruction, the check after it).
     """
     res: dict[str, Any] = {
         "plain G": _timed(bench, lambda xb, cb: bench.G(xb, cb), x_clean, c, repeats),
         "guard, clean input": _timed(bench, bench.guard, x_clean, c, repeats),
         "guard, attacked input": _timed(bench, bench.guard, x_adv, c, repeats),
     }
+    if disrupted is not None and disrupted[0].shape[0]:
+        res["guard, disrupted input"] = _timed(bench, bench.guard, *disrupted, repeats)
     base = res["plain G"]["faces_per_s"]
     for v in res.values():
         v["ratio"] = v["faces_per_s"] / base
