@@ -87,7 +87,11 @@ def choose_threshold(
     Every cut between two neighbouring scores is a candidate. Among those that flag at most
     ``fpr`` of the clean scores, the one with the largest TPR − FPR (Youden's J) wins, placed in
     the middle of its interval (the widest on ties). Fully separated scores give the middle of
-    the gap (rule ``gap-midpoint``: no training false alarm, the most room on both sides). When
+    the gap (rule ``gap-midpoint``: no training false alarm, the most room on both sides). The
+    middle is geometric, √(lo·hi), when both ends are positive: scores are distances, clean ones
+    packed near zero and attacked ones spread over a decade, and an attack weaker than the
+    training ones (a smaller budget, a perturbation smoothed by the daemon's resampling) scores
+    lower by a factor, so each side gets the same factor of room. When
     they overlap a little (``youden-midpoint``), one or two attacked faces that G's output hides
     well do not drag the threshold down to the clean (1 − fpr) quantile, which on video flags far
     more than ``fpr`` of the frames. Without attacked scores: that quantile (``clean-quantile``).
@@ -122,7 +126,12 @@ def choose_threshold(
     width = torch.where(j == j.max(), hi - lo, torch.tensor(-1.0, dtype=torch.float64))
     i = int(width.argmax())
     rule = "gap-midpoint" if float(j[i]) == 1.0 else "youden-midpoint"
-    return float((lo[i] + hi[i]) / 2), rule
+    return _middle(float(lo[i]), float(hi[i])), rule
+
+
+def _middle(lo: float, hi: float) -> float:
+    """The middle of ``(lo, hi)``: geometric for positive ends, else arithmetic."""
+    return math.sqrt(lo * hi) if lo > 0 else (lo + hi) / 2
 
 
 def separation_margin(neg: torch.Tensor, pos: torch.Tensor, fpr: float = 0.05) -> float:

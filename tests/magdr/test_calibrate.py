@@ -53,8 +53,11 @@ class TestAUROC:
 
 class TestChooseThreshold:
     def test_separated_scores_give_the_middle_of_the_gap(self):
-        neg, pos = torch.tensor([0.1, 0.3, 0.2]), torch.tensor([0.9, 0.7])
-        assert choose_threshold(neg, pos) == (pytest.approx(0.5), "gap-midpoint")
+        neg, pos = torch.tensor([0.1, 0.3, 0.2]), torch.tensor([1.2, 0.75])
+        # Geometric: as many times above the highest clean score as below the lowest attacked.
+        assert choose_threshold(neg, pos) == (pytest.approx(0.15**0.5), "gap-midpoint")
+        neg, pos = torch.tensor([-0.3, -0.1]), torch.tensor([0.5])  # ends not both positive
+        assert choose_threshold(neg, pos) == (pytest.approx(0.2), "gap-midpoint")
 
     def test_one_attacked_outlier_does_not_pull_it_to_the_quantile(self):
         # 100 clean scores 0.00..0.99, 50 attacked at 2.0 and one hidden at 0.5: the clean 95%
@@ -63,7 +66,7 @@ class TestChooseThreshold:
         neg = torch.arange(100) / 100
         pos = torch.cat([torch.tensor([0.5]), torch.full((50,), 2.0)])
         t, rule = choose_threshold(neg, pos, fpr=0.05)
-        assert rule == "youden-midpoint" and t == pytest.approx((0.99 + 2.0) / 2)
+        assert rule == "youden-midpoint" and t == pytest.approx((0.99 * 2.0) ** 0.5)
 
     def test_never_exceeds_the_fpr_cap(self):
         # Attacked scores spread over the top of the clean ones: J alone would go lower than the
@@ -131,7 +134,7 @@ class TestFit:
         if float(s_neg.max()) < float(s_pos.min()):
             # Fully separated training scores: the middle of the gap, no training false alarm.
             assert p.meta["threshold_rule"] == "gap-midpoint"
-            mid = (float(s_neg.max()) + float(s_pos.min())) / 2
+            mid = (float(s_neg.max()) * float(s_pos.min())) ** 0.5
             assert p.threshold == pytest.approx(mid, rel=1e-5)
             assert p.meta["fpr_train"] == 0.0 and p.meta["tpr_train"] == 1.0
         else:
