@@ -55,7 +55,7 @@ class TestChooseThreshold:
     def test_separated_scores_give_the_middle_of_the_gap(self):
         neg, pos = torch.tensor([0.1, 0.3, 0.2]), torch.tensor([1.2, 0.75])
         # Geometric: as many times above the highest clean score as below the lowest attacked.
-        assert choose_threshold(neg, pos) == (pytest.approx(0.15**0.5), "gap-midpoint")
+        assert choose_threshold(neg, pos) == (pytest.approx((0.3 * 0.75) ** 0.5), "gap-midpoint")
         neg, pos = torch.tensor([-0.3, -0.1]), torch.tensor([0.5])  # ends not both positive
         assert choose_threshold(neg, pos) == (pytest.approx(0.2), "gap-midpoint")
 
