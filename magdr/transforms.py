@@ -234,7 +234,10 @@ def purifier(x: torch.Tensor, path: str = "default") -> torch.Tensor:
         if key not in _purifiers:
             from magdr.purifier import load_purifier
 
-            _purifiers[key] = load_purifier(path, x.device).requires_grad_(False)
+            # Loaded as normal tensors even when the first call comes under inference mode:
+            # an adaptive attack later differentiates through the same cached P.
+            with torch.inference_mode(False):
+                _purifiers[key] = load_purifier(path, x.device).requires_grad_(False)
     P = _purifiers[key]
     return P(x.to(P.head.weight.dtype)).to(x.dtype)
 
