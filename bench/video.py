@@ -133,7 +133,7 @@ def fps(clip: Path, frames: int, threads: int, tmp: Path) -> dict[str, float]:
 
 def section(
     rows: list[dict[str, Any]], command: str, profile: str,
-    celeba: dict[str, dict[str, int]] | None = None,
+    celeba: dict[str, dict[str, int]] | None = None, every: int = 10,
 ) -> str:  # fmt: skip
     """The ``## Video`` section from the per-clip rows (and CelebA's per-edit false alarms)."""
     from bench.__main__ import commit
@@ -145,7 +145,7 @@ def section(
     head = (
         f"Every shared clip through the daemon's own face path (aligned crops, the "
         f"`config/default.toml` defaults, profile `{profile}`). Made by `{command}` at commit "
-        f"`{commit()}` on this 2-core CPU. Clean faces: every 10th frame; attacks: "
+        f"`{commit()}` on this 2-core CPU. Clean faces: every {every}th frame; attacks: "
         "`magdr-guard attack --method pgd` through the frame path (EoT over the re-crop), "
         "faces found again on the written frame; *disrupting* = MSE(G(x̂), G(x)) > 0.05 "
         "after that re-crop; *recall* = disrupting faces the guard flags.\n"
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.json:
         a.json.write_text(json.dumps({"clips": rows, "celeba": celeba}, indent=1))
     command = "python -m bench.video " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = section(rows, command.strip(), engine.profile_name, celeba)
+    text = section(rows, command.strip(), engine.profile_name, celeba, a.every)
     print(text)
     if a.report:
         from bench.report import put_section
