@@ -265,13 +265,23 @@ class Detector(nn.Module):
             torch.tensor(v, dtype=like.dtype, device=like.device) for v in (p.w, p.mu, p.sigma)
         )
 
-    def applied_transforms(self) -> list[dict[str, Any]]:
-        """The transforms behind ``Detection.inputs_k``, in order: the K, then f_ref if apart."""
+    def applied_transforms(
+        self, transforms: list[dict[str, Any]] | None = None
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """The transforms behind ``Detection.inputs_k`` and where f_ref is among them.
+
+        ``transforms`` (the profile's K by default), then f_ref when it is not one of them: the
+        benchmark input rides along in G's one call, reused when it is an f_k.
+        """
         p = self.profile
-        ts = list(p.consistency)
-        if p.reference is not None and _index_of(ts, p.reference) is None:
+        ts = list(transforms or p.consistency)
+        if p.reference is None:
+            return ts, None
+        i_ref = _index_of(ts, p.reference)
+        if i_ref is None:
+            i_ref = len(ts)
             ts.append(p.reference)
-        return ts
+        return ts, i_ref
 
     def forward(
         self,
@@ -297,15 +307,8 @@ class Detector(nn.Module):
         check_images(x)
         check_shape(regions, [str(x.shape[0]), str(len(REGIONS)), "H", "W"], "regions")
         p = self.profile
-        transforms = list(transforms or p.consistency)
-        k = len(transforms)
-        ref = p.reference
-        if ref is not None:
-            # The benchmark input rides along in G's one call (reused when it is an f_k).
-            i_ref = _index_of(transforms, ref)
-            if i_ref is None:
-                i_ref = len(transforms)
-                transforms.append(ref)
+        k = len(transforms or p.consistency)
+        transforms, i_ref = self.applied_transforms(transforms)
         x_all = transformed_inputs(x, transforms, differentiable)
         y, y_all = outputs_under_transforms(
             self.G, x, c, transforms, x_k=x_all, stacked=self.stacked, y=y
@@ -317,7 +320,7 @@ class Detector(nn.Module):
         )
         d, d_c = d_all[:, :-1], d_all[:, -1]
         d_ref = None
-        if ref is not None:
+        if i_ref is not None:
             d_ref = region_distances(x_all[i_ref], y_all[:, i_ref], regions, p.distances)
         excess = excess_distances(d, d_ref)
         present = region_presence(regions, p.min_region_area)

@@ -144,7 +144,7 @@ class Guard(nn.Module):
         source = getattr(self.purifier, "source", None)
         if source is None:
             return None
-        for k, t in enumerate(self.detector.applied_transforms()):
+        for k, t in enumerate(self.detector.applied_transforms()[0]):
             path = t.get("params", {}).get("path", "default")
             if t["name"] == STEP_NAME and purifier_path(path).resolve() == source:
                 return k
