@@ -283,11 +283,50 @@ class Detector(nn.Module):
             ts.append(p.reference)
         return ts, i_ref
 
+    def distortion(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        x_ref: torch.Tensor | None,
+        y_ref: torch.Tensor | None,
+        regions: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The distortion detector's half: S_dist (Eq. 4–6) and the region flags V_i (Eq. 5).
+
+        Args:
+            x: inputs x̂, :math:`(B, 3, H, W)`.
+            y: G(x̂, c), same shape.
+            x_ref: f_ref(x̂), or ``None`` without a reference (the paper's absolute distances).
+            y_ref: G(f_ref(x̂), c), or ``None``.
+            regions: :math:`(B, N, H, W)` soft region masks of x̂.
+            targets: :math:`(B, N)` 0/1 target regions.
+
+        Returns:
+            ``s_dist`` :math:`(B,)`, ``flags`` :math:`(B, N)`, ``distances`` and ``excess``
+            :math:`(B, N, M)` (the fields of :class:`Detection`).
+        """
+        check_shape(regions, [str(x.shape[0]), str(len(REGIONS)), "H", "W"], "regions")
+        p = self.profile
+        # The target region M_c rides along as one more mask: one pass over the pixel maps.
+        d_all = region_distances(
+            x, y, torch.cat([regions, target_mask(regions, targets)], 1), p.distances
+        )
+        d, d_c = d_all[:, :-1], d_all[:, -1]
+        d_ref = None
+        if x_ref is not None:
+            d_ref = region_distances(x_ref, y_ref, regions, p.distances)
+        excess = excess_distances(d, d_ref)
+        present = region_presence(regions, p.min_region_area)
+        w, mu, sigma = self._stats(x)
+        s_dist = distortion_score(excess, targets, present, w, mu, sigma)
+        return s_dist, distortion_flags(d, d_c, targets, present), d, excess
+
     def forward(
         self,
         x: torch.Tensor,
         c: torch.Tensor | None,
-        regions: torch.Tensor,
+        regions: torch.Tensor | None,
         targets: torch.Tensor,
         transforms: list[dict[str, Any]] | None = None,
         differentiable: bool = False,
@@ -298,42 +337,42 @@ class Detector(nn.Module):
         Args:
             x: inputs x̂, :math:`(B, 3, H, W)` in [-1, 1].
             c: conditions :math:`(B, c_dim)` or ``None``.
-            regions: :math:`(B, N, H, W)` soft region masks of x̂.
+            regions: :math:`(B, N, H, W)` soft region masks of x̂; ``None`` skips the
+                distortion detector, which only a profile with λ = 0 allows (S_final is then
+                S_cons alone): ``s_dist``, ``distances`` and ``excess`` come back NaN, no
+                region flagged.
             targets: :math:`(B, N)` 0/1 target regions (``G.target_regions(c)``).
             transforms: the consistency transforms; the profile's K by default.
             differentiable: BPDA through the transforms (for adaptive attacks).
             y: G(x̂, c) when the caller has it (not computed again).
         """
         check_images(x)
-        check_shape(regions, [str(x.shape[0]), str(len(REGIONS)), "H", "W"], "regions")
         p = self.profile
+        if regions is None and p.lam != 0:
+            raise ValueError(f"regions: needed for S_dist, whose weight λ is {p.lam:g}")
         k = len(transforms or p.consistency)
         transforms, i_ref = self.applied_transforms(transforms)
         x_all = transformed_inputs(x, transforms, differentiable)
         y, y_all = outputs_under_transforms(
             self.G, x, c, transforms, x_k=x_all, stacked=self.stacked, y=y
         )
-        y_k = y_all[:, :k]
-        # The target region M_c rides along as one more mask: one pass over the pixel maps.
-        d_all = region_distances(
-            x, y, torch.cat([regions, target_mask(regions, targets)], 1), p.distances
-        )
-        d, d_c = d_all[:, :-1], d_all[:, -1]
-        d_ref = None
-        if i_ref is not None:
-            d_ref = region_distances(x_all[i_ref], y_all[:, i_ref], regions, p.distances)
-        excess = excess_distances(d, d_ref)
-        present = region_presence(regions, p.min_region_area)
-        w, mu, sigma = self._stats(x)
-        s_dist = distortion_score(excess, targets, present, w, mu, sigma)
-        s_cons = consistency_score(y, y_k, p.cons_distance)
-        score = final_score(s_dist, s_cons, p.lam)
+        s_cons = consistency_score(y, y_all[:, :k], p.cons_distance)
+        if regions is None:
+            b, m = x.shape[0], len(p.distances)
+            d, excess = (x.new_full((b, len(REGIONS), m), float("nan")) for _ in range(2))
+            s_dist = x.new_full((b,), float("nan"))
+            flags = torch.zeros(b, len(REGIONS), dtype=torch.bool, device=x.device)
+            score = s_cons
+        else:
+            ref = (None, None) if i_ref is None else (x_all[i_ref], y_all[:, i_ref])
+            s_dist, flags, d, excess = self.distortion(x, y, *ref, regions, targets)
+            score = final_score(s_dist, s_cons, p.lam)
         return Detection(
             score=score,
             s_dist=s_dist,
             s_cons=s_cons,
             disrupted=score > p.threshold,
-            flags=distortion_flags(d, d_c, targets, present),
+            flags=flags,
             distances=d,
             excess=excess,
             output=y,

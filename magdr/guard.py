@@ -3,7 +3,8 @@
 Per batch of faces x̂ and conditions c::
 
     y = G(x̂, c)                       (with the K transformed inputs: stacked on a GPU)
-    M = regions(parser(x̂))            19 soft classes -> N attribute regions
+    M = regions(parser(x̂))            19 soft classes -> N attribute regions (with λ = 0: only
+                                       for flagged faces, whose search needs the regions)
     S_final = λ·S_dist + S_cons        Eq. 4-7, 9  -> disrupted?
     if disrupted: x* = P(x̂)           the learned purifier (magdr.purifier), when G has one;
                   x* = RecNet(x*)     Algorithm 1 per region patch, if S_final(x*) is still high;
@@ -44,7 +45,8 @@ class GuardResult:
     Attributes:
         disrupted: bool :math:`(B,)`, S_final of the input above the threshold.
         score: S_final of the input (Eq. 9), :math:`(B,)`.
-        s_dist: S_dist (Eq. 6), :math:`(B,)`.
+        s_dist: S_dist (Eq. 6), :math:`(B,)`; NaN for an item not flagged when the profile's
+            λ is 0 (S_dist does not count there, and the parse it needs is skipped).
         s_cons: S_cons (Eq. 7), :math:`(B,)`.
         output: :math:`(B, 3, H, W)`, G(purified, c); equals G(x, c) where not disrupted.
         purified: :math:`(B, 3, H, W)`, the input given to G for ``output``.
@@ -134,6 +136,10 @@ class Guard(nn.Module):
         self.recnet_chunk = recnet_chunk or (256 if self.device.type == "cuda" else 32)
         self.purifier = purifier_for(self.G, purifier, self.device)
         self._purifier_k = self._purifier_in_detector()
+        #: The detector's consistency runs a learned purifier (this one or a distilled copy).
+        self._detector_purifies = any(
+            t["name"] == STEP_NAME for t in self.detector.applied_transforms()[0]
+        )
 
     def _purifier_in_detector(self) -> int | None:
         """Where the detector already runs this guard's purifier (``Detection.inputs_k``).
@@ -224,6 +230,31 @@ class Guard(nn.Module):
             c = None
         return x, c
 
+    def _parse_flagged(
+        self, x: torch.Tensor, det: Detection, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Regions of the flagged items only, their S_dist and flags filled into ``det``.
+
+        With λ = 0 the verdict is S_cons's, and the parser (as costly as a pass of G) is spent
+        only where Rec-Net and the region flags need it. Unflagged rows stay zero (never read).
+        """
+        regions = x.new_zeros(x.shape[0], len(REGIONS), *x.shape[2:])
+        idx = det.disrupted.nonzero().flatten()
+        if idx.numel() == 0:
+            return regions
+        regions[idx] = self.regions(x[idx])
+        _, i_ref = self.detector.applied_transforms()
+        ref = (None, None)
+        if i_ref is not None:
+            ref = (det.inputs_k[idx, i_ref], det.outputs_k[idx, i_ref])
+        s_dist, flags, d, excess = self.detector.distortion(
+            x[idx], det.output[idx], *ref, regions[idx], targets[idx]
+        )
+        det.s_dist[idx], det.flags[idx], det.distances[idx], det.excess[idx] = (
+            s_dist, flags, d, excess,
+        )  # fmt: skip
+        return regions
+
     def _score_candidates(
         self,
         xc: torch.Tensor,
@@ -267,12 +298,13 @@ class Guard(nn.Module):
             if better[j]:
                 purified[i], output[i], score_after[i] = x_p[j], again.output[j], again.score[j]
                 chains[i].append({"name": STEP_NAME, "params": {}, "region": "all", "layer": 0})
-        if k is not None:
-            # P is the detector's own transform, and P's consistency cannot vouch for P's
-            # output: P is not idempotent, and a second pass moves G's output on a purified face
-            # by 1-5x the threshold (23 PGD faces: 13 stayed "disrupted" after P, at PSNR(O)
-            # 28.9 dB, and Rec-Net's search then cost ~190 passes of G each). The purified face
-            # is kept where P lowered S_final; the search runs only where it did not.
+        if self._detector_purifies:
+            # A purifier is the detector's transform, and a purifier's consistency cannot vouch
+            # for a purifier's output: P is not idempotent, and one more pass moves G's output
+            # on a purified face by 1-5x the threshold (23 PGD faces: 13 stayed "disrupted"
+            # after P, at PSNR(O) 28.9 dB, and Rec-Net's search then cost ~190 passes of G
+            # each). The purified face is kept where P lowered S_final; the search runs only
+            # where it did not.
             return todo[~better]
         return todo[~(better & ~again.disrupted)]
 
@@ -332,9 +364,13 @@ class Guard(nn.Module):
     ) -> GuardResult:
         p = self.profile
         b = x.shape[0]
-        regions = self.regions(x)
         targets = self._targets(c, b)
-        det = self.detector(x, c, regions, targets)
+        if p.lam == 0:
+            det = self.detector(x, c, None, targets)
+            regions = self._parse_flagged(x, det, targets)
+        else:
+            regions = self.regions(x)
+            det = self.detector(x, c, regions, targets)
         purified, output, score_after = x.clone(), det.output.clone(), det.score.clone()
         chains: list[list[dict[str, Any]]] = [[] for _ in range(b)]
         reused = torch.zeros(b, dtype=torch.bool, device=x.device)

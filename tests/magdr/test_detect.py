@@ -291,6 +291,22 @@ class TestDetector:
             det(x, torch.zeros(2, 5), torch.ones(2, 3, 16, 16), torch.zeros(2, len(REGIONS)))
 
 
+    def test_without_regions_only_when_lambda_is_zero(self, small_g, face_parser):
+        x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        c = torch.eye(5)[:3]
+        targets = small_g.target_regions(c)
+        with pytest.raises(ValueError, match="λ is 0.05"):
+            Detector(small_g, Profile())(x, c, None, targets)
+        det = Detector(small_g, Profile(lam=0.0))
+        with torch.no_grad():
+            full = det(x, c, group_regions(face_parser(x)), targets)
+            r = det(x, c, None, targets)
+        torch.testing.assert_close(r.score, full.score)  # S_final is S_cons alone
+        torch.testing.assert_close(r.s_cons, full.s_cons)
+        assert r.s_dist.isnan().all() and r.distances.isnan().all() and r.excess.isnan().all()
+        assert not r.flags.any() and torch.equal(r.disrupted, full.disrupted)
+
+
 class TestReference:
     """S_dist benchmarked per face by G's output for a denoised copy (module docstring)."""
 

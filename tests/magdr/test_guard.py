@@ -147,6 +147,46 @@ class TestResult:
         torch.testing.assert_close(parts.score, whole.score)
 
 
+class CountingParser(nn.Module):
+    """Wraps a parser and records how many faces each call parsed."""
+
+    def __init__(self, parser: nn.Module) -> None:
+        super().__init__()
+        self.parser, self.faces = parser, []
+
+    def forward(self, x):
+        self.faces.append(x.shape[0])
+        return self.parser(x)
+
+
+class TestLambdaZero:
+    """With λ = 0 (the shipped profile) S_final is S_cons alone: only flagged faces are parsed."""
+
+    REF = {"name": "median", "params": {"k": 3}}
+
+    def test_parses_only_the_flagged_faces(self, small_g, face_parser, batch):
+        x, c = batch
+        kw = {"lam": 0.0, "reference": self.REF}
+        full = _guard(small_g, face_parser, **kw).detect(x, c)  # detect parses every face
+        parser = CountingParser(face_parser)
+        guard = _guard(small_g, parser, threshold=_between(full.score), **kw)
+        r = guard(x, c)
+        flagged = r.disrupted
+        assert int(flagged.sum()) == 2 and parser.faces == [2]
+        torch.testing.assert_close(r.score, full.score)
+        torch.testing.assert_close(r.s_dist[flagged], full.s_dist[flagged])
+        assert torch.equal(r.flags[flagged], full.flags[flagged])
+        assert r.s_dist[~flagged].isnan().all() and not r.flags[~flagged].any()
+        with torch.no_grad():
+            torch.testing.assert_close(r.output, small_g(r.purified, c))
+
+    def test_clean_batch_is_never_parsed(self, small_g, face_parser, batch):
+        x, c = batch
+        parser = CountingParser(face_parser)
+        r = _guard(small_g, parser, lam=0.0, threshold=math.inf)(x, c)
+        assert parser.faces == [] and not r.disrupted.any()
+
+
 class TestInputChecks:
     def test_wrong_size(self, small_g, face_parser):
         with pytest.raises(ValueError, match=r"expected faces of 16x16.*got \[32, 32\]"):
