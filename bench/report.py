@@ -364,17 +364,22 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
     lines += ["## Throughput", ""]
     if tp:
         rows = [
-            [k, _f(v["faces_per_s"], 1), f"{v['ratio']:.3g}", _f(v.get("peak_mem_mib"), 0)]
+            [k, _f(v["faces_per_s"], 1), f"{v['ratio']:.3g}", f"{1 / v['ratio']:.2f}×",
+             _f(v.get("peak_mem_mib"), 0)]
             for k, v in tp.items()
             if isinstance(v, dict)
-        ]
+        ]  # fmt: skip
         lines += [
-            f"Batch {tp['batch']}, measured in this run on `{m['device']}`"
+            f"Batch {tp['batch']} unless named (each ratio against plain G at the same batch),"
+            f" measured in this run on `{m['device']}`"
             + (f"; process peak RSS {tp['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in tp else "")
             + ".",
             "",
         ]
-        lines += _table(["", "faces/s", "ratio to plain G", "peak GPU MiB"], rows)
+        lines += _table(
+            ["", "faces/s", "ratio to plain G", "cost per face (plain G = 1)", "peak GPU MiB"],
+            rows,
+        )
         lines += [""]
     else:
         lines += ["Skipped in this run.", ""]
