@@ -44,6 +44,11 @@ from magdr.checkpoints import (
 
 DEFAULT_PURIFIER = WEIGHTS_DIR / "purifier.pt"
 
+#: Purifiers shipped for the default G, by the name a profile or config may give instead of a
+#: path: the full P that reconstructs, and a distilled one, small enough to run on every face
+#: as the detector's consistency transform (``python -m magdr.train.purifier --teacher``).
+SHIPPED = {"default": DEFAULT_PURIFIER, "detector": WEIGHTS_DIR / "purifier-detector.pt"}
+
 #: The name chains give the purifier step (``GuardResult.chains``).
 STEP_NAME = "purifier"
 
@@ -111,12 +116,12 @@ def _meta_path(path: Path) -> Path:
 
 
 def purifier_path(path: str | Path) -> Path:
-    """The checkpoint file ``path`` names: ``"default"`` is the shipped one."""
-    return DEFAULT_PURIFIER if str(path) == "default" else Path(path)
+    """The checkpoint file ``path`` names: a path, or the name of a shipped one (``SHIPPED``)."""
+    return SHIPPED.get(str(path), Path(path))
 
 
 def load_purifier(path: str | Path = "default", device: str | torch.device = "cpu") -> Purifier:
-    """A trained :class:`Purifier` from a checkpoint path, or ``"default"`` (shipped).
+    """A trained :class:`Purifier` from a checkpoint path, or a shipped one's name (``SHIPPED``).
 
     The JSON file beside the checkpoint (same name, ``.json``) gives its ``width`` and what it
     was trained against; it is kept in ``P.meta``, the file's path in ``P.source``.

@@ -9,10 +9,16 @@
    x, plus ``--beta`` × the input distance, plus ``--gamma`` × identity on clean faces (input
    and output), so a false alarm costs nothing.
 
+``--teacher PATH`` distils instead: a (smaller) P learns to give what a trained purifier T gives,
+L1(P(x̂), T(x̂)) + ``--gamma`` × L1(P(x), T(x)), on the same pool. No pass of G per step, so
+it trains in minutes; the guard's detector runs such a P on every face (the profile's
+consistency transform), where the full P's cost would be most of the clean path.
+
 Usage::
 
     python -m magdr.train.purifier                        # default G, CPU: see MODEL_CARD.md
     python -m magdr.train.purifier --G path/G.pt --device cuda --faces 2048 --steps 3000
+    python -m magdr.train.purifier --width 12 --teacher default --out P12.pt   # distil
     python -m magdr.train.purifier --smoke                # 2 steps on fabricated faces, temp dir
 
 ``magdr-guard calibrate --purifier ...`` runs the same :func:`main`. The result is a checkpoint
@@ -75,11 +81,17 @@ def attack_pool(
 
 
 def _outputs(
-    G: torch.nn.Module, x: torch.Tensor, c: torch.Tensor, dev: torch.device, chunk: int = 64
+    G: torch.nn.Module,
+    x: torch.Tensor,
+    c: torch.Tensor | None,
+    dev: torch.device,
+    chunk: int = 64,
 ) -> torch.Tensor:
+    """G(x, c) (or a purifier's P(x) with ``c=None``) in chunks, on the CPU."""
     with torch.no_grad():
         return torch.cat(
-            [G(x[i : i + chunk].to(dev), c[i : i + chunk].to(dev)).cpu()
+            [(G(x[i : i + chunk].to(dev)) if c is None
+              else G(x[i : i + chunk].to(dev), c[i : i + chunk].to(dev))).cpu()
              for i in range(0, len(x), chunk)]
         )  # fmt: skip
 
@@ -108,6 +120,22 @@ def purifier_loss(
         "id_out": F.l1_loss(y[n:], y_clean),
     }
     terms["total"] = terms["out"] + beta * terms["in"] + gamma * (terms["id_in"] + terms["id_out"])
+    return terms
+
+
+def distill_loss(
+    P: torch.nn.Module,
+    x_adv: torch.Tensor,
+    t_adv: torch.Tensor,
+    x_clean: torch.Tensor,
+    t_clean: torch.Tensor,
+    gamma: float,
+) -> dict[str, torch.Tensor]:
+    """``--teacher``'s loss: P's output against the teacher's ``t_*``, attacked and clean faces."""
+    n = x_adv.shape[0]
+    p = P(torch.cat([x_adv, x_clean]))
+    terms = {"out": F.l1_loss(p[:n], t_adv), "id_in": F.l1_loss(p[n:], t_clean)}
+    terms["total"] = terms["out"] + gamma * terms["id_in"]
     return terms
 
 
@@ -154,6 +182,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     )
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--init", type=Path, default=None, help="purifier weights to start from")
+    ap.add_argument(
+        "--teacher", default=None, help="a trained purifier to distil ('default' or a path)"
+    )
     ap.add_argument("--smoke", action="store_true", help="2 steps on fabricated faces, temp dir")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -202,6 +233,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     mse = ((y_adv - y) ** 2).flatten(1).mean(1)
     log.info("pool: %.0f%% of attacks disrupt G (MSE > 0.05)", 100 * (mse > 0.05).float().mean())
 
+    t_adv = t_clean = None
+    if a.teacher is not None:
+        T = load_purifier(a.teacher, dev)
+        with torch.no_grad():
+            t_adv, t_clean = _outputs(T, x_adv, None, dev), _outputs(T, x, None, dev)
+        del T
     P = Purifier(a.width)
     if a.init is not None:
         P = load_purifier(a.init)
@@ -220,12 +257,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         ic = torch.from_numpy(rng.choice(len(x), a.clean_batch, replace=False))
         # No flip augmentation: G(flip(x)) is not flip(G(x)), and a flipped perturbation is no
         # longer the one that disrupts G.
-        terms = purifier_loss(
-            P, G,
-            x_adv[ia].to(dev), c[ia].to(dev), y[ia].to(dev), x[ia].to(dev),
-            x[ic].to(dev), c[ic].to(dev), y[ic].to(dev),
-            a.beta, a.gamma,
-        )  # fmt: skip
+        if t_adv is not None:
+            terms = distill_loss(
+                P, x_adv[ia].to(dev), t_adv[ia].to(dev), x[ic].to(dev), t_clean[ic].to(dev),
+                a.gamma,
+            )  # fmt: skip
+        else:
+            terms = purifier_loss(
+                P, G,
+                x_adv[ia].to(dev), c[ia].to(dev), y[ia].to(dev), x[ia].to(dev),
+                x[ic].to(dev), c[ic].to(dev), y[ic].to(dev),
+                a.beta, a.gamma,
+            )  # fmt: skip
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
         opt.step()
@@ -245,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         batch=[a.batch, a.clean_batch], beta=a.beta, gamma=a.gamma, lr=a.lr, seed=a.seed,
         wall_s=round(wall), device=str(dev),
         init=None if a.init is None else {"path": str(a.init), **getattr(P, "meta", {})},
+        teacher=a.teacher,
     )  # fmt: skip
     log.info("wrote %s", out)
     return {"steps": float(step), "wall_s": wall}

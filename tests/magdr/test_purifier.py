@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,14 +13,16 @@ from magdr import attacks
 from magdr.checkpoints import CheckpointError, weights_digest
 from magdr.guard import Guard
 from magdr.purifier import (
+    SHIPPED,
     STEP_NAME,
     Purifier,
     load_purifier,
     purifier_for,
+    purifier_path,
     save_purifier,
 )
+from magdr.train.purifier import distill_loss, purifier_loss
 from magdr.train.purifier import main as train_main
-from magdr.train.purifier import purifier_loss
 from magdr.transforms import apply, bpda_apply
 from tests.conftest import count_g_images, synthetic_conditions, synthetic_faces
 
@@ -186,6 +189,37 @@ def test_the_loss_teaches_it_to_undo_pgd(tiny_stargan):
     assert clean < 0.1 * before, (clean, before)
 
 
+def test_distillation_learns_the_teacher():
+    """``--teacher``'s loss: a smaller P comes to give what a trained P gives, on held-out faces."""
+    torch.manual_seed(0)
+    T = Purifier(width=8)
+    torch.nn.init.normal_(T.head.weight, std=0.05)  # a teacher that changes faces
+    T.eval()
+    x, x_adv = _faces(48, 1), _faces(48, 2)
+    with torch.no_grad():
+        t, t_adv = T(x), T(x_adv)
+    P = Purifier(width=4)
+    opt = torch.optim.Adam(P.parameters(), lr=3e-3)
+    rng = torch.Generator().manual_seed(3)
+    for _ in range(150):
+        i = torch.randint(0, 40, (8,), generator=rng)
+        terms = distill_loss(P, x_adv[i], t_adv[i], x[i], t[i], gamma=1.0)
+        opt.zero_grad()
+        terms["total"].backward()
+        opt.step()
+    with torch.no_grad():
+        before = (x_adv[40:] - t_adv[40:]).abs().mean()  # the untrained P is the identity
+        after = (P(x_adv[40:]) - t_adv[40:]).abs().mean()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_shipped_names_and_paths(tmp_path):
+    assert purifier_path("default") == SHIPPED["default"]
+    assert purifier_path("detector") == SHIPPED["detector"]
+    assert purifier_path(tmp_path / "p.pt") == tmp_path / "p.pt"
+    assert purifier_path("runs/p.pt") == Path("runs/p.pt")
+
+
 def test_training_command_smoke(tmp_path):
     out = tmp_path / "p.pt"
     train_main(["--smoke", "--out", str(out)])
@@ -241,6 +275,30 @@ class TestAsConsistencyTransform:
         for name in ("purified", "output", "score_after", "score"):
             torch.testing.assert_close(getattr(r, name), getattr(r2, name))
         assert n_shared == n_apart - len(x), (n_shared, n_apart)
+
+    def test_a_detector_purifier_keeps_another_purifiers_output(
+        self, tiny_stargan, face_parser, trained
+    ):
+        """With a (distilled) purifier as the detector's transform and the guard's own P apart
+        from it, P's output is kept wherever it lowers S_final, flagged or not: no search."""
+        from magdr.profile import Profile
+
+        spec = {"name": "purifier", "params": {"path": str(trained)}}
+        profile = Profile(consistency=[spec], reference=spec, threshold=-1.0, lam=0.0)
+        g = torch.Generator().manual_seed(4)
+        x, c = synthetic_faces(6, g), synthetic_conditions(6, g)
+        # The guard's P maps each face to a copy whose S_final is lower but still above the
+        # threshold (PGD saturates this tiny G, and the detector's P then moves it less).
+        lower = attacks.pgd(tiny_stargan, x, c, generator=torch.Generator().manual_seed(5))
+        guard = Guard(tiny_stargan, parser=face_parser, profile=profile, device="cpu",
+                      purifier=_Oracle(x, lower))  # fmt: skip
+        assert guard._purifier_k is None and guard._detector_purifies
+        assert (guard.detect(lower, c).score < guard.detect(x, c).score).all()
+        r = guard(x, c)
+        assert r.disrupted.all() and (r.score_after >= r.threshold).all()  # still "disrupted"
+        step = {"name": STEP_NAME, "params": {}, "region": "all", "layer": 0}
+        assert r.chains == [[step]] * len(x)  # P's output kept, and no search after it
+        torch.testing.assert_close(r.purified, lower)
 
     @pytest.mark.slow
     def test_shipped_purifier_separates_pgd_from_clean_faces(self):
