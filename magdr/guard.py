@@ -3,8 +3,8 @@
 Per batch of faces x̂ and conditions c::
 
     y = G(x̂, c)                       (with the K transformed inputs: stacked on a GPU)
-    M = regions(parser(x̂))            19 soft classes -> N attribute regions (with λ = 0: only
-                                       for flagged faces, whose search needs the regions)
+    M = regions(parser(x̂))            19 soft classes -> N attribute regions (with λ = 0 only
+                                       where a hint or Rec-Net's search needs region patches)
     S_final = λ·S_dist + S_cons        Eq. 4-7, 9  -> disrupted?
     if disrupted: x* = P(x̂)           the learned purifier (magdr.purifier), when G has one;
                   x* = RecNet(x*)     Algorithm 1 per region patch, if S_final(x*) is still high;
@@ -38,6 +38,52 @@ def _rows(v: Any, index: Any) -> Any:
     return None if v is None else v[index]
 
 
+class _Regions:
+    """A batch's region masks M_i, each face parsed on first use.
+
+    With λ = 0 the verdict is S_cons's, and the parser (about a pass of G) is spent only on the
+    faces whose hint or Rec-Net search needs region patches; their S_dist and region flags are
+    then filled into the detection. With λ > 0 every face is parsed up front (``full``).
+    """
+
+    def __init__(
+        self,
+        guard: Guard,
+        x: torch.Tensor,
+        det: Detection,
+        targets: torch.Tensor,
+        full: torch.Tensor | None = None,
+    ) -> None:
+        self.guard, self.x, self.det, self.targets = guard, x, det, targets
+        self.lazy = full is None
+        b = x.shape[0]
+        self.masks = x.new_zeros(b, len(REGIONS), *x.shape[2:]) if full is None else full
+        self.parsed = torch.full((b,), not self.lazy, dtype=torch.bool, device=x.device)
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        """The masks of items ``idx`` :math:`(n, N, H, W)`, parsing those not parsed yet."""
+        new = idx[~self.parsed[idx]]
+        if new.numel():
+            g, det = self.guard, self.det
+            self.masks[new] = g.regions(self.x[new])
+            self.parsed[new] = True
+            _, i_ref = g.detector.applied_transforms()
+            ref = (None, None)
+            if i_ref is not None:
+                ref = (det.inputs_k[new, i_ref], det.outputs_k[new, i_ref])
+            s_dist, flags, d, excess = g.detector.distortion(
+                self.x[new], det.output[new], *ref, self.masks[new], self.targets[new]
+            )
+            det.s_dist[new], det.flags[new], det.distances[new], det.excess[new] = (
+                s_dist, flags, d, excess,
+            )  # fmt: skip
+        return self.masks[idx]
+
+    def scoring(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """What the detector takes for items ``idx``: their masks, or ``None`` with λ = 0."""
+        return None if self.lazy else self.get(idx)
+
+
 @dataclass
 class GuardResult:
     """The guard's verdict for a batch; tensors are batched on the input's device.
@@ -45,8 +91,9 @@ class GuardResult:
     Attributes:
         disrupted: bool :math:`(B,)`, S_final of the input above the threshold.
         score: S_final of the input (Eq. 9), :math:`(B,)`.
-        s_dist: S_dist (Eq. 6), :math:`(B,)`; NaN for an item not flagged when the profile's
-            λ is 0 (S_dist does not count there, and the parse it needs is skipped).
+        s_dist: S_dist (Eq. 6), :math:`(B,)`. With the profile's λ = 0 it does not count, and
+            only items whose reconstruction needed their region patches (a hint, Rec-Net's
+            search) are parsed: NaN elsewhere.
         s_cons: S_cons (Eq. 7), :math:`(B,)`.
         output: :math:`(B, 3, H, W)`, G(purified, c); equals G(x, c) where not disrupted.
         purified: :math:`(B, 3, H, W)`, the input given to G for ``output``.
@@ -230,50 +277,25 @@ class Guard(nn.Module):
             c = None
         return x, c
 
-    def _parse_flagged(
-        self, x: torch.Tensor, det: Detection, targets: torch.Tensor
-    ) -> torch.Tensor:
-        """Regions of the flagged items only, their S_dist and flags filled into ``det``.
-
-        With λ = 0 the verdict is S_cons's, and the parser (as costly as a pass of G) is spent
-        only where Rec-Net and the region flags need it. Unflagged rows stay zero (never read).
-        """
-        regions = x.new_zeros(x.shape[0], len(REGIONS), *x.shape[2:])
-        idx = det.disrupted.nonzero().flatten()
-        if idx.numel() == 0:
-            return regions
-        regions[idx] = self.regions(x[idx])
-        _, i_ref = self.detector.applied_transforms()
-        ref = (None, None)
-        if i_ref is not None:
-            ref = (det.inputs_k[idx, i_ref], det.outputs_k[idx, i_ref])
-        s_dist, flags, d, excess = self.detector.distortion(
-            x[idx], det.output[idx], *ref, regions[idx], targets[idx]
-        )
-        det.s_dist[idx], det.flags[idx], det.distances[idx], det.excess[idx] = (
-            s_dist, flags, d, excess,
-        )  # fmt: skip
-        return regions
-
     def _score_candidates(
         self,
         xc: torch.Tensor,
         idx: torch.Tensor,
         c: torch.Tensor | None,
-        regions: torch.Tensor,
+        regions: torch.Tensor | None,
         targets: torch.Tensor,
         transforms: list[dict[str, Any]],
     ) -> torch.Tensor:
         """S_final of Rec-Net candidates ``xc``, each scored against item ``idx``'s regions."""
         cc = _rows(c, idx)
-        return self.detector(xc, cc, regions[idx], targets[idx], transforms).score
+        return self.detector(xc, cc, _rows(regions, idx), targets[idx], transforms).score
 
     def _purify(
         self,
         x: torch.Tensor,
         det: Detection,
         c: torch.Tensor | None,
-        regions: torch.Tensor,
+        regions: _Regions,
         targets: torch.Tensor,
         todo: torch.Tensor,
         purified: torch.Tensor,
@@ -284,7 +306,7 @@ class Guard(nn.Module):
         """The learned purifier on the flagged items ``todo``; returns those still disrupted.
 
         Every item takes P's output where it lowers S_final (Eq. 9), so Rec-Net's search, when
-        still needed, starts from the purified face; the regions parsed from x̂ are kept.
+        still needed, starts from the purified face; the regions of x̂ are kept.
         """
         k = self._purifier_k
         if k is None:
@@ -292,7 +314,7 @@ class Guard(nn.Module):
         else:  # the detector ran P already: P(x̂) and G(P(x̂), c) come with det
             x_p, y_p = det.inputs_k[todo, k], det.outputs_k[todo, k]
         sub_c = _rows(c, todo)
-        again = self.detector(x_p, sub_c, regions[todo], targets[todo], y=y_p)
+        again = self.detector(x_p, sub_c, regions.scoring(todo), targets[todo], y=y_p)
         better = again.score < score_after[todo]
         for j, i in enumerate(todo.tolist()):
             if better[j]:
@@ -365,25 +387,31 @@ class Guard(nn.Module):
         p = self.profile
         b = x.shape[0]
         targets = self._targets(c, b)
-        if p.lam == 0:
+        if p.lam == 0:  # S_final is S_cons alone: faces are parsed only where needed
             det = self.detector(x, c, None, targets)
-            regions = self._parse_flagged(x, det, targets)
+            regions = _Regions(self, x, det, targets)
         else:
-            regions = self.regions(x)
-            det = self.detector(x, c, regions, targets)
+            full = self.regions(x)
+            det = self.detector(x, c, full, targets)
+            regions = _Regions(self, x, det, targets, full)
         purified, output, score_after = x.clone(), det.output.clone(), det.score.clone()
         chains: list[list[dict[str, Any]]] = [[] for _ in range(b)]
         reused = torch.zeros(b, dtype=torch.bool, device=x.device)
-        patches = self._patches(regions)
         names = ["+".join(patch) for patch in p.recnet.patches]
         search_transforms = p.consistency[: max(1, p.recnet.score_transforms)]
         todo = det.disrupted.nonzero().flatten()
         tried = [i for i in todo.tolist() if hints is not None and hints[i]]
         if tried:
             idx = torch.tensor(tried, device=x.device)
-            x_h = torch.stack([self._apply_hint(x[i], patches[i], names, hints[i]) for i in tried])
+            in_regions = [i for i in tried if any(st["name"] != STEP_NAME for st in hints[i])]
+            if in_regions:  # a purifier-only chain needs no region patches
+                regions.get(torch.tensor(in_regions, device=x.device))
+            patches = self._patches(regions.masks[idx])
+            x_h = torch.stack(
+                [self._apply_hint(x[i], patches[j], names, hints[i]) for j, i in enumerate(tried)]
+            )
             sub_c = _rows(c, idx)
-            again = self.detector(x_h, sub_c, regions[idx], targets[idx])
+            again = self.detector(x_h, sub_c, regions.scoring(idx), targets[idx])
             cured = ~again.disrupted
             for j, i in enumerate(tried):
                 if cured[j]:
@@ -399,18 +427,18 @@ class Guard(nn.Module):
             if todo.numel() == 0:
                 break
             sub_c = _rows(c, todo)
-            sub_regions, sub_targets = regions[todo], targets[todo]
-
+            sub_regions, sub_targets = regions.get(todo), targets[todo]
+            scoring = regions.scoring(todo)
             score_fn = partial(
-                self._score_candidates, c=sub_c, regions=sub_regions, targets=sub_targets,
+                self._score_candidates, c=sub_c, regions=scoring, targets=sub_targets,
                 transforms=search_transforms,
             )  # fmt: skip
             x_star, sub_chains, _ = infer(
-                purified[todo], score_fn, patches[todo], p.recnet.q_layers(), names,
+                purified[todo], score_fn, self._patches(sub_regions), p.recnet.q_layers(), names,
                 top_categories=p.recnet.top_categories, min_area=p.min_region_area,
                 chunk=self.recnet_chunk,
             )  # fmt: skip
-            again = self.detector(x_star, sub_c, sub_regions, sub_targets)
+            again = self.detector(x_star, sub_c, scoring, sub_targets)
             purified[todo], output[todo], score_after[todo] = x_star, again.output, again.score
             for j, i in enumerate(todo.tolist()):
                 chains[i].extend(sub_chains[j])

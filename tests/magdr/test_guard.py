@@ -160,11 +160,12 @@ class CountingParser(nn.Module):
 
 
 class TestLambdaZero:
-    """With λ = 0 (the shipped profile) S_final is S_cons alone: only flagged faces are parsed."""
+    """With λ = 0 (the shipped profile) S_final is S_cons alone: a face is parsed only when
+    Rec-Net's search or a hint needs its region patches."""
 
     REF = {"name": "median", "params": {"k": 3}}
 
-    def test_parses_only_the_flagged_faces(self, small_g, face_parser, batch):
+    def test_parses_only_the_faces_it_searches(self, small_g, face_parser, batch):
         x, c = batch
         kw = {"lam": 0.0, "reference": self.REF}
         full = _guard(small_g, face_parser, **kw).detect(x, c)  # detect parses every face
@@ -185,6 +186,18 @@ class TestLambdaZero:
         parser = CountingParser(face_parser)
         r = _guard(small_g, parser, lam=0.0, threshold=math.inf)(x, c)
         assert parser.faces == [] and not r.disrupted.any()
+
+    def test_a_purifier_only_hint_needs_no_parse(self, small_g, face_parser, batch):
+        x, c = batch
+        kw = {"lam": 0.0}
+        full = _guard(small_g, face_parser, **kw).detect(x, c)
+        parser = CountingParser(face_parser)
+        guard = Guard(small_g, parser=parser, profile=Profile(threshold=_between(full.score),
+                      **kw), device="cpu", purifier=nn.Identity())  # fmt: skip
+        hint = [{"name": "purifier", "params": {}, "region": "all", "layer": 0}]
+        guard.profile.recnet.max_rounds = 0
+        r = guard(x, c, hints=[hint] * len(x))
+        assert int(r.disrupted.sum()) == 2 and parser.faces == []
 
 
 class TestInputChecks:
