@@ -67,11 +67,14 @@ class Bench:
         """All detector names, MagDR and its halves first."""
         return [MAGDR, DD, CD, *self.detectors]
 
-    def _batches(self, x: torch.Tensor, c: torch.Tensor | None):  # noqa: ANN202
-        for i in range(0, x.shape[0], self.batch):
+    def _batches(  # noqa: ANN202
+        self, x: torch.Tensor, c: torch.Tensor | None, size: int | None = None
+    ):
+        size = size or self.batch
+        for i in range(0, x.shape[0], size):
             yield (
-                x[i : i + self.batch].to(self.device),
-                (None if c is None else c[i : i + self.batch].to(self.device)),
+                x[i : i + size].to(self.device),
+                (None if c is None else c[i : i + size].to(self.device)),
             )
 
     def scores(self, x: torch.Tensor, c: torch.Tensor | None) -> dict[str, np.ndarray]:

@@ -33,10 +33,7 @@ def _timed(
 ) -> dict[str, float]:
     dev = bench.device
     size = batch or bench.batch
-    batches = [
-        (x[i : i + size].to(dev), None if c is None else c[i : i + size].to(dev))
-        for i in range(0, x.shape[0], size)
-    ]
+    batches = list(bench._batches(x, c, size))
     with torch.inference_mode():
         xb, cb = batches[0]
         fn(xb[:2], None if cb is None else cb[:2])  # warm-up (cuDNN autotuning, allocator)
