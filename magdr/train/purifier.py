@@ -3,11 +3,13 @@
 1. Faces: CelebA train faces (``000001``–``008000``), each with a random one-attribute edit
    (:func:`magdr.calibrate.random_edits`), as the attacks in the benchmark are made.
 2. Attacked copies: a pool made once (and cached under ``runs/cache``) by the *training* attacks
-   only, ``--attacks pgd,ifgsm`` at a radius drawn per chunk from ``--eps``; C&W-L2, targeted
-   PGD and larger radii stay held back, so the benchmark measures how P generalises.
+   only, ``--attacks pgd,ifgsm,cw`` (one drawn per chunk; PGD and I-FGSM at a radius drawn from
+   ``--eps``, C&W-L2 with ``--cw-steps`` Adam steps); targeted PGD and larger radii stay held
+   back, so the benchmark measures how P generalises.
 3. Loss (module docstring of :mod:`magdr.purifier`): G's output on P(x̂) against G's output on
-   x, plus ``--beta`` × the input distance, plus ``--gamma`` × identity on clean faces (input
-   and output), so a false alarm costs nothing.
+   x, plus ``--ssim`` × its SSIM distance (L1 alone leaves the edit's texture soft), plus
+   ``--beta`` × the input distance, plus ``--gamma`` × identity on clean faces (input and
+   output), so a false alarm costs nothing.
 
 ``--teacher PATH`` distils instead: a (smaller) P learns to give what a trained purifier T gives,
 L1(P(x̂), T(x̂)) + ``--gamma`` × L1(P(x), T(x)), on the same pool. No pass of G per step, so
@@ -40,11 +42,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from magdr.checkpoints import weights_digest
+from magdr.metrics import dssim
 from magdr.purifier import DEFAULT_PURIFIER, Purifier, load_purifier, save_purifier
 from magdr.train import data as D
 from magdr.train.common import Budget, LossLog, log, seed_all, setup_logging
 
-TRAIN_ATTACKS = ("pgd", "ifgsm")
+TRAIN_ATTACKS = ("pgd", "ifgsm", "cw")
 
 
 def attack_pool(
@@ -56,10 +59,12 @@ def attack_pool(
     steps: int,
     rng: np.random.Generator,
     chunk: int = 32,
+    cw_steps: int = 30,
 ) -> torch.Tensor:
     """Attacked copies of ``x``: per chunk of faces one attack and one radius, drawn by ``rng``.
 
-    The step size is ε/4, so every radius is reached within the ``steps`` iterations.
+    The step size of PGD and I-FGSM is ε/4, so every radius is reached within the ``steps``
+    iterations; C&W-L2 (``cw``, no radius) runs ``cw_steps`` Adam steps at its defaults.
     """
     from magdr import attacks as A
 
@@ -75,6 +80,8 @@ def attack_pool(
             out.append(A.pgd(G, xb, cb, generator=gen, **kw).cpu())
         elif method == "ifgsm":
             out.append(A.ifgsm(G, xb, cb, **kw).cpu())
+        elif method == "cw":
+            out.append(A.cw_l2(G, xb, cb, steps=cw_steps).cpu())
         else:
             raise ValueError(f"--attacks: unknown {method!r}; expected {', '.join(TRAIN_ATTACKS)}")
     return torch.cat(out)
@@ -108,8 +115,12 @@ def purifier_loss(
     y_clean: torch.Tensor,
     beta: float,
     gamma: float,
+    ssim: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """The loss of :mod:`magdr.purifier`'s docstring; ``y_*`` are G's outputs on clean faces."""
+    """The loss of :mod:`magdr.purifier`'s docstring; ``y_*`` are G's outputs on clean faces.
+
+    ``ssim`` weighs ``1 - SSIM`` of G's outputs on the purified attacked faces (0: not computed).
+    """
     n = x_adv.shape[0]
     p = P(torch.cat([x_adv, x_clean]))
     y = G(p, torch.cat([c_adv, c_clean]))
@@ -119,7 +130,11 @@ def purifier_loss(
         "id_in": F.l1_loss(p[n:], x_clean),
         "id_out": F.l1_loss(y[n:], y_clean),
     }
-    terms["total"] = terms["out"] + beta * terms["in"] + gamma * (terms["id_in"] + terms["id_out"])
+    total = terms["out"] + beta * terms["in"] + gamma * (terms["id_in"] + terms["id_out"])
+    if ssim:
+        terms["dssim"] = dssim(y[:n], y_adv).mean()
+        total = total + ssim * terms["dssim"]
+    terms["total"] = total
     return terms
 
 
@@ -152,15 +167,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         formatter_class=argparse.RawTextHelpFormatter,
     )
     ap.add_argument("--G", default="default", help="generator checkpoint or 'default'")
-    ap.add_argument("--faces", type=int, default=384, help="train faces in the attack pool")
+    ap.add_argument("--faces", type=int, default=512, help="train faces in the attack pool")
     ap.add_argument("--attacks", default=",".join(TRAIN_ATTACKS))
     ap.add_argument("--eps", default="0.03,0.04,0.05,0.06", help="radii drawn per chunk")
-    ap.add_argument("--attack-steps", type=int, default=10)
+    ap.add_argument("--attack-steps", type=int, default=10, help="PGD and I-FGSM iterations")
+    ap.add_argument("--cw-steps", type=int, default=30, help="C&W-L2 Adam steps")
     ap.add_argument("--width", type=int, default=24)
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=12, help="attacked faces per step")
     ap.add_argument("--clean-batch", type=int, default=4, help="clean faces per step (identity)")
-    ap.add_argument("--beta", type=float, default=0.5, help="weight of the input distance")
+    ap.add_argument("--beta", type=float, default=3.0, help="weight of the input distance")
+    ap.add_argument("--ssim", type=float, default=0.5, help="weight of the output SSIM distance")
     ap.add_argument("--gamma", type=float, default=1.0, help="weight of the clean identity")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -190,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     torch.set_num_threads(a.threads)
     if a.smoke:
         a.run_dir = Path(tempfile.mkdtemp(prefix="magdr-purifier-"))
-        a.steps, a.faces, a.batch, a.clean_batch, a.attack_steps = 2, 8, 2, 2, 1
+        a.steps, a.faces, a.batch, a.clean_batch, a.attack_steps, a.cw_steps = 2, 8, 2, 2, 1, 1
         a.width, a.log_every = 4, 1
     out = a.out or a.run_dir / "purifier.pt"
     setup_logging(a.run_dir)
@@ -216,17 +233,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     c = random_edits(G, cel["attrs"][idx], rng)
     attacks = [s.strip() for s in a.attacks.split(",") if s.strip()]
     eps = [float(e) for e in a.eps.split(",")]
+    if unknown := sorted(set(attacks) - set(TRAIN_ATTACKS)):
+        ap.error(f"--attacks: unknown {', '.join(unknown)}; expected {', '.join(TRAIN_ATTACKS)}")
     log.info("attack pool: %d faces, %s, eps %s, %d steps", len(x), attacks, eps, a.attack_steps)
     key = f"{weights_digest(G)}-{hashlib.sha256(idx.tobytes()).hexdigest()[:8]}-{a.seed}-" + (
         f"{'+'.join(attacks)}-{'+'.join(map(str, eps))}-{a.attack_steps}"
+        + (f"-cw{a.cw_steps}" if "cw" in attacks else "")
     )
     cache = None if a.smoke else D.cache_dir() / f"purifier-pool-{key}.pt"
+    pool_s = 0  # seconds spent making the pool (0: read from the cache)
     if cache is not None and cache.exists():
         x_adv = torch.load(cache, weights_only=True)
     else:
         t0 = time.monotonic()
-        x_adv = attack_pool(G, x, c, attacks, eps, a.attack_steps, rng)
-        log.info("attack pool made in %.0f s", time.monotonic() - t0)
+        x_adv = attack_pool(G, x, c, attacks, eps, a.attack_steps, rng, cw_steps=a.cw_steps)
+        pool_s = round(time.monotonic() - t0)
+        log.info("attack pool made in %d s", pool_s)
         if cache is not None:
             torch.save(x_adv, cache)
     y, y_adv = _outputs(G, x, c, dev), _outputs(G, x_adv, c, dev)
@@ -267,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
                 P, G,
                 x_adv[ia].to(dev), c[ia].to(dev), y[ia].to(dev), x[ia].to(dev),
                 x[ic].to(dev), c[ic].to(dev), y[ic].to(dev),
-                a.beta, a.gamma,
+                a.beta, a.gamma, a.ssim,
             )  # fmt: skip
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
@@ -284,9 +306,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         P.cpu(), out,
         generator=str(a.G), generator_digest=weights_digest(G), trained_on="CelebA train split"
         if not a.smoke else "fabricated faces (smoke)",
-        attacks=attacks, eps=eps, attack_steps=a.attack_steps, faces=len(x), steps=step,
-        batch=[a.batch, a.clean_batch], beta=a.beta, gamma=a.gamma, lr=a.lr, seed=a.seed,
-        wall_s=round(wall), device=str(dev),
+        attacks=attacks, eps=eps, attack_steps=a.attack_steps,
+        cw_steps=a.cw_steps if "cw" in attacks else None, faces=len(x), steps=step,
+        batch=[a.batch, a.clean_batch], beta=a.beta, gamma=a.gamma, ssim=a.ssim, lr=a.lr,
+        seed=a.seed, wall_s=round(wall), pool_s=pool_s, device=str(dev),
         init=None if a.init is None else {"path": str(a.init), **getattr(P, "meta", {})},
         teacher=a.teacher,
     )  # fmt: skip

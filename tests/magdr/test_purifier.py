@@ -224,7 +224,8 @@ def test_training_command_smoke(tmp_path):
     out = tmp_path / "p.pt"
     train_main(["--smoke", "--out", str(out)])
     P = load_purifier(out)
-    assert P.meta["steps"] == 2 and P.meta["attacks"] == ["pgd", "ifgsm"]
+    assert P.meta["steps"] == 2 and P.meta["attacks"] == ["pgd", "ifgsm", "cw"]
+    assert P.meta["cw_steps"] == 1 and P.meta["ssim"] == 0.5
     assert P.meta["generator_digest"] == weights_digest(magdr.load_generator("default"))
 
 
