@@ -121,6 +121,11 @@ class GuardConfig(Section):
     publish_purified: bool = Field(
         False, description="paste the cleaned input x* instead of the edit y*"
     )
+    edit_lowpass: float = Field(
+        1.5, ge=0, le=8, description="paste the input plus G's edit low-passed by a Gaussian of "
+                                     "this σ (face pixels), which drops a small G's checkerboard; "
+                                     "0 = G's own pixels"
+    )
     max_frame_pixels: int = Field(4096 * 4096, ge=1, description="larger frames are rejected")
 
 

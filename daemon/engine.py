@@ -241,13 +241,14 @@ class Engine:
 
         Returns:
             ``(faces, verdicts)``: the faces to paste back :math:`(B, 3, S, S)` on the CPU
-            (``output`` = y*, or ``purified`` = x* with ``publish_purified``), and per face
+            (x* + the edit y* - x* low-passed with ``edit_lowpass``, y* itself with 0, or x*
+            with ``publish_purified``), and per face
             ``{"disrupted", "score", "s_dist", "s_cons", "chain", "reused", "cured"}``, plus,
             with ``[http]`` on, a flagged face's ``detail`` (:mod:`daemon.web.flagged`).
         """
         x, c = x.to(self.device), c.to(self.device)
         if self.guard is None:
-            y = self.G(x, c)
+            y = self._pasted(self.G(x, c), x)
             return y.float().cpu(), [
                 {"disrupted": False, "score": None, "s_dist": None, "s_cons": None, "chain": [],
                  "reused": False}
@@ -262,7 +263,7 @@ class Engine:
         over = det.disrupted.tolist()
         # Every track hears its face's own verdict, in frame order (the batch is FIFO).
         act = [o if t is None else t.update(o) and o for t, o in zip(tracks, over, strict=True)]
-        faces = (x if self.cfg.guard.publish_purified else det.output).clone()
+        faces = self._pasted(det.output, x).clone()
         verdicts = [_verdict(det, i, disrupted=False, chain=[], reused=False, cured=False)
                     for i in range(x.shape[0])]
         todo = [i for i, a in enumerate(act) if a]
@@ -274,12 +275,23 @@ class Engine:
         self.threshold = float(self.guard.profile.threshold)
         return faces.float().cpu(), verdicts
 
+    def _pasted(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What goes back into the frame for outputs ``y`` of inputs ``x`` (x* where cleaned)."""
+        g = self.cfg.guard
+        if g.publish_purified:
+            return x
+        if g.edit_lowpass > 0:
+            from magdr.transforms import lowpass_edit
+
+            return lowpass_edit(y, x, g.edit_lowpass)
+        return y
+
     def _guard(
         self, x: torch.Tensor, c: torch.Tensor, chains: list[Any]
     ) -> tuple[torch.Tensor, list[dict]]:
         """``magdr.Guard`` on every face: detect, and reconstruct those above the threshold."""
         r = self.guard(x, c, hints=chains if any(chains) else None)
-        faces = r.purified if self.cfg.guard.publish_purified else r.output
+        faces = self._pasted(r.output, r.purified)
         verdicts = [
             _verdict(
                 r, i,

@@ -54,8 +54,8 @@ log = structlog.get_logger()
 
 #: keys SIGHUP applies without a restart.
 LIVE_KEYS = {"logging.level", "model.condition", "guard.batch_timeout_ms", "guard.batch_size",
-             "guard.publish_purified", "daemon.rescan_s", "daemon.drain_timeout_s",
-             "daemon.keep_inputs"}
+             "guard.publish_purified", "guard.edit_lowpass", "daemon.rescan_s",
+             "daemon.drain_timeout_s", "daemon.keep_inputs"}
 
 #: seconds between two returns of the heap's free memory to the OS (see release_free_memory).
 TRIM_INTERVAL_S = 60.0
@@ -406,6 +406,7 @@ class Service:
         dlog.set_level(new.logging.level)
         self.engine.default_cond = new_cond
         self.engine.cfg.guard.publish_purified = new.guard.publish_purified
+        self.engine.cfg.guard.edit_lowpass = new.guard.edit_lowpass
         self.batcher.batch_size = new.guard.batch_size
         self.batcher.timeout_s = new.guard.batch_timeout_ms / 1e3
         for k in ("rescan_s", "drain_timeout_s", "keep_inputs"):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from magdr.check import check_images
+from magdr.check import check_images, check_same_shape
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -110,6 +110,29 @@ def gaussian_blur(x: torch.Tensor, sigma: float = 1.0, size: int | None = None) 
     return F.conv2d(
         F.pad(h, [0, 0, pad, pad], mode=mode), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c
     )
+
+
+def lowpass_edit(y: torch.Tensor, base: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``base`` plus the edit ``y - base`` low-passed by a Gaussian of ``sigma``.
+
+    That is the edit's colour and shape on ``base``'s own detail.
+    Not a reconstruction primitive: the daemon pastes this back instead of G's pixels, since a
+    small G's transposed convolutions leave a checkerboard on faces unlike its training set
+    (period 2–4 px, gone at σ ≈ 1–1.5), while the edits it is asked for (hair colour, age,
+    gender) live in the low frequencies.
+
+    Args:
+        y: G's outputs :math:`(B, 3, H, W)` in [-1, 1].
+        base: the inputs G was given (the cleaned x* for a reconstructed face), same shape.
+        sigma: standard deviation in pixels (> 0).
+
+    Returns:
+        :math:`(B, 3, H, W)` in [-1, 1].
+    """
+    check_images(y, "y")
+    check_images(base, "base")
+    check_same_shape(y, base, "y, base")
+    return (base + gaussian_blur(y - base, sigma)).clamp(-1.0, 1.0)
 
 
 def _median_of_3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -230,6 +230,26 @@ def test_curve_encrypted_pull(service, tmp_path):
     ctx.term()
 
 
+@pytest.mark.parametrize("guard", [False, True])
+def test_what_is_pasted_back(service, guard):
+    """``[guard] edit_lowpass``: x + the low-passed edit; 0: G's own pixels; x* when asked."""
+    import torch
+
+    from magdr.transforms import lowpass_edit
+
+    svc = service(zmq_source(free_port(), socket="pull", bind=True), guard=guard)
+    engine = svc.engine
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    c = engine.default_cond.expand(2, -1)
+    y = engine.G(x, c)  # the tiny test profile flags none of these: y* = G(x)
+    engine.cfg.guard.edit_lowpass = 0.0
+    torch.testing.assert_close(engine.guard_faces(x, c)[0], y)
+    engine.cfg.guard.edit_lowpass = 1.5
+    torch.testing.assert_close(engine.guard_faces(x, c)[0], lowpass_edit(y, x, 1.5))
+    engine.cfg.guard.publish_purified = True
+    torch.testing.assert_close(engine.guard_faces(x, c)[0], x)
+
+
 def test_disrupted_faces_are_reconstructed(service, tmp_path):
     """The guard's disrupted path end to end: verdict, chain, and x* pasted when asked."""
     port, out = free_port(), free_port()

@@ -215,6 +215,17 @@ class TestKnownValues:
         y = gaussian_blur(x, 1.0)
         torch.testing.assert_close(y[0, 0, 4:11, 4:11], k[:, None] * k[None, :])
 
+    def test_lowpass_edit_keeps_a_smooth_edit_and_drops_a_checkerboard(self):
+        g = torch.Generator().manual_seed(0)
+        base = torch.rand(2, 3, 32, 32, generator=g) * 1.6 - 0.8
+        smooth = 0.1 * torch.linspace(-1, 1, 32).expand(2, 3, 32, 32)  # an edit's colour ramp
+        checker = 0.1 * (torch.arange(32)[:, None] + torch.arange(32)[None]).remainder(2) * 2 - 0.1
+        out = transforms.lowpass_edit(base + smooth + checker, base, 1.5)
+        inner = (..., slice(4, -4), slice(4, -4))  # reflect padding bends the ramp at the border
+        torch.testing.assert_close(out[inner], (base + smooth)[inner], atol=2e-3, rtol=0)
+        with pytest.raises(ShapeError):
+            transforms.lowpass_edit(base, base[:, :, :16], 1.5)
+
     def test_bilateral_preserves_edges(self):
         x = torch.full((1, 3, 16, 16), -0.8)
         x[..., 8:] = 0.8
