@@ -103,6 +103,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--n-adaptive", type=int, default=None, help="faces for Figure 3")
     ap.add_argument("--n-throughput", type=int, default=None, help="faces timed")
     ap.add_argument("--eot-samples", type=int, default=4, help="EoT draws per adaptive step")
+    ap.add_argument(
+        "--adaptive-detectors",
+        default=None,
+        help="Figure 3 attacks only these detectors (comma list of name prefixes, e.g. magdr)",
+    )
     ap.add_argument("--evade-weight", type=float, default=0.05, help="λ_e of the adaptive attack")
     ap.add_argument(
         "--success-mse",
@@ -341,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
             eps=args.eps,
             step=args.step,
             seed=args.seed,
+            detectors=args.adaptive_detectors.split(",") if args.adaptive_detectors else None,
         )
         lap("adaptive", t0)
 

@@ -197,6 +197,15 @@ def test_quick_run_writes_report(tiny_models, tmp_path, device):
     assert (out / "cache").is_dir()  # trained baselines are cached
 
 
+def test_adaptive_detectors_are_chosen_by_name_prefix():
+    from bench.adaptive import selected
+    from bench.common import MAGDR
+
+    assert selected(MAGDR, None) and selected("OTD", [])
+    assert selected(MAGDR, ["magdr"]) and selected("MagNet AE", ["otd", " magnet"])
+    assert not selected("MagNet AE", ["magdr"]) and not selected("OTD", ["magdr", "feature"])
+
+
 def test_put_section_replaces_or_appends_one_section(tmp_path):
     from bench.report import put_section, section
 
