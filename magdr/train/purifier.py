@@ -255,9 +255,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     mse = ((y_adv - y) ** 2).flatten(1).mean(1)
     log.info("pool: %.0f%% of attacks disrupt G (MSE > 0.05)", 100 * (mse > 0.05).float().mean())
 
-    t_adv = t_clean = None
+    t_adv = t_clean = teacher = None
     if a.teacher is not None:
         T = load_purifier(a.teacher, dev)
+        # a name such as "default" names whatever is shipped now: the digest says which it was
+        teacher = {"path": str(a.teacher), "digest": weights_digest(T)}
         with torch.no_grad():
             t_adv, t_clean = _outputs(T, x_adv, None, dev), _outputs(T, x, None, dev)
         del T
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         batch=[a.batch, a.clean_batch], beta=a.beta, gamma=a.gamma, ssim=a.ssim, lr=a.lr,
         seed=a.seed, wall_s=round(wall), pool_s=pool_s, device=str(dev),
         init=None if a.init is None else {"path": str(a.init), **getattr(P, "meta", {})},
-        teacher=a.teacher,
+        teacher=teacher,
     )  # fmt: skip
     log.info("wrote %s", out)
     return {"steps": float(step), "wall_s": wall}

@@ -226,6 +226,9 @@ def test_training_command_smoke(tmp_path):
     P = load_purifier(out)
     assert P.meta["steps"] == 2 and P.meta["attacks"] == ["pgd", "ifgsm", "cw"]
     assert P.meta["cw_steps"] == 1 and P.meta["ssim"] == 0.5
+    small = tmp_path / "small.pt"
+    train_main(["--smoke", "--teacher", str(out), "--out", str(small)])
+    assert load_purifier(small).meta["teacher"] == {"path": str(out), "digest": weights_digest(P)}
     assert P.meta["generator_digest"] == weights_digest(magdr.load_generator("default"))
 
 
