@@ -4,6 +4,7 @@
 
     python -m bench.demo_frames                       # runs the demo in a temp dir (~4 min, CPU)
     python -m bench.demo_frames --demo-dir DIR        # a finished `magdr-guard demo --out DIR`
+    python -m bench.demo_frames --report bench/results/REPORT.md   # and its "Demo frames" section
 
 One row per frame the demo attacked (its ``*.report.jsonl``), four columns: the bundled clip's
 frame; G's own pixels pasted back (``[guard] edit_lowpass = 0``, the default G's checkerboard on
@@ -95,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: D103
     ap = argparse.ArgumentParser(prog="python -m bench.demo_frames", description=__doc__)
     ap.add_argument("--demo-dir", type=Path, help="a finished `magdr-guard demo --out DIR`")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "demo_frames.png")
+    ap.add_argument("--report", type=Path, help="put a 'Demo frames' section into this report")
     a = ap.parse_args(argv)
     from daemon.cli import DEMO_CLIP
     from daemon.cli import main as cli
@@ -105,6 +107,20 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: D103
         if cli(["demo", "--out", str(demo_dir)]) != 0:
             return 1
     print(render(demo_dir, DEMO_CLIP, a.out))
+    if a.report is not None:
+        from bench.__main__ import commit
+        from bench.report import put_section
+
+        rel = Path(a.out).resolve().relative_to(a.report.resolve().parent)
+        put_section(a.report, "## Demo frames", "\n".join([
+            "## Demo frames", "",
+            "`magdr-guard demo` (the bundled MIT clip and a PGD-disrupted copy through the "
+            "daemon, `config/default.toml`), then `python -m bench.demo_frames` at commit "
+            f"`{commit()}`: "
+            "per attacked frame, " + ", ".join(COLUMNS) + " (`[guard] edit_lowpass` "
+            "pastes the edit low-passed onto the face; G's own pixels carry its checkerboard).",
+            "", f"![{rel}]({rel})",
+        ]))  # fmt: skip
     return 0
 
 
