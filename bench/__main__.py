@@ -104,6 +104,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--n-throughput", type=int, default=None, help="faces timed")
     ap.add_argument("--eot-samples", type=int, default=4, help="EoT draws per adaptive step")
     ap.add_argument(
+        "--adaptive-eps",
+        type=float,
+        default=None,
+        help="Figure 3's L∞ budget (default --eps; at 0.05 the small default G may not be "
+        "disrupted at all by an attacker that must also get through its purifier)",
+    )
+    ap.add_argument(
+        "--adaptive-step",
+        type=float,
+        default=None,
+        help="Figure 3's PGD step (default --step, or ε/5 with --adaptive-eps)",
+    )
+    ap.add_argument(
         "--adaptive-detectors",
         default=None,
         help="Figure 3 attacks only these detectors (comma list of name prefixes, e.g. magdr)",
@@ -343,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
             scales,
             evade_weight=args.evade_weight,
             eot_samples=args.eot_samples,
-            eps=args.eps,
-            step=args.step,
+            eps=args.adaptive_eps or args.eps,
+            step=args.adaptive_step
+            or (args.step if args.adaptive_eps is None else args.adaptive_eps / 5),
             seed=args.seed,
             detectors=args.adaptive_detectors.split(",") if args.adaptive_detectors else None,
         )
