@@ -139,6 +139,11 @@ def section(text: str, heading: str) -> str:
     return "".join(lines[start:end])
 
 
+def _and(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def put_section(path: Path, heading: str, body: str) -> None:
     """Replace the ``heading`` section of markdown file ``path`` with ``body``, or append it."""
     text = path.read_text() if path.exists() else ""
@@ -434,14 +439,18 @@ def _reconstruction(rec: dict[str, Any], s: dict[str, Any]) -> list[str]:
         while isinstance(stages[-1].get("init"), dict):
             stages.append(stages[-1]["init"])
         steps = sum(int(st.get("steps", 0)) for st in stages)
-        minutes = sum(float(st.get("wall_s", 0)) for st in stages) / 60
+        minutes = sum(float(st.get("wall_s", 0)) + st.get("pool_s", 0) for st in stages) / 60
+        trained = pur.get("attacks", [])
+        unseen = [*([] if "cw" in trained else ["C&W-L2"]), "targeted PGD"]
+        if s.get("held_out_eps", math.inf) > max(pur.get("eps") or [0]):
+            unseen.append(rec["held_out"])
         lines += [
             f"The guard's purifier (`magdr/models/weights/purifier.pt`) was trained on "
-            f"{pur.get('faces')} CelebA train faces attacked by {', '.join(pur.get('attacks', []))}"
-            f" at ε {', '.join(str(e) for e in pur.get('eps', []))} only "
+            f"{pur.get('faces')} CelebA train faces attacked by {', '.join(trained)}"
+            f" (PGD and I-FGSM at ε {', '.join(str(e) for e in pur.get('eps', []))}) only "
             f"(`python -m magdr.train.purifier`, {steps} steps in {len(stages)} stage(s), "
-            f"{minutes:.0f} min on `{pur.get('device')}`): C&W-L2, targeted PGD and "
-            f"{rec['held_out']} are attacks it never saw.",
+            f"{minutes:.0f} min on `{pur.get('device')}` with its attack pool): "
+            f"{_and(unseen)} are attacks it never saw.",
             "",
         ]
     lines += [
