@@ -117,8 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: D103
             "`magdr-guard demo` (the bundled MIT clip and a PGD-disrupted copy through the "
             "daemon, `config/default.toml`), then `python -m bench.demo_frames` at commit "
             f"`{commit()}`: "
-            "per attacked frame, " + ", ".join(COLUMNS) + " (`[guard] edit_lowpass` "
-            "pastes the edit low-passed onto the face; G's own pixels carry its checkerboard).",
+            "per attacked frame, left to right: " + " | ".join(COLUMNS)
+            + " (`[guard] edit_lowpass` pastes the edit low-passed onto the face; G's own pixels "
+            "carry its checkerboard).",
             "", f"![{rel}]({rel})",
         ]))  # fmt: skip
     return 0
