@@ -15,7 +15,8 @@ The paper leaves these as hyper-parameters; here they are fitted on the training
    the largest TPR − FPR among those flagging at most ``fpr`` of the clean faces of every
    group — each edit, CelebA and each extra-negatives file apart — (benignly
    processed copies included, so JPEG'd or resized frames do not raise false alarms), in the
-   middle of its interval: the middle of the gap when the training scores separate completely;
+   middle of its interval: the middle of the gap when the training scores separate completely
+   (``--clean-margin m``: at m × the interval's clean end instead, when that is lower);
 5. Rec-Net Q_i (Algorithm 1, pretraining) on the attacked faces with the fitted detector.
 
 ``python -m magdr.calibrate --help`` runs it on CelebA train faces (``magdr-guard calibrate``
@@ -80,7 +81,11 @@ def auroc(neg: torch.Tensor | np.ndarray, pos: torch.Tensor | np.ndarray) -> flo
 
 
 def choose_threshold(
-    neg: torch.Tensor, pos: torch.Tensor, fpr: float = 0.05, groups: torch.Tensor | None = None
+    neg: torch.Tensor,
+    pos: torch.Tensor,
+    fpr: float = 0.05,
+    groups: torch.Tensor | None = None,
+    clean_margin: float = 0.0,
 ) -> tuple[float, str]:
     """Step 4: the S_final threshold from clean (``neg``) and attacked (``pos``) training scores.
 
@@ -99,6 +104,13 @@ def choose_threshold(
     ``groups`` (an id per clean score: the edit asked of G, the data the face came from) makes
     ``fpr`` hold in *every* group, not only pooled: a profile serves each of its conditions, and
     a pooled rate hides a condition whose clean faces score high behind many that score low.
+
+    ``clean_margin`` m > 0 places the cut at m × the interval's lower end instead of its middle,
+    when that is lower (rules ``gap-margin``, ``youden-margin``). The middle leaves half of a
+    wide gap to an attacker who knows the threshold: a defence-aware attack pushes S_final just
+    under it, and the lower the cut, the less of its budget is left to disrupt G (Figure 3 of
+    ``bench/results/REPORT.md``). m is the room kept above the highest clean training score for
+    clean faces the fit never saw.
 
     Returns:
         ``(threshold, rule)``; a score is flagged when it is ``> threshold``.
@@ -125,8 +137,11 @@ def choose_threshold(
         return quantile
     width = torch.where(j == j.max(), hi - lo, torch.tensor(-1.0, dtype=torch.float64))
     i = int(width.argmax())
-    rule = "gap-midpoint" if float(j[i]) == 1.0 else "youden-midpoint"
-    return _middle(float(lo[i]), float(hi[i])), rule
+    kind = "gap" if float(j[i]) == 1.0 else "youden"
+    middle = _middle(float(lo[i]), float(hi[i]))
+    if clean_margin > 0 and float(lo[i]) > 0 and clean_margin * float(lo[i]) < middle:
+        return clean_margin * float(lo[i]), f"{kind}-margin"
+    return middle, f"{kind}-midpoint"
 
 
 def _middle(lo: float, hi: float) -> float:
@@ -204,6 +219,7 @@ def fit(
     pretrain_recnet: bool = True,
     name: str = "calibrated",
     groups: torch.Tensor | None = None,
+    clean_margin: float = 0.0,
 ) -> Profile:
     """Fit a profile for ``guard.G`` (steps 1–5 of the module docstring).
 
@@ -218,6 +234,8 @@ def fit(
         fpr: false-positive rate on the clean faces that sets the threshold.
         groups: an id per clean face (its edit and data): ``fpr`` then holds in every group
             (:func:`choose_threshold`), and λ is chosen under that constraint.
+        clean_margin: place the threshold at this multiple of the highest clean score below it
+            rather than in the middle of the gap (:func:`choose_threshold`); 0: the middle.
         pretrain_recnet: also run Algorithm 1's pretraining (the slow part).
         name: the profile's name.
 
@@ -250,7 +268,7 @@ def fit(
     best: tuple[float, ...] = (-1.0, -1.0, -math.inf, 1.0)
     for lam in [0.0, *np.logspace(-5, 2, 36)]:
         s_neg, s_pos = lam * sd_neg + neg.s_cons, lam * sd_pos + pos.s_cons
-        t, _ = choose_threshold(s_neg, s_pos, fpr, groups)
+        t, _ = choose_threshold(s_neg, s_pos, fpr, groups, clean_margin)
         tpr = float((s_pos > t).double().mean()) if s_pos.numel() else 0.0
         cand = (tpr, auroc(s_neg, s_pos), separation_margin(s_neg, s_pos, fpr), float(lam))
         if cand[:3] > best[:3]:
@@ -260,7 +278,7 @@ def fit(
     # 4. Threshold.
     s_neg = lam * sd_neg + neg.s_cons
     s_pos = lam * sd_pos + pos.s_cons
-    threshold, rule = choose_threshold(s_neg, s_pos, fpr, groups)
+    threshold, rule = choose_threshold(s_neg, s_pos, fpr, groups, clean_margin)
     tpr = float((s_pos > threshold).double().mean())
     if groups is not None:
         worst = max(float((s_neg[groups == g] > threshold).double().mean())
@@ -278,6 +296,9 @@ def fit(
             **base.meta,
             "fpr_target": fpr,
             "threshold_rule": rule,
+            "clean_margin": clean_margin,
+            "clean_max": float(s_neg.max()) if s_neg.numel() else None,
+            "attacked_min": float(s_pos.min()) if s_pos.numel() else None,
             "n_clean": int(x_clean.shape[0]),
             "n_attacked": int(x_attacked.shape[0]),
             "auroc_train": auc,
@@ -348,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attacks", default="pgd,ifgsm,cw")
     ap.add_argument("--fpr", type=float, default=0.05,
                     help="false alarms allowed on the clean faces of each edit and source")
+    ap.add_argument(
+        "--clean-margin", type=float, default=0.0, metavar="M",
+        help="put the threshold at M x the highest clean training score below it (when lower "
+        "than the gap's middle) instead of the middle: less room for a defence-aware attacker "
+        "(the shipped profile: 1.5); 0: the middle",
+    )  # fmt: skip
     ap.add_argument("--success-mse", type=float, default=0.05, help="attack success (Ruiz et al.)")
     ap.add_argument("--out", default=str(DEFAULT_PROFILE))
     ap.add_argument("--name", default=None)
@@ -491,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         adv_c.append(c[ok])
     x_pos, c_pos = torch.cat(adv), torch.cat(adv_c)
     name = args.name or f"{Path(str(args.generator)).stem}-{time.strftime('%Y%m%d')}"
-    profile = fit(guard, x_neg, c_neg, x_pos, c_pos, fpr=args.fpr, name=name, groups=g_neg)
+    profile = fit(guard, x_neg, c_neg, x_pos, c_pos, fpr=args.fpr, name=name, groups=g_neg,
+                  clean_margin=args.clean_margin)  # fmt: skip
     profile.meta.update(
         {"generator": str(args.generator), "attacks": args.attacks, "seed": args.seed,
          "edits": args.edits, "faces": "CelebA train split", "wall_s": round(time.time() - t0, 1)}

@@ -59,6 +59,20 @@ class TestChooseThreshold:
         neg, pos = torch.tensor([-0.3, -0.1]), torch.tensor([0.5])  # ends not both positive
         assert choose_threshold(neg, pos) == (pytest.approx(0.2), "gap-midpoint")
 
+    def test_clean_margin_moves_it_towards_the_clean_end(self):
+        neg, pos = torch.tensor([0.1, 0.3, 0.2]), torch.tensor([1.2, 0.75])
+        # 1.5 × 0.3 = 0.45 lies below the middle √(0.3 · 0.75) ≈ 0.474: the cut moves there.
+        assert choose_threshold(neg, pos, clean_margin=1.5) == (pytest.approx(0.45), "gap-margin")
+        # 2 × 0.3 = 0.6 would flag less of the gap than the middle: the middle stays.
+        t, rule = choose_threshold(neg, pos, clean_margin=2.0)
+        assert rule == "gap-midpoint" and t == pytest.approx((0.3 * 0.75) ** 0.5)
+        # Overlapping scores: the margin applies to the interval J picked, as the middle does.
+        neg, pos = torch.arange(100) / 100, torch.cat([torch.tensor([0.5]), torch.full((50,), 2.0)])
+        assert choose_threshold(neg, pos, fpr=0.05, clean_margin=1.2) == (
+            pytest.approx(0.99 * 1.2),
+            "youden-margin",
+        )
+
     def test_one_attacked_outlier_does_not_pull_it_to_the_quantile(self):
         # 100 clean scores 0.00..0.99, 50 attacked at 2.0 and one hidden at 0.5: the clean 95%
         # quantile (0.94) would flag 5% of the clean faces to catch it; J prefers the gap above
@@ -319,6 +333,15 @@ class TestExtraNegatives:
         # the negatives do not change; up to 2 more faces were attacked (successful ones kept)
         torch.testing.assert_close(seen["x_neg"], seen0["x_neg"])
         assert seen0["n_pos"] <= seen["n_pos"] <= seen0["n_pos"] + 2
+
+    def test_clean_margin_option(self, run_main):
+        mid, _ = run_main()
+        p, _ = run_main("--clean-margin", "1.001")  # this tiny G's gap is narrow (0.2062–0.2071)
+        assert p.meta["clean_margin"] == 1.001 and mid.meta["clean_margin"] == 0.0
+        assert mid.meta["threshold_rule"] == "gap-midpoint"
+        assert p.meta["threshold_rule"] == "gap-margin"
+        assert p.threshold == pytest.approx(1.001 * p.meta["clean_max"])
+        assert p.meta["clean_max"] < p.threshold < mid.threshold < p.meta["attacked_min"]
 
     def test_distances_option(self, run_main, capsys):
         p, _ = run_main("--distances", "l1,l2")
