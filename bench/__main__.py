@@ -163,13 +163,15 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 def commit() -> str:
-    """The checkout's commit, ``+dirty`` when tracked files under bench/ or magdr/ differ."""
+    """The checkout's commit, ``+dirty`` when tracked code under bench/ or magdr/ differs (not
+    bench/results/, which a measurement run before this one may have rewritten)."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "bench", "magdr"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "bench", "magdr",
+             ":!bench/results"],
             cwd=ROOT,
             capture_output=True,
             text=True,
