@@ -138,9 +138,9 @@ def choose_threshold(
     width = torch.where(j == j.max(), hi - lo, torch.tensor(-1.0, dtype=torch.float64))
     i = int(width.argmax())
     kind = "gap" if float(j[i]) == 1.0 else "youden"
-    middle = _middle(float(lo[i]), float(hi[i]))
-    if clean_margin > 0 and float(lo[i]) > 0 and clean_margin * float(lo[i]) < middle:
-        return clean_margin * float(lo[i]), f"{kind}-margin"
+    low, middle = float(lo[i]), _middle(float(lo[i]), float(hi[i]))
+    if clean_margin > 0 and low > 0 and clean_margin * low < middle:
+        return clean_margin * low, f"{kind}-margin"
     return middle, f"{kind}-midpoint"
 
 
