@@ -76,9 +76,16 @@ class GuardReplica:
         return {"worker": self.name, "profile_name": e.profile_name,
                 "purifier_name": e.purifier_name, "threshold": e.threshold}
 
-    def guard(self, x: torch.Tensor, c: torch.Tensor,
-              hints: list[Any] | None = None) -> tuple[torch.Tensor, list[dict]]:
-        """:meth:`Engine.guard_faces`, each face's verdict naming this worker."""
+    def guard(self, x: torch.Tensor, c: torch.Tensor, hints: list[Any] | None = None,
+              paste: dict[str, Any] | None = None) -> tuple[torch.Tensor, list[dict]]:
+        """:meth:`Engine.guard_faces`, each face's verdict naming this worker.
+
+        ``paste``: the daemon's live ``[guard]`` keys of what goes back into the frame
+        (``publish_purified``, ``edit_lowpass``); they come with every batch, so a SIGHUP
+        reload reaches the replicas (an actor runs one call at a time).
+        """
+        for k, v in (paste or {}).items():
+            setattr(self.engine.cfg.guard, k, v)
         faces, per = self.engine.guard_faces(x, c, hints)
         for p in per:
             p["worker"] = self.name
@@ -125,6 +132,7 @@ class RayEngine:
             raise EngineError("[engine] backend = 'ray' needs Ray: "
                               "pip install 'magdr-guard[ray]'") from None
         self.ray, self.cfg, self.metrics, self.on_lost = ray, cfg.engine, metrics, on_lost
+        self.guard_cfg = cfg.guard  # the live paste-back keys are read from it per batch
         self.lost: str | None = None
         self.replicas: list[_Replica] = []
         self._cond = threading.Condition()
@@ -222,7 +230,10 @@ class RayEngine:
                 return
             r.inflight += 1
             self.metrics.replica_queue.set(r.inflight, worker=r.name)
-            self._call(r.actor.guard, (b.x, b.c, b.hints), lambda ref: self._landed(r, b, ref))
+            g = self.guard_cfg
+            paste = {"publish_purified": g.publish_purified, "edit_lowpass": g.edit_lowpass}
+            self._call(r.actor.guard, (b.x, b.c, b.hints, paste),
+                       lambda ref: self._landed(r, b, ref))
 
     def _call(self, method: Any, args: tuple, handler: Callable[[Any], None]) -> None:
         """Call a replica method; ``handler(ref)`` runs on the collector thread when it ends."""

@@ -85,6 +85,34 @@ def test_verdicts_equal_local_and_name_two_workers(tmp_path, tiny_models):
     assert read_pts(tmp_path / "ray" / "clip.mp4")[0] == read_pts(clip)[0]
 
 
+def test_reloaded_paste_back_keys_reach_the_replicas(tmp_path, tiny_models):
+    """``publish_purified`` and ``edit_lowpass`` change live (SIGHUP); the replicas follow."""
+    import torch
+
+    from daemon.engine import Engine
+    from daemon.metrics import Metrics
+    from daemon.ray_engine import RayEngine
+
+    cfg = _cfg(tmp_path, tiny_models, "ray")
+    local = Engine(cfg)
+    engine = RayEngine(cfg, Metrics())
+    try:
+        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        c = torch.zeros(2, 5)
+        got = []
+        for publish, lowpass in ((False, 0.0), (True, 0.0), (False, 2.0)):
+            cfg.guard.publish_purified, cfg.guard.edit_lowpass = publish, lowpass  # as reload()
+            faces, _ = engine.submit(x, c).result(timeout=60)
+            want, _ = local.guard_faces(x, c)
+            torch.testing.assert_close(faces, want, atol=1e-4, rtol=0)
+            got.append(faces)
+        # The three settings paste different pixels (G's output, the input, the low-passed edit).
+        assert all((a - b).abs().max() > 1e-2 for a, b in ((got[0], got[1]), (got[0], got[2]),
+                                                           (got[1], got[2])))
+    finally:
+        engine.close(10)
+
+
 def test_replica_killed_mid_batch_is_guarded_by_another(tmp_path, tiny_models):
     import torch
 
