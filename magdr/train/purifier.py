@@ -11,6 +11,14 @@
    ``--beta`` × the input distance, plus ``--gamma`` × identity on clean faces (input and
    output), so a false alarm costs nothing.
 
+``--adversarial R`` hardens a purifier that serves as the detector's consistency transform
+(Eq. 7 with K = 1: S = MSE(G(x̂), G(P(x̂)))) against ``bench``'s Figure 3 attacker, less its
+EoT pool: in each of R rounds, ``--adv-faces`` pool faces are attacked by PGD (``--adv-eps``,
+``--adv-steps``) that disrupts G while pushing S under the profile's threshold (λ_e =
+``--adv-evade``), against the current P; the attacked faces join the pool and P trains on it
+for ``--steps``/R steps with the loss above, so the perturbations P let through are the ones it
+learns to undo (measured in ``MODEL_CARD.md``, detector purifier, Limits).
+
 ``--teacher PATH`` distils instead: a (smaller) P learns to give what a trained purifier T gives,
 L1(P(x̂), T(x̂)) + ``--gamma`` × L1(P(x), T(x)), on the same pool. No pass of G per step, so
 it trains in minutes; the guard's detector runs such a P on every face (the profile's
@@ -21,6 +29,7 @@ Usage::
     python -m magdr.train.purifier                        # default G, CPU: see MODEL_CARD.md
     python -m magdr.train.purifier --G path/G.pt --device cuda --faces 2048 --steps 3000
     python -m magdr.train.purifier --width 12 --teacher default --out P12.pt   # distil
+    python -m magdr.train.purifier --init detector --adversarial 3 --out Pd.pt   # harden
     python -m magdr.train.purifier --smoke                # 2 steps on fabricated faces, temp dir
 
 ``magdr-guard calibrate --purifier ...`` runs the same :func:`main`. The result is a checkpoint
@@ -85,6 +94,93 @@ def attack_pool(
         else:
             raise ValueError(f"--attacks: unknown {method!r}; expected {', '.join(TRAIN_ATTACKS)}")
     return torch.cat(out)
+
+
+class DetectorHinge(torch.nn.Module):
+    """relu((S − τ) / s) for S = MSE(G(x), G(P(x))), P as the detector's one transform (Eq. 7).
+
+    What a defence-aware attacker pushes down (``bench.adaptive``'s hinge): S below τ and no
+    further; ``s`` is the spread of clean scores, the hinge's unit.
+    """
+
+    def __init__(self, G: torch.nn.Module, P: torch.nn.Module, threshold: float, scale: float):
+        super().__init__()
+        self.G, self.P = G, P
+        self.threshold, self.scale = float(threshold), max(float(scale), 1e-12)
+
+    def consistency(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """S_cons with K = 1: how far G's output moves when P cleans its input, :math:`(B,)`."""
+        return (self.G(self.P(x), c) - self.G(x, c)).square().flatten(1).mean(1)
+
+    def score(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return ((self.consistency(x, c) - self.threshold) / self.scale).relu()
+
+
+def adaptive_pool(
+    hinge: DetectorHinge,
+    x: torch.Tensor,
+    c: torch.Tensor,
+    eps: float,
+    steps: int,
+    evade_weight: float,
+    seed: int,
+    chunk: int = 16,
+) -> torch.Tensor:
+    """Defence-aware attacks on ``x``: disrupt G while keeping ``hinge``'s S under τ.
+
+    :class:`magdr.attacks.AdaptivePGD` with the identity alone in its pool (the detector's P is
+    in the evasion term, with its full gradient), step ε/5, random start.
+    """
+    from magdr.attacks import AdaptivePGD
+
+    dev = next(hinge.G.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    attack = AdaptivePGD(
+        hinge.G, guard=hinge, transforms=[], eot_samples=None, evade_weight=evade_weight,
+        eps=eps, step=eps / 5, steps=steps,
+    )  # fmt: skip
+    out = [
+        attack(x[i : i + chunk].to(dev), c[i : i + chunk].to(dev), generator=gen).cpu()
+        for i in tqdm(range(0, len(x), chunk), desc="adaptive pool")
+    ]
+    return torch.cat(out)
+
+
+def _adversarial_round(
+    hinge: DetectorHinge,
+    P: torch.nn.Module,
+    x: torch.Tensor,
+    c: torch.Tensor,
+    y: torch.Tensor,
+    a: argparse.Namespace,
+    seed: int,
+) -> dict:
+    """One ``--adversarial`` round: attack ``x`` against the current P; what the attacker got.
+
+    Returns the attacked faces (``x_adv``) and counts: how many disrupt G, how many of those
+    evade S, and the clean scores' spread (the hinge's unit, as in ``bench.adaptive``).
+    """
+    P.eval()
+    dev = next(P.parameters()).device
+    with torch.no_grad():
+        clean = torch.cat([hinge.consistency(x[i : i + 32].to(dev), c[i : i + 32].to(dev)).cpu()
+                           for i in range(0, len(x), 32)])  # fmt: skip
+    hinge.scale = max(float(clean.std()), 1e-12)
+    t0 = time.monotonic()
+    x_adv = adaptive_pool(hinge, x, c, a.adv_eps, a.adv_steps, a.adv_evade, seed)
+    with torch.no_grad():
+        s = torch.cat([hinge.consistency(x_adv[i : i + 32].to(dev), c[i : i + 32].to(dev)).cpu()
+                       for i in range(0, len(x), 32)])  # fmt: skip
+    disrupt = ((_outputs(hinge.G, x_adv, c, dev) - y) ** 2).flatten(1).mean(1) > 0.05
+    out = {
+        "disrupt": int(disrupt.sum()),
+        "evade": int((disrupt & (s <= hinge.threshold)).sum()),
+        "clean_max": float(clean.max()),
+        "scale": hinge.scale,
+        "seconds": round(time.monotonic() - t0),
+    }
+    log.info("adversarial round: %s", out)
+    return {**out, "x_adv": x_adv}
 
 
 def _outputs(
@@ -202,13 +298,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     ap.add_argument(
         "--teacher", default=None, help="a trained purifier to distil ('default' or a path)"
     )
+    ap.add_argument(
+        "--adversarial", type=int, default=0, metavar="R",
+        help="rounds of defence-aware attacks on P as the detector's transform (0: none)",
+    )  # fmt: skip
+    ap.add_argument("--adv-faces", type=int, default=64, help="pool faces attacked per round")
+    ap.add_argument("--adv-eps", type=float, default=0.1, help="their L∞ radius")
+    ap.add_argument("--adv-steps", type=int, default=60, help="their PGD iterations")
+    ap.add_argument("--adv-evade", type=float, default=0.05, help="their λ_e")
+    ap.add_argument(
+        "--adv-profile", default="default",
+        help="the profile whose threshold τ the attacker aims under ('default' or a JSON path)",
+    )  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="2 steps on fabricated faces, temp dir")
     a = ap.parse_args(argv)
+    if a.adversarial and a.teacher is not None:
+        ap.error("--adversarial trains against G: it does not combine with --teacher")
     torch.set_num_threads(a.threads)
     if a.smoke:
         a.run_dir = Path(tempfile.mkdtemp(prefix="magdr-purifier-"))
         a.steps, a.faces, a.batch, a.clean_batch, a.attack_steps, a.cw_steps = 2, 8, 2, 2, 1, 1
         a.width, a.log_every = 4, 1
+        a.adv_faces, a.adv_steps = min(a.adv_faces, 4), 1
     out = a.out or a.run_dir / "purifier.pt"
     setup_logging(a.run_dir)
     rng = seed_all(a.seed)
@@ -270,14 +381,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     opt = torch.optim.Adam(P.parameters(), lr=a.lr)
     budget = Budget(a.steps, a.max_minutes)
     losses = LossLog(a.run_dir)
+    # The attacked pool and, per entry, the face it was made from (--adversarial appends).
+    face_of = torch.arange(len(x))
+    hinge, rounds = None, []
+    if a.adversarial:
+        from magdr.profile import load_profile
+
+        threshold = load_profile(a.adv_profile).threshold
+        hinge = DetectorHinge(G, P, threshold, 1.0)
     step = 0
     bar = tqdm(range(a.steps), desc="purifier")
     for step in bar:  # noqa: B007 - the step reached is reported after the loop
         if budget.done(step):
             break
+        if hinge is not None and len(rounds) < a.adversarial:
+            if step >= len(rounds) * a.steps / a.adversarial:
+                pick = torch.from_numpy(np.sort(rng.choice(len(x), a.adv_faces, replace=False)))
+                seed = a.seed + len(rounds)
+                rounds.append(_adversarial_round(hinge, P, x[pick], c[pick], y[pick], a, seed))
+                x_adv = torch.cat([x_adv, rounds[-1].pop("x_adv")])
+                face_of = torch.cat([face_of, pick])
+                P.train()
         for g in opt.param_groups:
             g["lr"] = _cosine(a.lr, budget.fraction(step))
-        ia = torch.from_numpy(rng.choice(len(x), a.batch, replace=False))
+        ia = torch.from_numpy(rng.choice(len(x_adv), a.batch, replace=False))
+        fa = face_of[ia]
         ic = torch.from_numpy(rng.choice(len(x), a.clean_batch, replace=False))
         # No flip augmentation: G(flip(x)) is not flip(G(x)), and a flipped perturbation is no
         # longer the one that disrupts G.
@@ -289,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         else:
             terms = purifier_loss(
                 P, G,
-                x_adv[ia].to(dev), c[ia].to(dev), y[ia].to(dev), x[ia].to(dev),
+                x_adv[ia].to(dev), c[fa].to(dev), y[fa].to(dev), x[fa].to(dev),
                 x[ic].to(dev), c[ic].to(dev), y[ic].to(dev),
                 a.beta, a.gamma, a.ssim,
             )  # fmt: skip
@@ -314,6 +442,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         seed=a.seed, wall_s=round(wall), pool_s=pool_s, device=str(dev),
         init=None if a.init is None else {"path": str(a.init), **getattr(P, "meta", {})},
         teacher=teacher,
+        adversarial=None if hinge is None else {
+            "rounds": rounds, "faces": a.adv_faces, "eps": a.adv_eps, "steps": a.adv_steps,
+            "evade_weight": a.adv_evade, "threshold": hinge.threshold,
+        },
     )  # fmt: skip
     log.info("wrote %s", out)
     return {"steps": float(step), "wall_s": wall}

@@ -12,6 +12,7 @@ import magdr
 from magdr import attacks
 from magdr.checkpoints import CheckpointError, weights_digest
 from magdr.guard import Guard
+from magdr.profile import load_profile
 from magdr.purifier import (
     SHIPPED,
     STEP_NAME,
@@ -21,7 +22,7 @@ from magdr.purifier import (
     purifier_path,
     save_purifier,
 )
-from magdr.train.purifier import distill_loss, purifier_loss
+from magdr.train.purifier import DetectorHinge, adaptive_pool, distill_loss, purifier_loss
 from magdr.train.purifier import main as train_main
 from magdr.transforms import apply, bpda_apply
 from tests.conftest import count_g_images, synthetic_conditions, synthetic_faces
@@ -230,6 +231,42 @@ def test_training_command_smoke(tmp_path):
     train_main(["--smoke", "--teacher", str(out), "--out", str(small)])
     assert load_purifier(small).meta["teacher"] == {"path": str(out), "digest": weights_digest(P)}
     assert P.meta["generator_digest"] == weights_digest(magdr.load_generator("default"))
+
+
+def test_adversarial_training_command_smoke(tmp_path):
+    """``--adversarial 2``: two rounds of attacks against P, each reported in P's metadata."""
+    out = tmp_path / "p.pt"
+    train_main(["--smoke", "--adversarial", "2", "--out", str(out)])
+    adv = load_purifier(out).meta["adversarial"]
+    assert len(adv["rounds"]) == 2 and adv["eps"] == 0.1
+    assert set(adv["rounds"][0]) == {"disrupt", "evade", "clean_max", "scale", "seconds"}
+    assert adv["threshold"] == load_profile("default").threshold
+    with pytest.raises(SystemExit):  # the teacher's loss has no G to attack through
+        train_main(["--smoke", "--adversarial", "1", "--teacher", str(out), "--out", str(out)])
+
+
+class _Blur(torch.nn.Module):
+    """A stand-in detector purifier that moves any perturbation: a Gaussian blur."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply("gaussian_blur", x, sigma=1.0)
+
+
+def test_adaptive_pool_pushes_the_detector_score_under_its_threshold(tiny_stargan):
+    """The attacker of ``--adversarial`` disrupts G and, with λ_e > 0, keeps S = MSE(G(x̂),
+    G(P(x̂))) lower than the same attack without the evasion term, within its ε-ball."""
+    G = tiny_stargan
+    g = torch.Generator().manual_seed(21)
+    x, c = synthetic_faces(8, g), synthetic_conditions(8, g)
+    with torch.no_grad():
+        clean = DetectorHinge(G, _Blur(), 0.0, 1.0).consistency(x, c)
+    hinge = DetectorHinge(G, _Blur(), float(clean.max()), float(clean.std()))
+    plain = adaptive_pool(hinge, x, c, eps=0.1, steps=10, evade_weight=0.0, seed=0)
+    evading = adaptive_pool(hinge, x, c, eps=0.1, steps=10, evade_weight=1.0, seed=0)
+    assert (evading - x).abs().max() <= 0.1 + 1e-6
+    with torch.no_grad():
+        s_plain, s_evading = hinge.consistency(plain, c), hinge.consistency(evading, c)
+    assert s_evading.mean() < 0.5 * s_plain.mean(), (s_plain, s_evading)
 
 
 class TestAsConsistencyTransform:
