@@ -110,7 +110,19 @@ class DetectorHinge(torch.nn.Module):
 
     def consistency(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """S_cons with K = 1: how far G's output moves when P cleans its input, :math:`(B,)`."""
-        return (self.G(self.P(x), c) - self.G(x, c)).square().flatten(1).mean(1)
+        from magdr.detect import consistency_score
+
+        return consistency_score(self.G(x, c), self.G(self.P(x), c)[:, None], "l2")
+
+    def consistency_batched(
+        self, x: torch.Tensor, c: torch.Tensor, chunk: int = 32
+    ) -> torch.Tensor:
+        """:meth:`consistency` without gradients, ``chunk`` faces at a time, on the CPU."""
+        dev = next(self.G.parameters()).device
+        with torch.no_grad():
+            return torch.cat([self.consistency(x[i : i + chunk].to(dev),
+                                               c[i : i + chunk].to(dev)).cpu()
+                              for i in range(0, len(x), chunk)])  # fmt: skip
 
     def score(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return ((self.consistency(x, c) - self.threshold) / self.scale).relu()
@@ -160,18 +172,16 @@ def _adversarial_round(
     Returns the attacked faces (``x_adv``) and counts: how many disrupt G, how many of those
     evade S, and the clean scores' spread (the hinge's unit, as in ``bench.adaptive``).
     """
+    from magdr.attacks import SUCCESS_MSE
+
     P.eval()
     dev = next(P.parameters()).device
-    with torch.no_grad():
-        clean = torch.cat([hinge.consistency(x[i : i + 32].to(dev), c[i : i + 32].to(dev)).cpu()
-                           for i in range(0, len(x), 32)])  # fmt: skip
+    clean = hinge.consistency_batched(x, c)
     hinge.scale = max(float(clean.std()), 1e-12)
     t0 = time.monotonic()
     x_adv = adaptive_pool(hinge, x, c, a.adv_eps, a.adv_steps, a.adv_evade, seed)
-    with torch.no_grad():
-        s = torch.cat([hinge.consistency(x_adv[i : i + 32].to(dev), c[i : i + 32].to(dev)).cpu()
-                       for i in range(0, len(x), 32)])  # fmt: skip
-    disrupt = ((_outputs(hinge.G, x_adv, c, dev) - y) ** 2).flatten(1).mean(1) > 0.05
+    s = hinge.consistency_batched(x_adv, c)
+    disrupt = ((_outputs(hinge.G, x_adv, c, dev) - y) ** 2).flatten(1).mean(1) > SUCCESS_MSE
     out = {
         "disrupt": int(disrupt.sum()),
         "evade": int((disrupt & (s <= hinge.threshold)).sum()),
