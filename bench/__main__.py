@@ -13,9 +13,7 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import adaptive, detection, figures, reconstruction, report, throughput
+from bench import adaptive, detection, figures, reconstruction, report, scaling, throughput
 from bench.baselines import (
     AutoEncoder,
     FeatureSqueezing,
@@ -38,6 +36,7 @@ from bench.baselines import (
 )
 from bench.common import MAGDR, Bench, benign
 from bench.data import Faces, load_faces
+from bench.run_info import commit, machine
 from magdr.checkpoints import weights_digest
 
 log = logging.getLogger("bench")
@@ -139,46 +138,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, k, v)
     args.iterations = [int(i) for i in str(args.iterations).split(",") if i.strip()]
     return args
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    """Where the numbers come from."""
-    info = {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["load_avg"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
-
-
-def commit() -> str:
-    """The checkout's commit, ``+dirty`` when tracked code under bench/ or magdr/ differs (not
-    bench/results/, which a measurement run before this one may have rewritten)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "bench", "magdr",
-             ":!bench/results"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _train_baselines(
@@ -440,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     }
     pngs += report.plots(results, out)
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1) + "\n")
-    report.write(results, out, pngs)
+    report.write(results, out, pngs, scale_out=scaling.saved_section(out))
     log.info("wrote %s (%.0f s in all)", out / "REPORT.md", time.time() - t_start)
     return 0
 

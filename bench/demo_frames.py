@@ -108,8 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: D103
             return 1
     print(render(demo_dir, DEMO_CLIP, a.out))
     if a.report is not None:
-        from bench.__main__ import commit
         from bench.report import put_section
+        from bench.run_info import commit
 
         rel = Path(a.out).resolve().relative_to(a.report.resolve().parent)
         put_section(a.report, "## Demo frames", "\n".join([

@@ -12,7 +12,6 @@ import torch
 from bench.common import MAGDR
 from bench.reconstruction import MAGDR as GUARDED
 from bench.reconstruction import NO_DEFENCE, best_baseline
-from bench.scaling import saved_section
 
 
 def _plt():  # noqa: ANN202
@@ -156,10 +155,15 @@ def put_section(path: Path, heading: str, body: str) -> None:
     path.write_text(text.rstrip("\n") + "\n")
 
 
-def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
+def write(
+    results: dict[str, Any], out: Path, pngs: list[str], scale_out: list[str] | None = None
+) -> Path:
     """Write ``REPORT.md`` (every number from ``results``, i.e. from this run).
 
-    The :data:`OWN_SECTIONS` of an existing ``REPORT.md`` are kept.
+    The :data:`OWN_SECTIONS` of an existing ``REPORT.md`` are kept. ``scale_out`` is the
+    throughput section's last subsection, ``python -m bench.scaling``'s own (its
+    ``saved_section``, kept across runs of the bench); the caller reads it, so that this writer
+    sits below the stages that use it and imports none of them.
     """
     r = results
     m = r["machine"]
@@ -388,7 +392,7 @@ def write(results: dict[str, Any], out: Path, pngs: list[str]) -> Path:
         lines += [""]
     else:
         lines += ["Skipped in this run.", ""]
-    lines += saved_section(out)  # python -m bench.scaling's, kept across runs of the bench
+    lines += scale_out or []
 
     lines += ["## Figures", ""]
     if any(p.startswith(("fig1_", "fig4_")) for p in pngs):

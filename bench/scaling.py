@@ -9,8 +9,8 @@ on this machine (``address = ""``); ``--repeats`` rounds, interleaved, and the m
 get ``--threads`` torch threads; on a GPU (``--device cuda``) each replica gets ``--num-gpus``
 of one GPU. frames/s is the summary's own figure (decode to commit, models and Ray already
 started). The result goes to ``<out>/scaling.json`` and, as the "Scale-out" subsection of the
-throughput section, into ``<out>/REPORT.md`` (``bench/report.py`` keeps that subsection when it
-rewrites the report).
+throughput section, into ``<out>/REPORT.md`` (``python -m bench`` keeps that subsection when it
+rewrites the report: it hands :func:`saved_section` to ``bench.report.write``).
 
     python -m bench.scaling --frames 200 --replicas 1,2 --threads 1 --repeats 3
     python -m bench.scaling --device cuda --replicas 1,4 --num-gpus 0.25
@@ -115,7 +115,7 @@ def section(data: dict[str, Any]) -> list[str]:
 
 
 def saved_section(out: Path) -> list[str]:
-    """The subsection for ``<out>/scaling.json``; [] when there is none (``report.py``)."""
+    """The subsection for ``<out>/scaling.json``; [] when there is none (``python -m bench``)."""
     p = out / "scaling.json"
     return section(json.loads(p.read_text())) if p.exists() else []
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: D103
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
-    from bench.__main__ import commit, machine
+    from bench.run_info import commit, machine
     from daemon import logging as dlog
     from daemon.cli import DEMO_CLIP
 

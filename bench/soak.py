@@ -543,7 +543,7 @@ def report_section(r: dict[str, Any], command: str, max_floor_slope: float) -> s
     """The ``## Soak`` section of ``bench/results/REPORT.md``: every number from report ``r``."""
     import torch
 
-    from bench.__main__ import commit
+    from bench.run_info import commit
 
     failed = failures(r, max_floor_slope)
     ps = r["per_stream"].values()

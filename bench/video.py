@@ -136,7 +136,7 @@ def section(
     celeba: dict[str, dict[str, int]] | None = None, every: int = 10,
 ) -> str:  # fmt: skip
     """The ``## Video`` section from the per-clip rows (and CelebA's per-edit false alarms)."""
-    from bench.__main__ import commit
+    from bench.run_info import commit
 
     def pct(a: int, b: int) -> str:
         return f"{a}/{b} ({100 * a / b:.1f}%)" if b else "–"
