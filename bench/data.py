@@ -2,7 +2,7 @@
 
 Validation faces are CelebA ``008001``–``009000`` (never trained on); baselines are trained and
 every threshold is set on train faces ``000001``–``008000`` only. Faces come from
-:func:`magdr.train.data.load_celeba` (StarGAN framing, 128×128) and are resized to
+:func:`magdr.celeba.load_celeba` (StarGAN framing, 128×128) and are resized to
 ``G.image_size``. ``data="synthetic"`` fabricates smooth random images instead, for the quick
 run of the test suite on a machine without the face data (numbers from it mean nothing).
 """
@@ -150,7 +150,7 @@ def load_faces(
         attrs = rng.integers(0, 2, (n, 5)).astype(np.float32)
         ids = [f"synthetic-{split}-{i}" for i in range(n)]
     else:
-        from magdr.train.data import load_celeba, to_tensor
+        from magdr.celeba import load_celeba, to_tensor
 
         celeba = load_celeba(Path(data) if data else None)
         idx = np.arange(lo, lo + n) if split == "val" else np.sort(rng.choice(hi - lo, n, False))

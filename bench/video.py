@@ -40,7 +40,7 @@ ATTACKS = ((0.1, 20), (0.05, 10))
 
 
 def _clips(given: Sequence[str]) -> list[Path]:
-    from magdr.train.data import data_root
+    from magdr.celeba import data_root
 
     return [Path(c) for c in given] or sorted((data_root() / "videos").glob("*.mp4"))
 
@@ -58,7 +58,7 @@ def clean(engine: Any, clip: Path, every: int) -> dict[str, Any]:
     """Clean faces of every ``every``-th frame, flagged under the edit and the keep condition."""
     import magdr
     from daemon.face_crops import clip_crops
-    from magdr.train.data import to_tensor
+    from magdr.celeba import to_tensor
 
     images, _ = clip_crops(clip, engine.cfg, engine.size, every)
     x = to_tensor(images) if len(images) else torch.empty(0, 3, engine.size, engine.size)
@@ -77,7 +77,7 @@ def celeba_conditions(engine: Any, n: int) -> dict[str, dict[str, int]]:
     faces are ``008001`` onward, which no model or profile saw.
     """
     from magdr.calibrate import edit_conditions, parse_edits
-    from magdr.train.data import load_celeba, to_tensor
+    from magdr.celeba import load_celeba, to_tensor
 
     celeba = load_celeba()
     idx = np.arange(8000, min(8000 + n, len(celeba["images"])))

@@ -43,7 +43,7 @@ RULES = [(1, 1), (2, 2), (2, 3), (3, 3), (3, 5)]
 
 
 def _data() -> Path:
-    from magdr.train.data import data_root
+    from magdr.celeba import data_root
 
     return data_root()
 
@@ -164,7 +164,7 @@ def faces(clips: Sequence[str], every: int, out: Path, celeba: int) -> None:
               f"{sum(r['score'] > threshold for r in sel)} "
               f"({100 * np.mean([r['score'] > threshold for r in sel]):.1f}%)")
     if celeba:
-        from magdr.train.data import CELEBA_VAL, load_celeba, to_tensor
+        from magdr.celeba import CELEBA_VAL, load_celeba, to_tensor
 
         cel = load_celeba()
         idx = np.array(CELEBA_VAL)[:celeba] - 1

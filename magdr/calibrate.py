@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     import magdr
-    from magdr.train.data import load_celeba, to_tensor
+    from magdr.celeba import load_celeba, to_tensor
 
     torch.manual_seed(args.seed)
     t0 = time.time()

@@ -31,7 +31,7 @@ import torch
 
 import magdr
 from bench.common import success
-from magdr.train.data import CELEBA_VAL, load_celeba, to_tensor
+from magdr.celeba import CELEBA_VAL, load_celeba, to_tensor
 
 EDIT = {"Blond_Hair": 1}
 

@@ -220,7 +220,7 @@ def test_put_section_replaces_or_appends_one_section(tmp_path):
 
 
 def _data_available() -> bool:
-    from magdr.train.data import data_root
+    from magdr.celeba import data_root
 
     try:
         data_root()
@@ -245,7 +245,7 @@ def test_val_faces_are_the_held_out_split():
     train = load_faces(G, "train", 6, seed=1)
     assert all(int(i) <= 8000 for i in train.ids)
     # A hair edit asks for a hair colour the face does not have.
-    from magdr.train.data import load_celeba
+    from magdr.celeba import load_celeba
 
     attrs = load_celeba()["attrs"][8000]
     j = int(val.c[0, :3].argmax())

@@ -243,7 +243,7 @@ class TestExtraNegatives:
         "CelebA" faces, one PGD attack, and ``fit`` without Rec-Net pretraining (its arguments
         are recorded)."""
         import magdr
-        import magdr.train.data as data
+        import magdr.celeba as data
 
         torch.manual_seed(0)
         G = StarGAN(conv_dim=4, c_dim=5, repeat_num=1, image_size=SIZE).eval()
@@ -296,7 +296,7 @@ class TestExtraNegatives:
         # The CelebA part is unchanged by the extras; then each file's faces.
         torch.testing.assert_close(seen["x_neg"][: 4 * k], seen0["x_neg"])
         torch.testing.assert_close(seen["c_neg"][: 4 * k], seen0["c_neg"])
-        from magdr.train.data import to_tensor
+        from magdr.celeba import to_tensor
 
         xa = to_tensor(np.load(a)["images"])
         torch.testing.assert_close(seen["x_neg"][4 * k : 4 * k + 3], xa)

@@ -424,11 +424,13 @@ def test_shipped_parser_finds_faces_and_hair_on_real_celeba() -> None:
         pytest.skip("no shipped parser yet")
     import cv2
 
+    from magdr.celeba import _celeba_crop
+
     root = D.data_root()
     imgs = []
     for i in range(8001, 8009):
         img = cv2.imread(str(root / f"celeba/images/{i:06d}.jpg"))[:, :, ::-1]
-        imgs.append(D._celeba_crop(img)[0])
+        imgs.append(_celeba_crop(img)[0])
     net = ParseNet.from_state_dict(torch.load(WEIGHTS / "parser.pt", weights_only=True)).eval()
     with torch.no_grad():
         lab = net(D.to_tensor(np.stack(imgs))).argmax(1)
