@@ -452,7 +452,7 @@ def _reconstruction(rec: dict[str, Any], s: dict[str, Any]) -> list[str]:
             f"The guard's purifier (`magdr/models/weights/purifier.pt`) was trained on "
             f"{pur.get('faces')} CelebA train faces attacked by {', '.join(trained)}"
             f" (PGD and I-FGSM at ε {', '.join(str(e) for e in pur.get('eps', []))}) only "
-            f"(`python -m magdr.train.purifier`, {steps} steps in {len(stages)} stage(s), "
+            f"(`python -m training.purifier`, {steps} steps in {len(stages)} stage(s), "
             f"{minutes:.0f} min on `{pur.get('device')}` with its attack pool): "
             f"{_and(unseen)} are attacks it never saw.",
             "",

@@ -13,7 +13,7 @@ so that G's output on the purified face matches G's output on the clean one,
         + \gamma \big(\lVert P(x) - x \rVert_1 + \lVert G(P(x), c) - G(x, c) \rVert_1\big),
 
 the last term keeping clean faces as they are, so that a false alarm costs nothing
-(``magdr.train.purifier`` trains it). :class:`magdr.Guard` tries P on a flagged face before
+(``training.purifier`` trains it). :class:`magdr.Guard` tries P on a flagged face before
 Rec-Net's search and keeps it when S_final of the purified face falls below the threshold
 (the paper's check, Eq. 9); otherwise the search runs from P's output. When P is also the
 detector's consistency transform, P's output is kept wherever it lowers S_final (P cannot
@@ -46,7 +46,7 @@ DEFAULT_PURIFIER = WEIGHTS_DIR / "purifier.pt"
 
 #: Purifiers shipped for the default G, by the name a profile or config may give instead of a
 #: path: the full P that reconstructs, and a distilled one, small enough to run on every face
-#: as the detector's consistency transform (``python -m magdr.train.purifier --teacher``).
+#: as the detector's consistency transform (``python -m training.purifier --teacher``).
 SHIPPED = {"default": DEFAULT_PURIFIER, "detector": WEIGHTS_DIR / "purifier-detector.pt"}
 
 #: The name chains give the purifier step (``GuardResult.chains``).

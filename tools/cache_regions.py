@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from magdr.train import data as D
-from magdr.train.stargan import WEIGHTS, cached_region_probs
+from training import data as D
+from training.stargan import WEIGHTS, cached_region_probs
 
 if __name__ == "__main__":
     device = sys.argv[1]

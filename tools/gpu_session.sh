@@ -3,14 +3,14 @@
 # $OUT). Everything has a wall-time budget, so the script ends on time on an unknown machine:
 #
 #   1. caches: CelebA at 128 and the parser's soft region maps of the 9000 CelebA faces;
-#   2. in parallel on the one GPU: three generator recipes (magdr/train/stargan.py) and the CUDA
+#   2. in parallel on the one GPU: three generator recipes (training/stargan.py) and the CUDA
 #      tests + GPU timings;
-#   3. every saved generator checkpoint scored on 300 validation faces (magdr/train/evaluate.py),
+#   3. every saved generator checkpoint scored on 300 validation faces (training/evaluate.py),
 #      the best and the last of each recipe kept;
 #   4. weights, evaluations and logs packed into a few files under $OUT.
 #
 # Inputs: the data folder in $MAGDR_DATA (CelebA + Face Synthetics, see ../shared/data/README),
-# the classifiers in $CLASSIFIERS (default .gpu/models; magdr/train/classifier.py: eval.pt, hair.pt for evaluation;
+# the classifiers in $CLASSIFIERS (default .gpu/models; training/classifier.py: eval.pt, hair.pt for evaluation;
 # aux.pt, aux_hair.pt teaching G), BUDGET seconds in all (default 560). DEVICE, N_TRAIN and N_EVAL
 # exist to rehearse the script on a CPU with a small budget:
 #
@@ -56,11 +56,11 @@ RECIPES=(t1 t2 t3)
 # 1.36/1.53/1.20, still rising, and F's stage 2 afterwards undid them in 1000 steps (run C2),
 # so t3 stays in stage 1 (T3_STAGE1 sets where stage 2 would start).
 hair=(--aux-hair "$CLASSIFIERS/aux_hair.pt" --w-inside 0)
-python3 -m magdr.train.stargan "${common[@]}" "${hair[@]}" --lambda-aux 8 --lambda-rec 20 \
+python3 -m training.stargan "${common[@]}" "${hair[@]}" --lambda-aux 8 --lambda-rec 20 \
     --lambda-tint 50 --run-dir $R/t1 --out $R/t1/G.pt >$R/t1.log 2>&1 &
-python3 -m magdr.train.stargan "${common[@]}" "${hair[@]}" --lambda-aux 8 --lambda-rec 30 \
+python3 -m training.stargan "${common[@]}" "${hair[@]}" --lambda-aux 8 --lambda-rec 30 \
     --lambda-tint 100 --run-dir $R/t2 --out $R/t2/G.pt >$R/t2.log 2>&1 &
-python3 -m magdr.train.stargan "${common[@]}" --teacher magdr/models/weights/default_G.pt \
+python3 -m training.stargan "${common[@]}" --teacher magdr/models/weights/default_G.pt \
     --teacher-edits all --stage1-steps "${T3_STAGE1:-1000000}" --hair-weight 5 --lr 5e-4 --lambda-aux 8 \
     --lambda-rec 20 --w-inside 0 --lambda-tint 50 --run-dir $R/t3 --out $R/t3/G.pt >$R/t3.log 2>&1 &
 (timeout 120 python3 -m pytest -q -m gpu tests/magdr -p no:cacheprovider 2>&1 | tail -15
@@ -73,7 +73,7 @@ stamp "training done"
 for v in "${RECIPES[@]}"; do
   (for g in $(ls $R/$v/G_*.pt 2>/dev/null | tail -6); do
      [ -e "$g" ] || continue
-     python3 -m magdr.train.evaluate --G "$g" --only G --n "$N_EVAL" --device "$DEVICE" \
+     python3 -m training.evaluate --G "$g" --only G --n "$N_EVAL" --device "$DEVICE" \
         --classifier "$CLASSIFIERS/eval.pt" --hair-classifier "$CLASSIFIERS/hair.pt" \
         --out "${g%.pt}.eval.json" >/dev/null 2>&1
    done) &

@@ -34,7 +34,7 @@ from magdr.faces.locate import FaceBox, check_frame, crop_rects, face_pixels, fe
 #: Image-left eye centre, image-right eye centre and mouth centre (means of iBUG points 36-41,
 #: 42-47, 48-59) of CelebA's aligned faces in G's square frame, as fractions of its side: the
 #: mean over the 7,729 train faces (``000001``-``008000``) on which dlib found a face, measured by
-#: ``python -c "from magdr.train import data as D; print(D.celeba_mean_anchor(D.load_celeba())
+#: ``python -c "from training import data as D; print(D.celeba_mean_anchor(D.load_celeba())
 #: / 128)"`` (per-face spread about 1 px of 128).
 CELEBA_ANCHOR = np.array(
     [[0.38632, 0.51715], [0.60200, 0.51732], [0.49368, 0.75659]], np.float64

@@ -1,4 +1,4 @@
-"""ParseNet: the small default face parser (a 4-level U-Net), trained by ``magdr/train/parser.py``.
+"""ParseNet: the small default face parser (a 4-level U-Net), trained by ``training/parser.py``.
 
 It outputs the 19 BiSeNet / CelebAMask-HQ classes (:data:`magdr.faces.regions.BISENET_CLASSES`)
 so it is a drop-in for BiSeNet's ``79999_iter.pth`` at a fraction of the cost. The network works

@@ -548,7 +548,7 @@ def load_parser(
         if not landmarks_available():
             raise FileNotFoundError(
                 f"no default face parser: {DEFAULT_WEIGHTS} is missing (train it with "
-                "`python -m magdr.train.parser`), and the landmark fallback needs dlib "
+                "`python -m training.parser`), and the landmark fallback needs dlib "
                 f"(pip install 'magdr-guard[dlib]') plus its 68-point model (Debian's "
                 f"libdlib-data -> {DLIB_LANDMARKS}, or `pip install face-recognition-models`)"
             )

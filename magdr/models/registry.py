@@ -133,7 +133,7 @@ def load_generator(
         if not path.is_file():
             raise FileNotFoundError(
                 f"the default generator weights {path} are not there yet: they are produced by "
-                "magdr/train/ and shipped with the package; train them or pass a checkpoint path"
+                "training/ and shipped with the package; train them or pass a checkpoint path"
             )
     else:
         path = Path(path_or_name)

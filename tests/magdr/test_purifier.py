@@ -22,10 +22,10 @@ from magdr.purifier import (
     purifier_path,
     save_purifier,
 )
-from magdr.train.purifier import DetectorHinge, adaptive_pool, distill_loss, purifier_loss
-from magdr.train.purifier import main as train_main
 from magdr.transforms import apply, bpda_apply
 from tests.conftest import count_g_images, synthetic_conditions, synthetic_faces
+from training.purifier import DetectorHinge, adaptive_pool, distill_loss, purifier_loss
+from training.purifier import main as train_main
 
 
 def _faces(n: int, seed: int, size: int = 32) -> torch.Tensor:
@@ -349,7 +349,7 @@ class TestAsConsistencyTransform:
 
         if not (data_dir() / "celeba").is_dir():
             pytest.skip("no CelebA data")
-        from magdr.train.data import load_celeba, to_tensor
+        from training.data import load_celeba, to_tensor
 
         G = magdr.load_generator("default")
         celeba = load_celeba(data_dir())

@@ -26,11 +26,11 @@ consistency transform), where the full P's cost would be most of the clean path.
 
 Usage::
 
-    python -m magdr.train.purifier                        # default G, CPU: see MODEL_CARD.md
-    python -m magdr.train.purifier --G path/G.pt --device cuda --faces 2048 --steps 3000
-    python -m magdr.train.purifier --width 12 --teacher default --out P12.pt   # distil
-    python -m magdr.train.purifier --init detector --adversarial 3 --out Pd.pt   # harden
-    python -m magdr.train.purifier --smoke                # 2 steps on fabricated faces, temp dir
+    python -m training.purifier                        # default G, CPU: see MODEL_CARD.md
+    python -m training.purifier --G path/G.pt --device cuda --faces 2048 --steps 3000
+    python -m training.purifier --width 12 --teacher default --out P12.pt   # distil
+    python -m training.purifier --init detector --adversarial 3 --out Pd.pt   # harden
+    python -m training.purifier --smoke                # 2 steps on fabricated faces, temp dir
 
 ``magdr-guard calibrate --purifier ...`` runs the same :func:`main`. The result is a checkpoint
 and a JSON file beside it; point ``[model] purifier`` (daemon) or ``Guard(purifier=...)`` at it.
@@ -53,8 +53,8 @@ from tqdm import tqdm
 from magdr.checkpoints import weights_digest
 from magdr.metrics import dssim
 from magdr.purifier import DEFAULT_PURIFIER, Purifier, load_purifier, save_purifier
-from magdr.train import data as D
-from magdr.train.common import Budget, LossLog, log, seed_all, setup_logging
+from training import data as D
+from training.common import Budget, LossLog, log, seed_all, setup_logging
 
 TRAIN_ATTACKS = ("pgd", "ifgsm", "cw")
 
@@ -268,7 +268,7 @@ def _cosine(lr: float, frac: float, warmup: float = 0.03) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     ap = argparse.ArgumentParser(
-        prog="python -m magdr.train.purifier",
+        prog="python -m training.purifier",
         description=__doc__,
         formatter_class=argparse.RawTextHelpFormatter,
     )

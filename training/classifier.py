@@ -3,21 +3,21 @@
 Two independent networks are trained by this script, each with its own seed and width:
 
 - ``eval``: the *evaluation* classifier (StarGAN's "classification accuracy" measure). It is
-  only used by :mod:`magdr.train.evaluate` to check that G's edits are recognisable, never in
+  only used by :mod:`training.evaluate` to check that G's edits are recognisable, never in
   G's training.
-- ``aux``: a frozen *teacher* for G's domain-classification loss (see :mod:`magdr.train.stargan`),
+- ``aux``: a frozen *teacher* for G's domain-classification loss (see :mod:`training.stargan`),
   so G learns from a classifier that already knows the attributes instead of waiting for D's.
 - ``hair``: a second evaluation classifier that sees only the hair (:func:`hair_only`: the
-  shipped parser's hair region of the *input* face, grey elsewhere). :mod:`magdr.train.evaluate`
+  shipped parser's hair region of the *input* face, grey elsewhere). :mod:`training.evaluate`
   reports its hair-colour recognition beside ``eval``'s: an edit must change the hair itself to
   be recognised by it, not paint patterns elsewhere that a whole-image classifier reacts to.
 
 Usage::
 
-    nice -n 10 python -m magdr.train.classifier --which eval     # ~5 min on 2 CPU cores
-    nice -n 10 python -m magdr.train.classifier --which aux --seed 1 --width 24
-    nice -n 10 python -m magdr.train.classifier --which hair --seed 2
-    python -m magdr.train.classifier --smoke
+    nice -n 10 python -m training.classifier --which eval     # ~5 min on 2 CPU cores
+    nice -n 10 python -m training.classifier --which aux --seed 1 --width 24
+    nice -n 10 python -m training.classifier --which hair --seed 2
+    python -m training.classifier --smoke
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from magdr.train import data as D
-from magdr.train.common import (
+from training import data as D
+from training.common import (
     LossLog,
     load_ckpt,
     log,
@@ -43,7 +43,7 @@ from magdr.train.common import (
     tensor_state_dict,
 )
 
-RUNS = Path(__file__).resolve().parents[2] / "runs"
+RUNS = Path(__file__).resolve().parents[1] / "runs"
 
 
 class AttrNet(nn.Module):
@@ -80,7 +80,7 @@ def load_classifier(which: str = "eval") -> AttrNet:
     """The trained classifier ``runs/classifier/{which}.pt`` in eval mode."""
     path = RUNS / "classifier" / f"{which}.pt"
     if not path.exists():
-        raise FileNotFoundError(f"{path} missing: python -m magdr.train.classifier --which {which}")
+        raise FileNotFoundError(f"{path} missing: python -m training.classifier --which {which}")
     net = AttrNet.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return net.eval()
 
@@ -95,7 +95,7 @@ def hair_only(x: torch.Tensor, hair: torch.Tensor) -> torch.Tensor:
 
 def hair_maps(images: np.ndarray, parser_path: Path | None = None) -> np.ndarray:
     """Hair probabilities ``[B,1,H,W]`` float of the shipped parser (cached for CelebA)."""
-    from magdr.train.stargan import WEIGHTS, cached_region_probs  # noqa: PLC0415 - no cycle
+    from training.stargan import WEIGHTS, cached_region_probs  # noqa: PLC0415 - no cycle
 
     maps = cached_region_probs(parser_path or WEIGHTS / "parser.pt", images)
     return maps[:, :1].astype(np.float32) / 255

@@ -1,6 +1,6 @@
 """Train the default face parser :class:`magdr.faces.parsenet.ParseNet`.
 
-Data (fixed split, see :mod:`magdr.train.data`): Face Synthetics ``000000``–``000069`` with full
+Data (fixed split, see :mod:`training.data`): Face Synthetics ``000000``–``000069`` with full
 labels (mapped into BiSeNet order), warped into the CelebA framing with strong augmentation
 (pose jitter, flips, colour, blur to CelebA's upscaled sharpness, noise), plus CelebA train
 faces with pseudo-labels from their dlib 68 landmarks (skin core, brows, eyes, nose, lips; the
@@ -8,11 +8,11 @@ rest ignored) so the net also sees real skin, eyes and lips.
 
 Usage::
 
-    nice -n 10 python -m magdr.train.parser --steps 1200          # CPU, ~25 min
-    python -m magdr.train.parser --resume                           # continue a run
-    python -m magdr.train.parser --smoke                            # 2 steps, 4 images, temp dir
+    nice -n 10 python -m training.parser --steps 1200          # CPU, ~25 min
+    python -m training.parser --resume                           # continue a run
+    python -m training.parser --smoke                            # 2 steps, 4 images, temp dir
     # a smaller parser taught by the shipped one (what the guard's clean path can afford)
-    python -m magdr.train.parser --teacher magdr/models/weights/parser.pt --width 8 --depth 5
+    python -m training.parser --teacher magdr/models/weights/parser.pt --width 8 --depth 5
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from magdr.checkpoints import WEIGHTS_DIR
 from magdr.faces.parsenet import ParseNet
 from magdr.faces.regions import BISENET_CLASSES
-from magdr.train import data as D
-from magdr.train.common import (
+from training import data as D
+from training.common import (
     Budget,
     LossLog,
     load_ckpt,
@@ -44,7 +45,7 @@ from magdr.train.common import (
     tensor_state_dict,
 )
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "models/weights/parser.pt"
+WEIGHTS = WEIGHTS_DIR / "parser.pt"
 
 #: Classes the parser bar is measured on; each groups BiSeNet classes (both sides together).
 EVAL_GROUPS: dict[str, tuple[str, ...]] = {

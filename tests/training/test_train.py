@@ -11,8 +11,8 @@ import torch
 
 from magdr.faces.parsenet import ParseNet
 from magdr.faces.regions import BISENET_CLASSES
-from magdr.train import data as D
-from magdr.train.common import Budget
+from training import data as D
+from training.common import Budget
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "magdr/models/weights"
 
@@ -29,14 +29,14 @@ def _has_data() -> bool:
 
 
 def test_parser_smoke(tmp_path: Path) -> None:
-    from magdr.train import parser
+    from training import parser
 
     table = parser.main(["--smoke", "--threads", "1"])
     assert set(table) == {*parser.EVAL_GROUPS, "mIoU"}
 
 
 def test_parser_distillation_smoke(tmp_path: Path) -> None:
-    from magdr.train import parser
+    from training import parser
 
     torch.manual_seed(0)
     teacher = tmp_path / "teacher.pt"
@@ -52,14 +52,14 @@ def test_parser_distillation_smoke(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("which", ["eval", "hair"])
 def test_classifier_smoke(which: str) -> None:
-    from magdr.train import classifier
+    from training import classifier
 
     acc = classifier.main(["--smoke", "--threads", "1", "--which", which])
     assert acc.shape == (5,) and ((acc >= 0) & (acc <= 1)).all()
 
 
 def test_hair_only_input_keeps_the_hair_and_greys_the_rest() -> None:
-    from magdr.train.classifier import hair_only
+    from training.classifier import hair_only
 
     x = torch.rand(1, 3, 8, 8) * 2 - 1
     hair = torch.zeros(1, 1, 8, 8)
@@ -72,7 +72,7 @@ def test_hair_only_input_keeps_the_hair_and_greys_the_rest() -> None:
 
 def test_stargan_smoke_runs_both_stages_and_writes_registry_metadata() -> None:
     from magdr.models.stargan import StarGAN
-    from magdr.train import stargan
+    from training import stargan
 
     out = stargan.main(["--smoke", "--threads", "1"])
     meta = json.loads(out.with_suffix(".json").read_text())
@@ -84,7 +84,7 @@ def test_stargan_smoke_runs_both_stages_and_writes_registry_metadata() -> None:
 
 
 def test_stargan_resume_continues_from_checkpoint(tmp_path: Path) -> None:
-    from magdr.train import stargan
+    from training import stargan
 
     run = tmp_path / "run"
     stargan.main(["--smoke", "--threads", "1", "--steps", "1", "--run-dir", str(run)])
@@ -106,7 +106,7 @@ class _RunsOutAfter3(Budget):
 def test_a_run_stopped_by_its_budget_keeps_its_last_state_and_resumes(
     script: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    module = importlib.import_module(f"magdr.train.{script}")
+    module = importlib.import_module(f"training.{script}")
     run = tmp_path / "run"
     args = ["--smoke", "--threads", "1", "--steps", "6", "--ckpt-every", "1000",
             "--run-dir", str(run)]  # fmt: skip
@@ -121,14 +121,14 @@ def test_a_run_stopped_by_its_budget_keeps_its_last_state_and_resumes(
 
 
 def test_stargan_ae_only_smoke_needs_no_hair_maps(tmp_path: Path) -> None:
-    from magdr.train import stargan
+    from training import stargan
 
     out = stargan.main(["--smoke", "--threads", "1", "--ae-only", "--run-dir", str(tmp_path)])
     assert out.exists()
 
 
 def test_stargan_distillation_smoke_loads_its_teacher(tmp_path: Path) -> None:
-    from magdr.train import stargan
+    from training import stargan
 
     teacher = stargan.main(["--smoke", "--threads", "1", "--run-dir", str(tmp_path / "t")])
     args = ["--teacher", str(teacher), "--stage1-steps", "2", "--flip-prob", "1"]
@@ -138,8 +138,8 @@ def test_stargan_distillation_smoke_loads_its_teacher(tmp_path: Path) -> None:
 
 
 def test_stargan_smoke_with_a_hair_only_teacher(tmp_path: Path) -> None:
-    from magdr.train import stargan
-    from magdr.train.classifier import AttrNet
+    from training import stargan
+    from training.classifier import AttrNet
 
     torch.save(AttrNet(width=4).state_dict(), tmp_path / "aux_hair.pt")
     stargan.main(["--smoke", "--threads", "1", "--run-dir", str(tmp_path / "run"),
@@ -150,7 +150,7 @@ def test_stargan_smoke_with_a_hair_only_teacher(tmp_path: Path) -> None:
 
 
 def test_colour_shift_sees_a_tint_outside_the_edit_and_ignores_the_edit() -> None:
-    from magdr.train.stargan import colour_shift
+    from training.stargan import colour_shift
 
     torch.manual_seed(0)
     x = torch.rand(2, 3, 8, 8) * 2 - 1
@@ -165,7 +165,7 @@ def test_colour_shift_sees_a_tint_outside_the_edit_and_ignores_the_edit() -> Non
 
 def test_distillation_target_is_the_teachers_face_edit_with_the_hair_recoloured() -> None:
     from magdr.models.stargan import StarGAN
-    from magdr.train.stargan import distillation_target, recolour_hair
+    from training.stargan import distillation_target, recolour_hair
 
     torch.manual_seed(0)
     teacher = StarGAN(conv_dim=4, repeat_num=1).eval()
@@ -193,7 +193,7 @@ def test_distillation_target_is_the_teachers_face_edit_with_the_hair_recoloured(
 
 
 def test_stargan_stage1_distillation_of_every_edit_with_a_tint_penalty(tmp_path: Path) -> None:
-    from magdr.train import stargan
+    from training import stargan
 
     teacher = stargan.main(["--smoke", "--threads", "1", "--run-dir", str(tmp_path / "t")])
     args = ["--teacher", str(teacher), "--teacher-edits", "all", "--lambda-tint", "5",
@@ -206,7 +206,7 @@ class TopHalfHair(torch.nn.Module):
     """A "parser" that puts hair in the top rows and background everywhere else."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        from magdr.train.evaluate import HAIR
+        from training.evaluate import HAIR
 
         logits = torch.zeros(x.shape[0], len(BISENET_CLASSES), *x.shape[2:])
         logits[:, HAIR, : x.shape[2] // 2] = 20.0
@@ -214,7 +214,7 @@ class TopHalfHair(torch.nn.Module):
 
 
 def test_recolour_reference_edits_only_the_parsed_hair() -> None:
-    from magdr.train.evaluate import RecolourReference
+    from training.evaluate import RecolourReference
 
     torch.manual_seed(0)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -249,7 +249,7 @@ def test_shrink_takes_exact_block_means_in_either_layout() -> None:
 
 
 def test_region_cache_tells_apart_two_face_sets_of_the_same_size(tmp_path, monkeypatch) -> None:
-    from magdr.train.stargan import cached_region_probs
+    from training.stargan import cached_region_probs
 
     monkeypatch.setenv("MAGDR_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
@@ -269,8 +269,8 @@ def test_region_cache_tells_apart_two_face_sets_of_the_same_size(tmp_path, monke
 def test_a_half_size_generator_is_measured_at_its_own_size(monkeypatch) -> None:
     """Issue 3's 64×64 fallback: faces and parser maps shrunk to G's side, classifiers at 128."""
     from magdr.models.stargan import StarGAN
-    from magdr.train.classifier import AttrNet
-    from magdr.train.evaluate import eval_generator
+    from training.classifier import AttrNet
+    from training.evaluate import eval_generator
 
     class BrightensTheTopHalf(StarGAN):  # a 16×16 "editor" that changes only the top rows
         def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
@@ -297,7 +297,7 @@ def test_budget_fraction_follows_steps_or_time() -> None:
 
 
 def test_one_cycle_matches_torch_one_cycle_shape() -> None:
-    from magdr.train.parser import one_cycle
+    from training.parser import one_cycle
 
     net = torch.nn.Linear(1, 1)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -315,7 +315,7 @@ def test_one_cycle_matches_torch_one_cycle_shape() -> None:
 
 
 def test_stage2_decay_holds_then_falls_to_a_tenth() -> None:
-    from magdr.train.stargan import decay
+    from training.stargan import decay
 
     assert decay(0.0) == decay(0.59) == 1.0
     assert decay(0.8) == pytest.approx(0.55) and decay(1.0) == pytest.approx(0.1)
@@ -366,7 +366,7 @@ def test_landmark_labels_draw_parts_inside_the_face() -> None:
 
 
 def test_iou_table_perfect_and_wrong() -> None:
-    from magdr.train.parser import iou_table
+    from training.parser import iou_table
 
     gt = np.random.default_rng(0).integers(0, 19, (2, 16, 16)).astype(np.uint8)
     assert iou_table(gt, gt)["mIoU"] == pytest.approx(1.0)
@@ -374,7 +374,7 @@ def test_iou_table_perfect_and_wrong() -> None:
 
 
 def test_recolour_hair_changes_only_the_hair_and_reaches_target_mean() -> None:
-    from magdr.train.stargan import _masked_stats, recolour_hair, to_ycc
+    from training.stargan import _masked_stats, recolour_hair, to_ycc
 
     torch.manual_seed(0)
     x = torch.rand(2, 3, 16, 16) * 1.6 - 0.8
@@ -389,7 +389,7 @@ def test_recolour_hair_changes_only_the_hair_and_reaches_target_mean() -> None:
 
 
 def test_sample_conditions_keep_and_flip_semantics() -> None:
-    from magdr.train.stargan import sample_conditions
+    from training.stargan import sample_conditions
 
     rng = np.random.default_rng(0)
     real = np.tile(np.array([[1, 0, 0, 1, 0]], np.float32), (400, 1))
@@ -439,7 +439,7 @@ def test_shipped_parser_finds_faces_and_hair_on_real_celeba() -> None:
 
 
 def test_evaluate_markdown_reports_the_hair_only_classifier_beside_the_bars() -> None:
-    from magdr.train.evaluate import bars, markdown
+    from training.evaluate import bars, markdown
 
     row = {"psnr_non_target_mean": 25.0, "psnr_non_target_median": 25.5, "hair_ratio": 2.5,
            "recognised_all": 0.85, "recognised_changed": 0.8}  # fmt: skip

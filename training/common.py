@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-log = logging.getLogger("magdr.train")
+log = logging.getLogger("training")
 
 
 def seed_all(seed: int) -> np.random.Generator:
@@ -27,7 +27,7 @@ def seed_all(seed: int) -> np.random.Generator:
 def setup_logging(run_dir: Path) -> None:
     """Log to ``run_dir/train.log`` and to stderr."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger("magdr.train")
+    root = logging.getLogger("training")
     root.setLevel(logging.INFO)
     root.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")

@@ -1,6 +1,6 @@
 """Measure the default models against their bars on the validation split (issue 3).
 
-Parser (:mod:`magdr.train.parser`):
+Parser (:mod:`training.parser`):
 
 - IoU on Face Synthetics ``000070``–``000079`` (warped into the CelebA framing) over background,
   skin, brows, eyes, nose, lips, hair, neck; bar: mean ≥ 0.65;
@@ -8,13 +8,13 @@ Parser (:mod:`magdr.train.parser`):
   pseudo-labels (skin core, brows, eyes, nose, lips: the only real labels there are) and the
   share of pixels given to each region (a collapsed parser shows up as a zero share).
 
-Generator (:mod:`magdr.train.stargan`), for each target attribute (hair colours: set that colour;
+Generator (:mod:`training.stargan`), for each target attribute (hair colours: set that colour;
 Male/Young: flip the face's own label; everything else at ``G.neutral``):
 
 - hair colours: mean ``|G(x,c) − x|`` inside the parser's hair region ≥ 2× the mean outside;
 - PSNR(G(x,c), x) over the pixels outside ``G.target_regions(c)`` (regions from the parser on x)
   ≥ 22 dB (data range 2, i.e. the same as on [0,1] images);
-- recognisability: the *evaluation* classifier (:mod:`magdr.train.classifier` ``eval``, never
+- recognisability: the *evaluation* classifier (:mod:`training.classifier` ``eval``, never
   used in G's training) finds the requested value in G's output for ≥ 80% of faces (StarGAN's
   classification accuracy). Reported over all faces and over the faces whose own label differs.
   For hair colours a second classifier (``hair``, same module) that sees only the input face's
@@ -22,7 +22,7 @@ Male/Young: flip the face's own label; everything else at ``G.neutral``):
   changed something else than the hair.
 
 A generator smaller than the data (``image_size`` 64, issue 3's fallback) is measured at its
-own size: faces area-shrunk (:func:`magdr.train.data.shrink`), the parser run on the 128×128
+own size: faces area-shrunk (:func:`training.data.shrink`), the parser run on the 128×128
 face and its probabilities averaged down; the classifiers see G's output upsampled to 128, and
 their accuracy on real faces treated the same way is reported beside their full-size accuracy.
 
@@ -32,10 +32,10 @@ It shows what the bars make of a plain, localised hair recolouring.
 
 Usage::
 
-    python -m magdr.train.evaluate                  # everything, 1000 val faces -> runs/eval.json
-    python -m magdr.train.evaluate --n 200 --only G
-    python -m magdr.train.evaluate --only G --G recolour --out runs/eval_recolour.json
-    python -m magdr.train.evaluate --only G --G recolour --recolour-on G.pt   # G's edits + recolour
+    python -m training.evaluate                  # everything, 1000 val faces -> runs/eval.json
+    python -m training.evaluate --n 200 --only G
+    python -m training.evaluate --only G --G recolour --out runs/eval_recolour.json
+    python -m training.evaluate --only G --G recolour --recolour-on G.pt   # G's edits + recolour
 """
 
 from __future__ import annotations
@@ -49,14 +49,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from magdr.checkpoints import WEIGHTS_DIR
 from magdr.faces.parsenet import ParseNet
 from magdr.faces.regions import BISENET_CLASSES, CLASS_TO_REGION, REGIONS, group_regions
 from magdr.models.base import Generator
 from magdr.models.stargan import StarGAN
-from magdr.train import data as D
-from magdr.train.classifier import RUNS, AttrNet, accuracy, hair_maps, hair_only
-from magdr.train.parser import iou_table, predict
-from magdr.train.stargan import (
+from training import data as D
+from training.classifier import RUNS, AttrNet, accuracy, hair_maps, hair_only
+from training.parser import iou_table, predict
+from training.stargan import (
     NEUTRAL,
     cached_region_probs,
     classifier_input,
@@ -66,7 +67,7 @@ from magdr.train.stargan import (
     spread,
 )
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "models/weights"
+WEIGHTS = WEIGHTS_DIR
 HAIR = BISENET_CLASSES.index("hair")
 
 

@@ -21,7 +21,7 @@ real label, both meaning "keep".
 Stage 2 — StarGAN fine-tune. Male/Young are also flipped (c = 1 − r). StarGAN's objective is
 added: WGAN-GP adversarial loss with a StarGAN discriminator (src + cls heads), domain
 classification (D's cls head, plus a frozen auxiliary attribute classifier trained on the train
-split, :mod:`magdr.train.classifier` ``aux``, so the edit direction is known from step one) and
+split, :mod:`training.classifier` ``aux``, so the edit direction is known from step one) and
 cycle reconstruction ``|G(G(x, c), r) − x|``. The pixel loss becomes an identity loss
 ``|G(x, c) − x|`` outside the edited region (``--stage2-target identity``, the default):
 inside the hair of a recoloured face, and inside the face and hair of a flipped one, it is
@@ -35,20 +35,20 @@ Options tried on top (docs/training-log.md, generator parts 5–6; none is in th
 - ``--teacher G.pt``: stage 1 as distillation. Male/Young are flipped too, their target is the
   teacher's output (:func:`distillation_target`), hair requests get the recoloured hair on top.
 - ``--aux-hair CLS.pt``: the hair colours of the auxiliary loss come from a classifier that sees
-  only the input face's hair (:func:`magdr.train.classifier.hair_only`), so they are learnt
+  only the input face's hair (:func:`training.classifier.hair_only`), so they are learnt
   from the hair itself, not from patterns elsewhere that a whole-image classifier reacts to.
 - ``--lambda-tint``: penalises the mean colour shift outside the edit (:func:`colour_shift`).
 - ``--teacher-edits all``: stage 1 distils the teacher's hair edits too, with the hair itself
   recoloured on top (the target an editor would need for every hair-ratio and PSNR bar).
 - ``--image-size 64``: issue 3's fallback size. Faces and region maps are area-shrunk
-  (:func:`magdr.train.data.shrink`); the frozen classifiers see G's output upsampled to 128.
+  (:func:`training.data.shrink`); the frozen classifiers see G's output upsampled to 128.
 
 Usage::
 
-    nice -n 10 python -m magdr.train.stargan                # CPU
-    python -m magdr.train.stargan --device cuda --max-minutes 7 ...   # see MODEL_CARD.md
-    python -m magdr.train.stargan --resume
-    python -m magdr.train.stargan --smoke                   # 2 steps on 4 images, temp dir
+    nice -n 10 python -m training.stargan                # CPU
+    python -m training.stargan --device cuda --max-minutes 7 ...   # see MODEL_CARD.md
+    python -m training.stargan --resume
+    python -m training.stargan --smoke                   # 2 steps on 4 images, temp dir
 """
 
 from __future__ import annotations
@@ -66,11 +66,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from magdr.checkpoints import WEIGHTS_DIR
 from magdr.faces.parsenet import ParseNet
 from magdr.faces.regions import BISENET_CLASSES, CLASS_TO_REGION, TARGETS
 from magdr.models.stargan import StarGAN
-from magdr.train import data as D
-from magdr.train.common import (
+from training import data as D
+from training.common import (
     Budget,
     LossLog,
     load_ckpt,
@@ -82,7 +83,7 @@ from magdr.train.common import (
     tensor_state_dict,
 )
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "models/weights"
+WEIGHTS = WEIGHTS_DIR
 NEUTRAL = [0.0, 0.0, 0.0, 0.5, 0.5]
 
 _YCC = torch.tensor(
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     ap.add_argument("--smoke", action="store_true", help="2 steps on 4 images into a temp dir")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from magdr.train.classifier import AttrNet, hair_only  # noqa: PLC0415
+    from training.classifier import AttrNet, hair_only  # noqa: PLC0415
 
     if a.smoke:
         a.run_dir = a.run_dir or Path(tempfile.mkdtemp(prefix="magdr-stargan-"))
@@ -594,7 +595,7 @@ def save_generator(G: StarGAN, path: Path) -> Path:
         "repeat_num": G.repeat_num,
         "attribute_targets": {a: ("hair" if a.endswith("_Hair") else "face+hair")
                               for a in D.STARGAN_ATTRS},  # fmt: skip
-        "trained_by": "magdr/train/stargan.py (see MODEL_CARD.md)",
+        "trained_by": "training/stargan.py (see MODEL_CARD.md)",
     }
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     log.info("wrote %s", path)
