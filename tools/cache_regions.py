@@ -14,7 +14,7 @@ import sys
 import torch
 
 from training import data as D
-from training.stargan import WEIGHTS, cached_region_probs
+from training.shared import WEIGHTS, cached_region_probs
 
 if __name__ == "__main__":
     device = sys.argv[1]

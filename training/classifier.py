@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from training import data as D
@@ -42,38 +41,7 @@ from training.common import (
     setup_logging,
     tensor_state_dict,
 )
-
-RUNS = Path(__file__).resolve().parents[1] / "runs"
-
-
-class AttrNet(nn.Module):
-    """Small CNN: ``[B,3,H,W]`` in [-1,1] (resized to 64) -> ``[B,5]`` attribute logits."""
-
-    def __init__(self, width: int = 16, n_attr: int = 5) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        cin = 3
-        for k in range(5):  # 64 -> 2
-            cout = width * 2 ** min(k, 3)
-            layers += [nn.Conv2d(cin, cout, 3, 2 if k else 1, 1, bias=False),
-                       nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]  # fmt: skip
-            if k == 0:
-                layers += [nn.MaxPool2d(2)]
-            cin = cout
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(cin, n_attr)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if x.shape[-1] != 64:
-            x = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True)
-        return self.head(self.features(x).mean((2, 3)))
-
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> AttrNet:
-        """Build with the width inferred from ``sd``."""
-        net = cls(width=sd["features.0.weight"].shape[0], n_attr=sd["head.weight"].shape[0])
-        net.load_state_dict(sd)
-        return net
+from training.shared import RUNS, WEIGHTS, AttrNet, cached_region_probs, hair_only
 
 
 def load_classifier(which: str = "eval") -> AttrNet:
@@ -85,18 +53,8 @@ def load_classifier(which: str = "eval") -> AttrNet:
     return net.eval()
 
 
-def hair_only(x: torch.Tensor, hair: torch.Tensor) -> torch.Tensor:
-    """The ``hair`` classifier's input: x inside the hair, mid-grey (0) elsewhere.
-
-    ``hair`` is a hair probability map ``[B,1,H,W]``; the hair is where it exceeds 0.5.
-    """
-    return x * (hair > 0.5).to(x)
-
-
 def hair_maps(images: np.ndarray, parser_path: Path | None = None) -> np.ndarray:
     """Hair probabilities ``[B,1,H,W]`` float of the shipped parser (cached for CelebA)."""
-    from training.stargan import WEIGHTS, cached_region_probs  # noqa: PLC0415 - no cycle
-
     maps = cached_region_probs(parser_path or WEIGHTS / "parser.pt", images)
     return maps[:, :1].astype(np.float32) / 255
 

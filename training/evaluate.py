@@ -49,17 +49,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from magdr.checkpoints import WEIGHTS_DIR
 from magdr.faces.parsenet import ParseNet
 from magdr.faces.regions import BISENET_CLASSES, CLASS_TO_REGION, REGIONS, group_regions
 from magdr.models.base import Generator
 from magdr.models.stargan import StarGAN
 from training import data as D
-from training.classifier import RUNS, AttrNet, accuracy, hair_maps, hair_only
+from training.classifier import accuracy, hair_maps
 from training.parser import iou_table, predict
+from training.shared import RUNS, WEIGHTS, AttrNet, cached_region_probs, hair_only
 from training.stargan import (
     NEUTRAL,
-    cached_region_probs,
     classifier_input,
     hair_blend_mask,
     hair_colour_stats,
@@ -67,7 +66,6 @@ from training.stargan import (
     spread,
 )
 
-WEIGHTS = WEIGHTS_DIR
 HAIR = BISENET_CLASSES.index("hair")
 
 

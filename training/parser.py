@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from magdr.checkpoints import WEIGHTS_DIR
 from magdr.faces.parsenet import ParseNet
 from magdr.faces.regions import BISENET_CLASSES
 from training import data as D
@@ -44,8 +43,7 @@ from training.common import (
     smoke_settings,
     tensor_state_dict,
 )
-
-WEIGHTS = WEIGHTS_DIR / "parser.pt"
+from training.shared import WEIGHTS
 
 #: Classes the parser bar is measured on; each groups BiSeNet classes (both sides together).
 EVAL_GROUPS: dict[str, tuple[str, ...]] = {
@@ -208,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--run-dir", type=Path, default=Path("runs/parser"))
-    ap.add_argument("--out", type=Path, default=WEIGHTS)
+    ap.add_argument("--out", type=Path, default=WEIGHTS / "parser.pt")
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--init", type=Path, default=None, help="ParseNet weights to start from")
     ap.add_argument("--max-minutes", type=float, default=None,

@@ -35,7 +35,7 @@ Options tried on top (docs/training-log.md, generator parts 5–6; none is in th
 - ``--teacher G.pt``: stage 1 as distillation. Male/Young are flipped too, their target is the
   teacher's output (:func:`distillation_target`), hair requests get the recoloured hair on top.
 - ``--aux-hair CLS.pt``: the hair colours of the auxiliary loss come from a classifier that sees
-  only the input face's hair (:func:`training.classifier.hair_only`), so they are learnt
+  only the input face's hair (:func:`training.shared.hair_only`), so they are learnt
   from the hair itself, not from patterns elsewhere that a whole-image classifier reacts to.
 - ``--lambda-tint``: penalises the mean colour shift outside the edit (:func:`colour_shift`).
 - ``--teacher-edits all``: stage 1 distils the teacher's hair edits too, with the hair itself
@@ -54,7 +54,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import tempfile
 import time
@@ -66,9 +65,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from magdr.checkpoints import WEIGHTS_DIR
-from magdr.faces.parsenet import ParseNet
-from magdr.faces.regions import BISENET_CLASSES, CLASS_TO_REGION, TARGETS
 from magdr.models.stargan import StarGAN
 from training import data as D
 from training.common import (
@@ -82,8 +78,8 @@ from training.common import (
     smoke_settings,
     tensor_state_dict,
 )
+from training.shared import WEIGHTS, AttrNet, cached_region_probs, hair_only
 
-WEIGHTS = WEIGHTS_DIR
 NEUTRAL = [0.0, 0.0, 0.0, 0.5, 0.5]
 
 _YCC = torch.tensor(
@@ -218,39 +214,6 @@ class Discriminator(nn.Module):
         return self.conv1(h), self.conv2(h).flatten(1)
 
 
-def region_probs(parser: ParseNet, images: np.ndarray, batch: int = 64,
-                 device: str | torch.device = "cpu") -> np.ndarray:  # fmt: skip
-    """Soft hair and face+hair (Male/Young target) masks, ``[B,2,H,W]`` uint8 (0..255)."""
-    hair_i = BISENET_CLASSES.index("hair")
-    fh = [i for i, c in enumerate(BISENET_CLASSES) if CLASS_TO_REGION[c] in TARGETS["face+hair"]]
-    out = np.zeros((len(images), 2, *images.shape[1:3]), np.uint8)
-    parser.eval().to(device)
-    with torch.no_grad():
-        for s in tqdm(range(0, len(images), batch), desc="parsing faces"):
-            p = parser(D.to_tensor(images[s : s + batch]).to(device)).softmax(1)
-            m = torch.stack([p[:, hair_i], p[:, fh].sum(1)], 1)
-            out[s : s + batch] = (m * 255).round().byte().cpu().numpy()
-    return out
-
-
-def cached_region_probs(parser_path: Path, images: np.ndarray,
-                        device: str | torch.device = "cpu") -> np.ndarray:  # fmt: skip
-    """:func:`region_probs` of CelebA faces, cached per parser file content and image content.
-
-    Keyed by both, not by the number of faces: two sets of the same size (another split,
-    shrunk faces) must not share a cache file. Hashing 9000 faces takes about a second.
-    """
-    parser_digest = hashlib.sha1(parser_path.read_bytes()).hexdigest()[:12]
-    faces_digest = hashlib.sha1(np.ascontiguousarray(images)).hexdigest()[:12]
-    path = D.cache_dir() / f"regions_{parser_digest}_{faces_digest}_{len(images)}.npy"
-    if path.exists():
-        return np.load(path)
-    sd = torch.load(parser_path, map_location="cpu", weights_only=True)
-    out = region_probs(ParseNet.from_state_dict(sd), images, device=device)
-    np.save(path, out)
-    return out
-
-
 def sample_conditions(
     real: np.ndarray, rng: np.random.Generator, flip_prob: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -372,7 +335,6 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     ap.add_argument("--smoke", action="store_true", help="2 steps on 4 images into a temp dir")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from training.classifier import AttrNet, hair_only  # noqa: PLC0415
 
     if a.smoke:
         a.run_dir = a.run_dir or Path(tempfile.mkdtemp(prefix="magdr-stargan-"))

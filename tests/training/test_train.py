@@ -59,7 +59,7 @@ def test_classifier_smoke(which: str) -> None:
 
 
 def test_hair_only_input_keeps_the_hair_and_greys_the_rest() -> None:
-    from training.classifier import hair_only
+    from training.shared import hair_only
 
     x = torch.rand(1, 3, 8, 8) * 2 - 1
     hair = torch.zeros(1, 1, 8, 8)
@@ -139,7 +139,7 @@ def test_stargan_distillation_smoke_loads_its_teacher(tmp_path: Path) -> None:
 
 def test_stargan_smoke_with_a_hair_only_teacher(tmp_path: Path) -> None:
     from training import stargan
-    from training.classifier import AttrNet
+    from training.shared import AttrNet
 
     torch.save(AttrNet(width=4).state_dict(), tmp_path / "aux_hair.pt")
     stargan.main(["--smoke", "--threads", "1", "--run-dir", str(tmp_path / "run"),
@@ -249,7 +249,7 @@ def test_shrink_takes_exact_block_means_in_either_layout() -> None:
 
 
 def test_region_cache_tells_apart_two_face_sets_of_the_same_size(tmp_path, monkeypatch) -> None:
-    from training.stargan import cached_region_probs
+    from training.shared import cached_region_probs
 
     monkeypatch.setenv("MAGDR_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
@@ -269,8 +269,8 @@ def test_region_cache_tells_apart_two_face_sets_of_the_same_size(tmp_path, monke
 def test_a_half_size_generator_is_measured_at_its_own_size(monkeypatch) -> None:
     """Issue 3's 64×64 fallback: faces and parser maps shrunk to G's side, classifiers at 128."""
     from magdr.models.stargan import StarGAN
-    from training.classifier import AttrNet
     from training.evaluate import eval_generator
+    from training.shared import AttrNet
 
     class BrightensTheTopHalf(StarGAN):  # a 16×16 "editor" that changes only the top rows
         def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
