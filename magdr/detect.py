@@ -227,6 +227,8 @@ class Detection:
         inputs_k: the f_k(x̂) of the K transforms, then f_ref(x̂) if it is not among them,
             :math:`(B, K', 3, H, W)`; outputs_k: G on each of them, same shape. The guard
             reuses them when f_k is its purifier.
+        i_ref: where f_ref(x̂) is along ``inputs_k``'s second axis; ``None`` without a
+            reference (:meth:`reference`).
     """
 
     score: torch.Tensor
@@ -239,6 +241,38 @@ class Detection:
     output: torch.Tensor
     inputs_k: torch.Tensor
     outputs_k: torch.Tensor
+    i_ref: int | None = None
+
+    def reference(
+        self, idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """The face's own benchmark of items ``idx`` (all by default): f_ref(x̂), G(f_ref(x̂), c).
+
+        ``(None, None)`` without a reference: what :meth:`Detector.distortion` takes.
+        """
+        return reference_pair(self.inputs_k, self.outputs_k, self.i_ref, idx)
+
+
+def reference_pair(
+    inputs_k: torch.Tensor,
+    outputs_k: torch.Tensor,
+    i_ref: int | None,
+    idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """f_ref(x̂) and G(f_ref(x̂), c) out of the transformed inputs and G's outputs on them.
+
+    Args:
+        inputs_k: f_k(x̂), then f_ref(x̂) when it is not one of them, :math:`(B, K', 3, H, W)`.
+        outputs_k: G on each of them, same shape.
+        i_ref: f_ref's place along the second axis (:meth:`Detector.applied_transforms`);
+            ``None`` without a reference, which gives ``(None, None)``.
+        idx: the items wanted, all by default.
+    """
+    if i_ref is None:
+        return None, None
+    if idx is None:
+        return inputs_k[:, i_ref], outputs_k[:, i_ref]
+    return inputs_k[idx, i_ref], outputs_k[idx, i_ref]
 
 
 class Detector(nn.Module):
@@ -357,6 +391,7 @@ class Detector(nn.Module):
             self.G, x, c, transforms, x_k=x_all, stacked=self.stacked, y=y
         )
         s_cons = consistency_score(y, y_all[:, :k], p.cons_distance)
+        inputs_k = torch.stack(x_all, 1)
         if regions is None:
             b, m = x.shape[0], len(p.distances)
             d, excess = (x.new_full((b, len(REGIONS), m), float("nan")) for _ in range(2))
@@ -364,7 +399,7 @@ class Detector(nn.Module):
             flags = torch.zeros(b, len(REGIONS), dtype=torch.bool, device=x.device)
             score = s_cons
         else:
-            ref = (None, None) if i_ref is None else (x_all[i_ref], y_all[:, i_ref])
+            ref = reference_pair(inputs_k, y_all, i_ref)
             s_dist, flags, d, excess = self.distortion(x, y, *ref, regions, targets)
             score = final_score(s_dist, s_cons, p.lam)
         return Detection(
@@ -376,6 +411,7 @@ class Detector(nn.Module):
             distances=d,
             excess=excess,
             output=y,
-            inputs_k=torch.stack(x_all, 1),
+            inputs_k=inputs_k,
             outputs_k=y_all,
+            i_ref=i_ref,
         )

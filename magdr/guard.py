@@ -67,12 +67,9 @@ class _Regions:
             g, det = self.guard, self.det
             self.masks[new] = g.regions(self.x[new])
             self.parsed[new] = True
-            _, i_ref = g.detector.applied_transforms()
-            ref = (None, None)
-            if i_ref is not None:
-                ref = (det.inputs_k[new, i_ref], det.outputs_k[new, i_ref])
+            x_ref, y_ref = det.reference(new)
             s_dist, flags, d, excess = g.detector.distortion(
-                self.x[new], det.output[new], *ref, self.masks[new], self.targets[new]
+                self.x[new], det.output[new], x_ref, y_ref, self.masks[new], self.targets[new]
             )
             det.s_dist[new], det.flags[new], det.distances[new], det.excess[new] = (
                 s_dist, flags, d, excess,

@@ -343,6 +343,32 @@ class TestReference:
         )
 
     @pytest.mark.parametrize("among", [True, False])
+    def test_the_reference_pair_is_read_in_one_place(self, small_g, face_parser, among):
+        """``Detection.reference``: what the detector benchmarked against, for the guard's
+        late S_dist too (``_Regions.get``)."""
+        x, c, regions, targets = self._inputs(small_g, face_parser)
+        ks = TRANSFORMS if among else TRANSFORMS[:2]  # TRANSFORMS holds the 3x3 median
+        det = Detector(small_g, Profile(reference=self.REF, consistency=ks))
+        with torch.no_grad():
+            r = det(x, c, regions, targets)
+            plain = Detector(small_g, Profile(consistency=ks))(x, c, regions, targets)
+        assert r.i_ref == (TRANSFORMS.index(self.REF) if among else len(ks))
+        x_ref, y_ref = r.reference()
+        torch.testing.assert_close(x_ref, apply("median", x, k=3))
+        torch.testing.assert_close(y_ref, small_g(x_ref, c))
+        idx = torch.tensor([2, 0])
+        x_some, y_some = r.reference(idx)
+        assert torch.equal(x_some, x_ref[idx]) and torch.equal(y_some, y_ref[idx])
+        # The distortion half from the pair gives the detection's own S_dist.
+        with torch.no_grad():
+            s_dist, _, _, excess = det.distortion(
+                x[idx], r.output[idx], x_some, y_some, regions[idx], targets[idx]
+            )
+        torch.testing.assert_close(s_dist, r.s_dist[idx])
+        torch.testing.assert_close(excess, r.excess[idx])
+        assert plain.i_ref is None and plain.reference(idx) == (None, None)
+
+    @pytest.mark.parametrize("among", [True, False])
     def test_one_call_of_g_and_s_cons_over_the_k_only(self, small_g, face_parser, among):
         x, c, regions, targets = self._inputs(small_g, face_parser)
         ks = TRANSFORMS if among else TRANSFORMS[:2]  # TRANSFORMS holds the 3x3 median
