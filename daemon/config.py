@@ -129,6 +129,11 @@ class GuardConfig(Section):
     max_frame_pixels: int = Field(4096 * 4096, ge=1, description="larger frames are rejected")
 
 
+#: The ``[guard]`` keys of what is pasted back into the frame: SIGHUP applies them live
+#: (``Service.reload``) and every batch carries them to the Ray replicas (``RayEngine._send``).
+PASTE_KEYS = ("publish_purified", "edit_lowpass")
+
+
 class EngineConfig(Section):
     """``[engine]``: where the guard runs: in this process, or on replicas in a Ray cluster."""
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from daemon.config import Config
+from daemon.config import PASTE_KEYS, Config
 from daemon.metrics import Metrics
 
 if TYPE_CHECKING:  # torch is heavy; the CLI imports this module for its error type
@@ -81,7 +81,7 @@ class GuardReplica:
         """:meth:`Engine.guard_faces`, each face's verdict naming this worker.
 
         ``paste``: the daemon's live ``[guard]`` keys of what goes back into the frame
-        (``publish_purified``, ``edit_lowpass``); they come with every batch, so a SIGHUP
+        (``daemon.config.PASTE_KEYS``); they come with every batch, so a SIGHUP
         reload reaches the replicas (an actor runs one call at a time).
         """
         for k, v in (paste or {}).items():
@@ -230,8 +230,7 @@ class RayEngine:
                 return
             r.inflight += 1
             self.metrics.replica_queue.set(r.inflight, worker=r.name)
-            g = self.guard_cfg
-            paste = {"publish_purified": g.publish_purified, "edit_lowpass": g.edit_lowpass}
+            paste = {k: getattr(self.guard_cfg, k) for k in PASTE_KEYS}
             self._call(r.actor.guard, (b.x, b.c, b.hints, paste),
                        lambda ref: self._landed(r, b, ref))
 

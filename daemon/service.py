@@ -31,7 +31,7 @@ import structlog
 from daemon import logging as dlog
 from daemon import media
 from daemon.batching import Batcher
-from daemon.config import Config, ConfigError, load_config
+from daemon.config import PASTE_KEYS, Config, ConfigError, load_config
 from daemon.engine import Engine
 from daemon.metrics import Metrics
 from daemon.notify import Notifier
@@ -54,7 +54,7 @@ log = structlog.get_logger()
 
 #: keys SIGHUP applies without a restart.
 LIVE_KEYS = {"logging.level", "model.condition", "guard.batch_timeout_ms", "guard.batch_size",
-             "guard.publish_purified", "guard.edit_lowpass", "daemon.rescan_s",
+             *(f"guard.{k}" for k in PASTE_KEYS), "daemon.rescan_s",
              "daemon.drain_timeout_s", "daemon.keep_inputs"}
 
 #: seconds between two returns of the heap's free memory to the OS (see release_free_memory).
@@ -405,8 +405,8 @@ class Service:
         restart = [k for k in changed if k not in LIVE_KEYS]
         dlog.set_level(new.logging.level)
         self.engine.default_cond = new_cond
-        self.engine.cfg.guard.publish_purified = new.guard.publish_purified
-        self.engine.cfg.guard.edit_lowpass = new.guard.edit_lowpass
+        for k in PASTE_KEYS:
+            setattr(self.engine.cfg.guard, k, getattr(new.guard, k))
         self.batcher.batch_size = new.guard.batch_size
         self.batcher.timeout_s = new.guard.batch_timeout_ms / 1e3
         for k in ("rescan_s", "drain_timeout_s", "keep_inputs"):

@@ -250,6 +250,23 @@ def test_what_is_pasted_back(service, guard):
     torch.testing.assert_close(engine.guard_faces(x, c)[0], x)
 
 
+def test_reload_applies_the_paste_back_keys_live(service, tmp_path):
+    """SIGHUP's reload sets every ``PASTE_KEYS`` entry on the running engine, and names them
+    applied (not "needs a restart"); the Ray replicas are sent the same keys per batch."""
+    from daemon.config import PASTE_KEYS
+    from daemon.service import LIVE_KEYS
+
+    svc = service(zmq_source(free_port(), socket="pull", bind=True))
+    assert PASTE_KEYS == ("publish_purified", "edit_lowpass")
+    assert {f"guard.{k}" for k in PASTE_KEYS} <= LIVE_KEYS
+    guard = svc.engine.cfg.guard
+    assert (guard.publish_purified, guard.edit_lowpass) == (False, 1.5)  # the defaults
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(cfg.read_text().replace("[guard]\n", "[guard]\npublish_purified = true\n"
+                                           "edit_lowpass = 0.5\n"))
+    svc.reload()
+    assert (guard.publish_purified, guard.edit_lowpass) == (True, 0.5)
+
 def test_disrupted_faces_are_reconstructed(service, tmp_path):
     """The guard's disrupted path end to end: verdict, chain, and x* pasted when asked."""
     port, out = free_port(), free_port()
