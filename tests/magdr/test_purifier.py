@@ -244,7 +244,7 @@ class TestAsConsistencyTransform:
 
         if not (data_dir() / "celeba").is_dir():
             pytest.skip("no CelebA data")
-        from training.data import load_celeba, to_tensor
+        from magdr.celeba import load_celeba, to_tensor
 
         G = magdr.load_generator("default")
         celeba = load_celeba(data_dir())
