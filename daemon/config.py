@@ -76,6 +76,10 @@ class ModelConfig(Section):
         description="the edit applied to every face unless a message header says otherwise",
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="G and the parser's arithmetic while guarding; auto = bfloat16 "
+                            "where the device runs it natively (AVX-512 BF16 / AMX CPUs, CUDA)"
+    )
     parser: str = Field("default", description="'default' | 'landmarks' | path")
     profile: str = Field("default", description="'default' or a profile JSON path")
     purifier: str = Field(
@@ -97,15 +101,24 @@ class GuardConfig(Section):
     )
     max_faces: int = Field(8, ge=1, description="faces guarded per frame")
     min_face: int = Field(32, ge=1, description="smallest face side in pixels")
+    detector: Literal["yunet", "haar"] = Field(
+        "yunet", description="face detector: yunet (boxes + 5 landmarks, shipped) | haar "
+                             "(OpenCV's cascade; landmarks from dlib)"
+    )
     detect_side: int = Field(
-        640, ge=64, description="frames are downscaled to this side for detection"
+        320, ge=64, description="frames are downscaled to this side for detection"
     )
     detect_every: int = Field(
-        1, ge=1, le=100, description="detect on every Nth frame of a stream, reuse boxes between"
+        1, ge=1, le=100, description="detect on every Nth frame of a stream; in between, follow "
+                                     "each face in a window around its last box"
+    )
+    smooth_landmarks: float = Field(
+        0.0, ge=0, le=1, description="One Euro filter cut-off (cycles/frame) on a followed "
+                                     "face's landmarks; 0 = off"
     )
     align: bool = Field(
-        True, description="align faces on their eyes and mouth (dlib landmarks) as CelebA's "
-                          "are; false: the square around the Haar box"
+        True, description="align faces on their eyes and mouth as CelebA's are (YuNet's "
+                          "landmarks, or dlib's behind Haar); false: the square around the box"
     )
     temporal_k: int = Field(
         0, ge=0, description="flag a face track when k of its last temporal_n frames score "
@@ -125,6 +138,11 @@ class GuardConfig(Section):
         1.5, ge=0, le=8, description="paste the input plus G's edit low-passed by a Gaussian of "
                                      "this σ (face pixels), which drops a small G's checkerboard; "
                                      "0 = G's own pixels"
+    )
+    paste_mask: Literal["region", "window", "square"] = Field(
+        "region", description="region: add the edit inside the regions it targets (face "
+                              "parser) within a soft disc; window: the whole disc; square: "
+                              "the crop's pixels, square-feathered (before 2026-12)"
     )
     max_frame_pixels: int = Field(4096 * 4096, ge=1, description="larger frames are rejected")
 

@@ -10,9 +10,10 @@ clips' crops scored *lower* than CelebA's and one green-screen clip far higher; 
 benchmark of the current profile (``magdr.detect``) keeps every test clip below its threshold
 (model card). Check per clip before pooling.
 
-The framing is not re-implemented: every frame goes through :meth:`daemon.engine.Engine.find_faces`
-with the daemon's ``[guard]`` settings (``detect_side``, ``min_face``, ``max_faces``, ``faces``,
-``align``) and crop side, and frames come from the daemon's own decoder,
+The framing is not re-implemented: every frame goes through
+:meth:`daemon.framing.Framing.find_faces` (what :meth:`daemon.engine.Engine.find_faces` calls)
+with the daemon's ``[guard]`` settings (``detector``, ``detect_side``, ``min_face``,
+``max_faces``, ``faces``, ``align``) and crop side, and frames come from the daemon's own decoder,
 :func:`daemon.media.decode`::
 
     python -m daemon.face_crops CLIP [CLIP ...] --out crops.npz [--every N] [--max-per-clip M]
@@ -30,7 +31,6 @@ import argparse
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +39,7 @@ import numpy as np
 
 from daemon import media
 from daemon.config import Config, load_config
-from daemon.engine import Engine, landmark_locator
-
-
-@dataclass
-class Framing:
-    """What :meth:`Engine.find_faces` reads of its engine: the config and the crop side.
-
-    Locating and cropping needs no model; calling the engine's own method on this stand-in
-    keeps the crops on the daemon's code path without loading G, the parser and the profile.
-    """
-
-    cfg: Config
-    size: int
-    landmarks: Any = None
-
-    find_faces = Engine.find_faces
+from daemon.framing import Framing
 
 
 def clip_crops(
@@ -93,7 +78,7 @@ def clip_crops(
     if every < 1:
         raise ValueError(f"every: expected >= 1, got {every}")
     cfg = cfg or Config()
-    framing = Framing(cfg, size, landmark_locator(cfg))
+    framing = Framing(cfg, size)
     name = Path(path).name
     images: list[np.ndarray] = []
     sources: list[str] = []

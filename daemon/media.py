@@ -6,16 +6,23 @@ Containers are always opened with ``with av.open(...)``; decoding uses
 set explicitly so the output keeps the source's frame rate and timestamps. Audio packets are
 copied untouched (no re-encode). Every output is written under a temporary name, fsynced, then
 renamed, so a final name never holds a half-written file.
+
+Decoding and encoding each run on a thread of their own (:func:`read_ahead`,
+:class:`EncodeBehind`) with a bounded queue between them and the guard, so one file's frames
+are decoded, guarded and encoded at the same time; FFmpeg releases the GIL while it works.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import cv2
@@ -223,6 +230,8 @@ class VideoWriter:
         self._last_pts: int | None = None
         self.frames = 0
         self.audio_ok = False
+        # the encoder's thread and the decoder's (audio copy) mux into the same container
+        self._mux = threading.Lock()
         self.out = av.open(str(self.tmp), "w", format=FORMATS.get(ext, "mp4"))
         try:
             s = self.out.add_stream(self.codec, rate=self.rate)
@@ -241,6 +250,8 @@ class VideoWriter:
                 s.options = {"qscale": "2"}
                 s.codec_context.qscale = 2
             self.stream = s
+            #: what the summary records of the encoder
+            self.settings = {"codec": self.codec, "pix_fmt": s.pix_fmt, **dict(s.options)}
             self.astream = None
             if audio is not None:
                 try:
@@ -260,8 +271,9 @@ class VideoWriter:
             pts = self._next_pts
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
         frame.pts, frame.time_base = pts, self.time_base
-        for packet in self.stream.encode(frame):
-            self.out.mux(packet)
+        packets = self.stream.encode(frame)
+        with self._mux:
+            self.out.mux(packets)
         self._last_pts = pts
         self._next_pts = pts + max(1, round(1 / (self.rate * self.time_base)))
         self.frames += 1
@@ -272,7 +284,8 @@ class VideoWriter:
             return
         try:
             packet.stream = self.astream
-            self.out.mux(packet)
+            with self._mux:
+                self.out.mux(packet)
         except av.FFmpegError as e:
             self.audio_ok = False
             log.warning("audio copy stopped", reason=str(e))
@@ -281,14 +294,106 @@ class VideoWriter:
         """Flush the encoder; with ``commit`` fsync and rename to the final name."""
         try:
             if commit:
-                for packet in self.stream.encode():
-                    self.out.mux(packet)
+                packets = self.stream.encode()
+                with self._mux:
+                    self.out.mux(packets)
         finally:
-            self.out.close()
+            with self._mux:
+                self.out.close()
         if commit:
             fsync_replace(self.tmp, self.final)
         else:
             self.tmp.unlink(missing_ok=True)
+
+
+class EncodeBehind:
+    """A :class:`VideoWriter` whose frames are encoded on a thread of its own.
+
+    :meth:`write` returns once the frame is queued; at most ``depth`` frames wait, so a slow
+    encoder holds the caller back instead of filling memory. An encoder error is raised by the
+    next :meth:`write` or by :meth:`close`.
+
+    Args:
+        writer: the writer to feed (its audio copy, :meth:`VideoWriter.mux_audio`, stays with
+            the decoder's thread).
+        depth: frames queued at most.
+    """
+
+    _DONE = object()
+
+    def __init__(self, writer: VideoWriter, depth: int = 8) -> None:
+        self.writer = writer
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="encode", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not self._DONE:
+            if self._error is None:  # after an error, frames are drained, not encoded
+                try:
+                    self.writer.write(*item)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    self._error = e
+
+    def write(self, image: np.ndarray, pts: int | None) -> None:
+        """Queue one frame (see :meth:`VideoWriter.write`)."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put((image, pts))
+
+    def close(self, commit: bool = True) -> None:
+        """Encode what is queued, then :meth:`VideoWriter.close` (``commit`` unless it failed)."""
+        self._queue.put(self._DONE)
+        self._thread.join()
+        if self._error is not None:
+            self.writer.close(commit=False)
+            if commit:
+                raise self._error
+            return
+        self.writer.close(commit)
+
+
+def read_ahead(frames: Iterator[Frame], depth: int = 8) -> Iterator[Frame]:
+    """The frames of ``frames`` (:func:`decode`), decoded on a thread up to ``depth`` ahead.
+
+    The decoder's errors are raised here, in order after the frames before them; closing this
+    generator early stops the decoder (and closes its file) on its own thread.
+    """
+    q: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def run() -> None:
+        try:
+            for frame in frames:
+                while not stop.is_set():
+                    try:
+                        q.put(frame, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - raised in the consumer
+            q.put(e)
+        finally:
+            frames.close()  # type: ignore[attr-defined]  # a generator: closes the container
+
+    thread = threading.Thread(target=run, name="decode", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a decoder waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                q.get(timeout=0.05)
+        thread.join()
 
 
 def write_image(final: Path, image: np.ndarray) -> None:

@@ -9,13 +9,14 @@ outputs by atomic renames with ``NAME.summary.json`` last (the commit marker).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,9 @@ class FramePipeline:
         g = engine.cfg.guard
         # [guard] temporal_k of temporal_n: face tracks per stream
         self.tracker = Tracker(g.temporal_k, g.temporal_n) if g.temporal_k else None
+        # Guarded faces go back into their frames here, off the batcher's thread (OpenCV and
+        # numpy release the GIL); InOrder puts each stream's frames back in order.
+        self._pasters = ThreadPoolExecutor(paste_threads(), thread_name_prefix="paste")
 
     def _hints(self, stream: str, boxes: list[list[int]]) -> list[FaceHint] | None:
         """Per face, the chain that cured it last frame and its track; None when neither."""
@@ -171,13 +175,20 @@ class FramePipeline:
             self._order.settle(out, error=e)
             raise
 
-        def done(f: Future) -> None:
+        def paste(faces: Any, per: list[dict[str, Any]]) -> None:
             try:
-                faces, per = f.result()
-                self._remember(stream, per)
                 pasted = self.engine.paste(image, faces, crops)
                 self._order.settle(
                     out, self._finish(image, pasted, crops.boxes, per, meta, time_base))
+            except Exception as e:
+                self._order.settle(out, error=e)
+
+        def done(f: Future) -> None:
+            # on the batcher's thread: hand the paste-back on, so the next batch starts now
+            try:
+                faces, per = f.result()
+                self._remember(stream, per)
+                self._pasters.submit(paste, faces, per)
             except Exception as e:
                 self._order.settle(out, error=e)
 
@@ -187,6 +198,7 @@ class FramePipeline:
     def close(self, timeout: float | None = None) -> None:
         """Finish the batches already submitted, then stop the batcher (and the Ray engine)."""
         self.batcher.close(timeout)
+        self._pasters.shutdown(wait=True)
         if self.remote is not None:
             self.remote.close(timeout)
 
@@ -226,6 +238,11 @@ class FramePipeline:
 
 #: Most frames one file or stream keeps in the pipeline (decoded images wait there).
 MAX_WINDOW = 256
+
+
+def paste_threads() -> int:
+    """Paste-back threads: two on a small machine, up to eight where there are cores to spare."""
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
 def frames_in_flight(cfg: Config) -> int:
@@ -311,7 +328,8 @@ def process_file(
         log.warning("corrupt video packet skipped", pts=pts, error=error[:200])
     max_score: float | None = None
     vtmp = media.temp_name(paths["verdicts"])
-    writer: media.VideoWriter | None = None
+    writer: media.EncodeBehind | None = None
+    encoder: dict[str, Any] | None = None
     still: np.ndarray | None = None
     inflight: deque[tuple[media.Frame, Future]] = deque()
 
@@ -343,11 +361,15 @@ def process_file(
     audio_copied = False
     with media.audio_source(src) as audio:
         if not media.is_image(src):
-            writer = media.VideoWriter(paths["media"], info, codec, crf, audio)
+            video = media.VideoWriter(paths["media"], info, codec, crf, audio)
+            encoder = video.settings
+            writer = media.EncodeBehind(video, depth=window)
         try:
-            with open(vtmp, "w") as vf:
-                frames = media.decode(src, max_pixels, writer.mux_audio if writer else None,
-                                      on_corrupt=corrupt)
+            # decode, guard (the batcher's thread) and encode overlap, each queue bounded
+            decoded = media.read_ahead(
+                media.decode(src, max_pixels, writer.writer.mux_audio if writer else None,
+                             on_corrupt=corrupt), depth=window)
+            with open(vtmp, "w") as vf, contextlib.closing(decoded) as frames:
                 for frame in frames:
                     pipeline.metrics.frames_in.inc(source=source)
                     fut = pipeline.submit(frame.image, stream=name, seq=frame.index,
@@ -363,7 +385,7 @@ def process_file(
                 vf.flush()
                 os.fsync(vf.fileno())
             if writer is not None:
-                audio_copied = writer.audio_ok
+                audio_copied = writer.writer.audio_ok
                 writer.close(commit=True)
                 writer = None
             elif still is not None:
@@ -393,6 +415,7 @@ def process_file(
         "height": info.height,
         "rate": str(info.rate) if info.rate else None,
         "audio_copied": audio_copied,
+        "encoder": encoder,
         "corrupt_packets": corrupt_packets[:100],
         "elapsed_s": round(elapsed, 3),
         "fps": round(stats["frames"] / elapsed, 3) if elapsed > 0 else None,

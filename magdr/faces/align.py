@@ -4,11 +4,14 @@ The guarded generators were trained on CelebA's aligned crops, whose eyes and mo
 fixed places. A Haar box crop (:func:`magdr.faces.locate.crop_faces`) only centres the face: its
 roll, scale and position wander with the detector's box. Here a face goes through:
 
-- :class:`LandmarkLocator`: dlib's 68-point shape predictor (Debian's ``libdlib-data``), started
-  from the Haar box mapped onto the box dlib's own detector draws (:data:`HAAR_TO_DLIB`);
-- :func:`face_matrices`: the similarity transform taking the eye centres and the mouth centre
-  onto :data:`CELEBA_ANCHOR` (:func:`eye_mouth_similarity`), or the box square's where the
-  landmarks are not sane;
+- landmarks: the detector's own five points (YuNet, :mod:`magdr.faces.detector`), or, behind a
+  Haar box, :class:`LandmarkLocator`: dlib's 68-point shape predictor (Debian's
+  ``libdlib-data``), started from the Haar box mapped onto the box dlib's own detector draws
+  (:data:`HAAR_TO_DLIB`);
+- :func:`point_matrices` / :func:`face_matrices`: the similarity transform taking the eye
+  centres and the mouth centre onto CelebA's (:data:`CELEBA_ANCHOR_5` / :data:`CELEBA_ANCHOR`,
+  each measured with its own landmarker; :func:`eye_mouth_similarity`), or the box square's
+  where the landmarks are not sane;
 - :func:`warp_faces`: the crop, area-averaged first where the face is larger than the crop, so
   a sharp HD face is not aliased on its way to G's size;
 - :func:`paste_warped`: the inverse warp of each face, blended in with the warped raised-cosine
@@ -29,7 +32,15 @@ import cv2
 import numpy as np
 import torch
 
-from magdr.faces.locate import FaceBox, check_frame, crop_rects, face_pixels, feather_mask
+from magdr.faces.locate import (
+    CROP_SCALE,
+    CROP_SHIFT,
+    FaceBox,
+    check_frame,
+    crop_rects,
+    face_pixels,
+    feather_mask,
+)
 
 #: Image-left eye centre, image-right eye centre and mouth centre (means of iBUG points 36-41,
 #: 42-47, 48-59) of CelebA's aligned faces in G's square frame, as fractions of its side: the
@@ -38,6 +49,15 @@ from magdr.faces.locate import FaceBox, check_frame, crop_rects, face_pixels, fe
 #: / 128)"`` (per-face spread about 1 px of 128).
 CELEBA_ANCHOR = np.array(
     [[0.38632, 0.51715], [0.60200, 0.51732], [0.49368, 0.75659]], np.float64
+)
+
+#: The same anchor with YuNet's five points (eye centres, mouth corners' midpoint): the mean over
+#: the 1,928 train faces of every 4th CelebA image (``000001``-``008000``, dlib-detected ones)
+#: on which YuNet found a face (all of them), measured by ``python -m bench.detectors
+#: --celeba-anchor``. YuNet's mouth point sits 1.6 px of 128 above dlib's lip centre; the eyes
+#: agree within 1 px (median).
+CELEBA_ANCHOR_5 = np.array(
+    [[0.38535, 0.52012], [0.60750, 0.51967], [0.49813, 0.74456]], np.float64
 )
 
 #: dlib's frontal detector box relative to the Haar cascade's box on the same face: centre
@@ -60,6 +80,19 @@ def anchor_points(landmarks: np.ndarray) -> np.ndarray:
     p = np.asarray(landmarks, np.float64)
     return np.stack([p[..., 36:42, :].mean(-2), p[..., 42:48, :].mean(-2),
                      p[..., 48:60, :].mean(-2)], -2)  # fmt: skip
+
+
+def five_point_anchors(points: np.ndarray) -> np.ndarray:
+    """Eye centres and mouth centre of five-point landmarks (:mod:`magdr.faces.detector`).
+
+    Args:
+        points: :math:`(..., 5, 2)` image-left eye, image-right eye, nose, mouth corners.
+
+    Returns:
+        :math:`(..., 3, 2)`: the two eyes and the mouth corners' midpoint.
+    """
+    p = np.asarray(points, np.float64)
+    return np.stack([p[..., 0, :], p[..., 1, :], (p[..., 3, :] + p[..., 4, :]) / 2], -2)
 
 
 def eye_mouth_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -88,17 +121,20 @@ def eye_mouth_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.concatenate([r, (md - r @ ms)[:, None]], 1)
 
 
-def align_matrices(anchors: np.ndarray, size: int) -> np.ndarray:
-    """Frame -> crop similarities placing each face's anchor on :data:`CELEBA_ANCHOR`.
+def align_matrices(anchors: np.ndarray, size: int, target: np.ndarray = CELEBA_ANCHOR
+                   ) -> np.ndarray:
+    """Frame -> crop similarities placing each face's anchor on ``target``.
 
     Args:
         anchors: :math:`(F, 3, 2)` from :func:`anchor_points`, frame pixels.
         size: crop side (``G.image_size``).
+        target: :math:`(3, 2)` where the anchor goes, as fractions of the side
+            (:data:`CELEBA_ANCHOR`, or :data:`CELEBA_ANCHOR_5` for five-point anchors).
 
     Returns:
         ``float64`` :math:`(F, 2, 3)`.
     """
-    dst = CELEBA_ANCHOR * size
+    dst = np.asarray(target, np.float64) * size
     return np.stack([eye_mouth_similarity(a, dst) for a in np.reshape(anchors, (-1, 3, 2))]
                     ) if len(anchors) else np.zeros((0, 2, 3))  # fmt: skip
 
@@ -111,19 +147,22 @@ EYE_MOUTH_RANGE = (0.2, 0.8)
 MAX_ROLL_DEG = 50.0
 
 
-def box_matrices(boxes: Sequence[FaceBox], size: int) -> np.ndarray:
+def box_matrices(boxes: Sequence[FaceBox], size: int, framing: tuple[float, float] = (
+        CROP_SCALE, CROP_SHIFT)) -> np.ndarray:  # fmt: skip
     """Frame -> crop matrices of the squares :func:`~magdr.faces.locate.crop_faces` cuts.
 
     Args:
         boxes: located faces.
         size: crop side.
+        framing: crop side and upward shift in box units (the detector's
+            :data:`magdr.faces.detector.CROP_FRAMING`).
 
     Returns:
         ``float64`` :math:`(F, 2, 3)`; with :func:`warp_faces` they cut the same crops as
         ``crop_faces`` (within resampling).
     """
     out = np.zeros((len(boxes), 2, 3))
-    for i, (x0, y0, side, _) in enumerate(crop_rects(boxes)):
+    for i, (x0, y0, side, _) in enumerate(crop_rects(boxes, *framing)):
         k = size / side
         # pixel centres: q + 0.5 = k (p - x0 + 0.5), as cv2.resize maps them
         out[i] = [[k, 0, 0.5 * k - 0.5 - k * x0], [0, k, 0.5 * k - 0.5 - k * y0]]
@@ -131,19 +170,50 @@ def box_matrices(boxes: Sequence[FaceBox], size: int) -> np.ndarray:
 
 
 def face_matrices(landmarks: np.ndarray, boxes: Sequence[FaceBox], size: int) -> np.ndarray:
-    """Aligning matrices from landmarks; the box square where the landmarks are not sane.
+    """Aligning matrices from dlib's 68 landmarks; the box square where they are not sane.
 
     Args:
         landmarks: :math:`(F, 68, 2)` from :class:`LandmarkLocator`, frame pixels.
-        boxes: the faces' boxes (same order).
+        boxes: the faces' Haar boxes (same order).
         size: crop side.
 
     Returns:
         ``float64`` :math:`(F, 2, 3)` frame -> crop.
     """
     anchors = anchor_points(landmarks).reshape(-1, 3, 2)
-    mats = align_matrices(anchors, size)
-    fallback = box_matrices(boxes, size)
+    return anchor_matrices(anchors, boxes, size, CELEBA_ANCHOR, box_matrices(boxes, size))
+
+
+def point_matrices(boxes: Sequence[FaceBox], size: int, framing: tuple[float, float]
+                   ) -> np.ndarray:
+    """Aligning matrices from the boxes' own five points (YuNet); the box square where not sane.
+
+    Args:
+        boxes: faces with ``points`` (:class:`magdr.faces.detector.YuNet`).
+        size: crop side.
+        framing: the detector's box-square framing (:data:`magdr.faces.detector.CROP_FRAMING`).
+
+    Returns:
+        ``float64`` :math:`(F, 2, 3)` frame -> crop.
+    """
+    if not boxes:
+        return np.zeros((0, 2, 3))
+    if any(b.points is None for b in boxes):
+        raise ValueError("boxes: point_matrices needs each box's five points (a detector "
+                         "with landmarks, e.g. YuNet); Haar boxes have none")
+    anchors = five_point_anchors(np.stack([b.points for b in boxes]))
+    return anchor_matrices(anchors, boxes, size, CELEBA_ANCHOR_5,
+                           box_matrices(boxes, size, framing))
+
+
+def anchor_matrices(anchors: np.ndarray, boxes: Sequence[FaceBox], size: int,
+                    target: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Similarities placing ``anchors`` on ``target``; ``fallback`` rows where they are not sane.
+
+    Sane: the eye-midpoint-to-mouth distance within :data:`EYE_MOUTH_RANGE` box widths and the
+    face rolled by at most :data:`MAX_ROLL_DEG`.
+    """
+    mats = align_matrices(anchors, size, target)
     for i, (a, b) in enumerate(zip(anchors, boxes, strict=True)):
         axis = a[2] - (a[0] + a[1]) / 2
         roll = np.degrees(np.arctan2(-axis[0], axis[1]))  # 0 for an upright face
@@ -284,6 +354,39 @@ def paste_warped(
         region = out[where].astype(np.float32)
         blended = region + mask[..., None] * (big - region)
         out[where] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return out
+
+
+def add_warped(frame: np.ndarray, parts: torch.Tensor | np.ndarray, matrices: np.ndarray
+               ) -> np.ndarray:
+    """A copy of the frame plus each crop-sized difference warped back where its crop came from.
+
+    This is how the daemon pastes an edit: ``frame + warp⁻¹(mask · (result − crop))``. The
+    difference is smooth at crop scale, so once enlarged it adds the edit without replacing
+    the frame's own detail above the crop's resolution; outside its mask it adds nothing.
+
+    Args:
+        frame: RGB image, ``uint8`` :math:`(H, W, 3)`; not modified.
+        parts: :math:`(F, 3, S, S)` signed differences in pixel levels (255 = full range).
+        matrices: :math:`(F, 2, 3)` frame -> crop, the ones the crops were cut with.
+
+    Returns:
+        a new ``uint8`` :math:`(H, W, 3)` frame.
+    """
+    frame = check_frame(frame)
+    mats = np.asarray(matrices, np.float64).reshape(-1, 2, 3)
+    if isinstance(parts, torch.Tensor):
+        parts = parts.detach().to("cpu", torch.float32).numpy()
+    parts = np.ascontiguousarray(np.asarray(parts, np.float32).transpose(0, 2, 3, 1))
+    if len(parts) != len(mats):
+        raise ValueError(f"parts: expected {len(mats)} (one per matrix), got {len(parts)}")
+    out = frame.copy()
+    for part, m in zip(parts, mats, strict=True):
+        back = unwarp(part, m, frame.shape[:2])
+        if back is None:
+            continue  # entirely outside the frame
+        where, big = back
+        out[where] = np.clip(out[where] + big + 0.5, 0, 255).astype(np.uint8)  # + 0.5: round
     return out
 
 

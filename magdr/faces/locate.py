@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import cv2
@@ -51,8 +51,12 @@ class FaceBox:
         y: top row of the box.
         w: width.
         h: height.
-        score: the cascade's confidence (sum of the last stage's weights); larger is surer.
-            Not a probability; only comparable between boxes of one cascade.
+        score: the detector's confidence; larger is surer. For the Haar cascade the sum of
+            the last stage's weights (not a probability; only comparable between boxes of one
+            cascade), for YuNet a probability.
+        points: ``float64`` :math:`(5, 2)` landmarks in frame pixels (image-left eye,
+            image-right eye, nose tip, image-left and image-right mouth corners) from a
+            detector that gives them (:mod:`magdr.faces.detector`), else None.
     """
 
     x: int
@@ -60,6 +64,7 @@ class FaceBox:
     w: int
     h: int
     score: float
+    points: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def as_list(self) -> list[int]:
         """``[x, y, w, h]`` (the verdict JSON's ``box``, DESIGN §6)."""

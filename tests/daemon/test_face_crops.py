@@ -12,9 +12,9 @@ import pytest
 
 from daemon import face_crops, media
 from daemon.config import Config
-from magdr.faces.align import LandmarkLocator, face_matrices, warp_faces
-from magdr.faces.locate import crop_faces, locate_faces
-from magdr.faces.parsing import landmarks_available
+from magdr.faces.align import point_matrices, warp_faces
+from magdr.faces.detector import CROP_FRAMING, load_detector
+from magdr.faces.locate import crop_faces
 from tests.conftest import data_dir
 from tests.daemon.helpers import make_clip
 
@@ -43,23 +43,21 @@ def portrait_clip(path: Path, frames: int = 6, side: int = 320) -> list[np.ndarr
 class TestPortraitClip:
     @pytest.mark.parametrize("align", [False, True])
     def test_same_crops_as_the_daemon(self, tmp_path, align):
-        if align and not landmarks_available():
-            pytest.skip("dlib or its 68-point landmark model is not installed")
         frames = portrait_clip(tmp_path / "p.mp4")
         cfg = Config()
         cfg.guard.align = align
         images, sources = face_crops.clip_crops(tmp_path / "p.mp4", cfg, size=64, every=2)
         g = cfg.guard
-        locate = LandmarkLocator() if align else None
+        detect = load_detector(g.detector)
         want, names = [], []
         for i in range(0, len(frames), 2):
-            boxes = locate_faces(frames[i], min_size=g.min_face, max_faces=g.max_faces,
-                                 max_side=g.detect_side)  # fmt: skip
-            if boxes and locate:
-                m = face_matrices(locate(frames[i], boxes), boxes, 64)
-                x = warp_faces(frames[i], m, 64)
+            boxes = detect(frames[i], min_size=g.min_face, max_faces=g.max_faces,
+                           max_side=g.detect_side)
+            if boxes and align:
+                x = warp_faces(frames[i], point_matrices(boxes, 64, CROP_FRAMING[g.detector]), 64)
             elif boxes:
-                x, _ = crop_faces(frames[i], boxes, 64)
+                scale, shift = CROP_FRAMING[g.detector]
+                x, _ = crop_faces(frames[i], boxes, 64, scale=scale, shift=shift)
             if boxes:
                 want += list(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
                 names += [f"p.mp4#{i}"] * len(boxes)

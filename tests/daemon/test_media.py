@@ -98,3 +98,62 @@ def test_atomic_bytes(tmp_path):
     media.write_bytes(tmp_path / "a.json", b"{}")
     assert (tmp_path / "a.json").read_bytes() == b"{}"
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+class TestOverlapped:
+    """Decode ahead and encode behind: same frames, same order, errors not lost."""
+
+    def test_read_ahead_yields_what_decode_does(self, tmp_path):
+        make_clip(tmp_path / "a.mp4", frames=12, rate=10)
+        plain = list(media.decode(tmp_path / "a.mp4", 1 << 30))
+        ahead = list(media.read_ahead(media.decode(tmp_path / "a.mp4", 1 << 30), depth=2))
+        assert [f.pts for f in ahead] == [f.pts for f in plain]
+        for a, b in zip(ahead, plain, strict=True):
+            np.testing.assert_array_equal(a.image, b.image)
+
+    def test_read_ahead_raises_the_decoders_error_after_its_frames(self):
+        def frames():
+            yield "one"
+            yield "two"
+            raise MediaError("decode", "broken at frame 3")
+
+        got = []
+        with pytest.raises(MediaError, match="frame 3"):
+            for f in media.read_ahead(frames(), depth=1):
+                got.append(f)
+        assert got == ["one", "two"]
+
+    def test_closing_read_ahead_early_stops_and_closes_the_decoder(self):
+        closed = []
+
+        def frames():
+            try:
+                for i in range(1000):
+                    yield i
+            finally:
+                closed.append(True)
+
+        it = media.read_ahead(frames(), depth=2)
+        assert next(it) == 0
+        it.close()
+        assert closed == [True]
+
+    def test_encode_behind_writes_every_frame_in_order(self, tmp_path):
+        src = tmp_path / "src.mp4"
+        pts = make_clip(src, frames=9, rate=10, time_base=Fraction(1, 12800))
+        w = media.EncodeBehind(VideoWriter(tmp_path / "o.mp4", media.probe(src)), depth=2)
+        for f in media.decode(src, 1 << 30):
+            w.write(f.image, f.pts)
+        w.close()
+        got, tb = read_pts(tmp_path / "o.mp4")
+        np.testing.assert_allclose([float(p * tb) for p in got],
+                                   [float(p * Fraction(1, 12800)) for p in pts], atol=1e-3)
+
+    def test_encode_behind_reports_an_encoder_error_and_commits_nothing(self, tmp_path):
+        src = tmp_path / "src.mp4"
+        make_clip(src, frames=2)
+        w = media.EncodeBehind(VideoWriter(tmp_path / "o.mp4", media.probe(src)), depth=1)
+        w.write(np.zeros((5, 7), np.uint8), 0)  # not (H, W, 3): the encoder's thread fails
+        with pytest.raises(ValueError):
+            w.close()
+        assert list(tmp_path.iterdir()) == [src]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,8 @@ from daemon.config import load_config
 from daemon.metrics import Metrics
 from daemon.pipeline import Aborted, process_file
 from daemon.service import build_pipeline
-from magdr.faces.align import CELEBA_ANCHOR, anchor_points
+from magdr.faces.align import CELEBA_ANCHOR, CELEBA_ANCHOR_5, anchor_points, five_point_anchors
+from magdr.faces.detector import CROP_FRAMING, load_detector
 from magdr.faces.locate import crop_rects, locate_faces
 from magdr.faces.parsing import landmarks_available
 from tests.daemon.helpers import make_clip, write_config
@@ -81,25 +83,32 @@ def test_real_faces_are_found_and_pasted(pipeline):
     assert diff[y + h // 2, x + w // 2] and not diff[0, 0]  # pasted on the face, not the corner
 
 
-def test_detect_every_reuses_boxes_per_stream(pipeline):
+def test_detect_every_follows_faces_between_detections_per_stream(pipeline):
+    """detect_every = 3: a stream's face is detected on its first frame and followed (found in
+    a window around its last box) on the next two; a lost face triggers a full detection at
+    once. Other streams keep their own followers."""
     pipe = pipeline(faces="detect")
     pipe.engine.cfg.guard.detect_every = 3
-    from daemon.media import decode
-
-    asset = Path(__file__).resolve().parents[2] / "daemon" / "assets" / "demo.mp4"
-    face = next(decode(asset, 1 << 30)).image
+    face = _demo_frame()
+    moved = np.roll(face, (3, 5), (0, 1))  # the head moves a little
     blank = np.full_like(face, 90)
 
     def faces(img, stream):
-        return len(pipe.submit(img, stream=stream, seq=0, source="t").result(10).verdict["faces"])
+        return pipe.submit(img, stream=stream, seq=0, source="t").result(10).verdict["faces"]
 
-    assert faces(face, "a") == 1  # detected
-    assert faces(blank, "a") == 1  # boxes reused (frames 2 and 3 of 3)
-    assert faces(blank, "a") == 1
-    assert faces(blank, "a") == 0  # detected again
-    assert faces(blank, "b") == 0  # other streams keep their own boxes
+    first = faces(face, "a")
+    assert len(first) == 1
+    follower = pipe.engine.framing._followers["a"]
+    again = faces(moved, "a")
+    assert len(again) == 1 and (follower.stats.detections, follower.stats.followed) == (1, 1)
+    x0, y0 = first[0]["box"][:2]
+    x1, y1 = again[0]["box"][:2]
+    assert abs(x1 - x0 - 5) <= 3 and abs(y1 - y0 - 3) <= 3  # it followed the move
+    assert faces(blank, "a") == []  # lost: detected again at once, no face left
+    assert (follower.stats.lost, follower.stats.detections) == (1, 2)
+    assert faces(blank, "b") == [] and len(faces(face, "b")) == 1
     pipe.engine.cfg.guard.detect_every = 1
-    assert faces(face, "c") == 1 and faces(blank, "c") == 0
+    assert len(faces(face, "c")) == 1 and faces(blank, "c") == []
 
 
 def test_a_stream_reuses_the_chain_that_cured_its_previous_frame(tmp_path, tiny_models):
@@ -219,47 +228,76 @@ def _demo_frame() -> np.ndarray:
     return next(decode(asset, 1 << 30)).image
 
 
-@pytest.mark.skipif(not landmarks_available(), reason="dlib's landmark model is not installed")
 def test_aligned_faces_are_warped_and_pasted_back(pipeline):
-    """[guard] align (the default): the face is cut by its landmarks' similarity, the guarded
-    face goes back through the inverse warp, and detect_every reuses the landmarks too."""
+    """[guard] align (the default) with YuNet: the face is cut by its five landmarks'
+    similarity, with no dlib; the guarded face goes back through the inverse warp, inside a
+    soft disc that never reaches the crop's square border."""
     pipe = pipeline(faces="detect")
     engine, frame = pipe.engine, _demo_frame()
-    assert engine.landmarks is not None
+    assert engine.landmarks is None  # YuNet's own points: dlib not loaded
     crops = engine.find_faces(frame)
     assert crops.matrices is not None and crops.matrices.shape == (1, 2, 3)
-    # the eyes' midpoint and the mouth land where CelebA's do
-    eyes_mouth = anchor_points(engine.landmarks(frame, locate_faces(frame, max_side=640)))[0]
+    (box,) = load_detector("yunet")(frame, max_side=engine.cfg.guard.detect_side)
     m, size = crops.matrices[0], engine.size
-    mapped = eyes_mouth @ m[:, :2].T + m[:, 2]
-    np.testing.assert_allclose(mapped[2], CELEBA_ANCHOR[2] * size, atol=1e-6)
+    mapped = five_point_anchors(box.points) @ m[:, :2].T + m[:, 2]
+    np.testing.assert_allclose(mapped[2], CELEBA_ANCHOR_5[2] * size, atol=1e-6)
     g = pipe.submit(frame, stream="demo", seq=0, source="t").result(10)
     x, y, w, h = g.verdict["faces"][0]["box"]
     diff = np.abs(g.image.astype(int) - frame).sum(2) > 0
     assert diff[y + h // 2, x + w // 2] and not diff[0, 0]
-    engine.cfg.guard.detect_every = 2
-    first = engine.find_faces(frame, "s")
-    reused = engine.find_faces(np.full_like(frame, 90), "s")
-    np.testing.assert_array_equal(reused.matrices, first.matrices)
+    # the crop's corners map to frame pixels the paste leaves alone
+    inv = cv2.invertAffineTransform(m)
+    for cx, cy in ((0, 0), (size - 1, 0), (0, size - 1), (size - 1, size - 1)):
+        fx, fy = inv @ (cx, cy, 1)
+        if 0 <= fx < frame.shape[1] and 0 <= fy < frame.shape[0]:
+            assert not diff[int(fy), int(fx)]
 
 
-def test_without_the_landmark_model_faces_are_box_cropped(pipeline, monkeypatch):
-    """A machine without dlib's model keeps working: a warning, then the square box crops."""
+def _haar(tmp_path, tiny_models, extra=""):
+    text = write_config(tmp_path / "c.toml", tiny_models, faces="detect").read_text()
+    (tmp_path / "c.toml").write_text(
+        text.replace("[guard]", f'[guard]\ndetector = "haar"\ndetect_side = 640\n{extra}', 1))
+    return build_pipeline(load_config(tmp_path / "c.toml"), Metrics())
+
+
+@pytest.mark.skipif(not landmarks_available(), reason="dlib's landmark model is not installed")
+def test_haar_faces_are_aligned_by_dlib_landmarks(tmp_path, tiny_models):
+    """detector = "haar": dlib's 68 landmarks behind the Haar box put the eyes and mouth where
+    CelebA's are."""
+    _, batcher, pipe = _haar(tmp_path, tiny_models)
+    try:
+        engine, frame = pipe.engine, _demo_frame()
+        assert engine.landmarks is not None
+        crops = engine.find_faces(frame)
+        eyes_mouth = anchor_points(engine.landmarks(frame, locate_faces(frame, max_side=640)))[0]
+        m = crops.matrices[0]
+        mapped = eyes_mouth @ m[:, :2].T + m[:, 2]
+        np.testing.assert_allclose(mapped[2], CELEBA_ANCHOR[2] * engine.size, atol=1e-6)
+    finally:
+        batcher.close(5)
+
+
+def test_without_the_landmark_model_haar_faces_are_box_cropped(tmp_path, tiny_models,
+                                                               monkeypatch):
+    """A Haar machine without dlib's model keeps working: a warning, then the square crops."""
     from structlog.testing import capture_logs
 
     import magdr.faces.parsing
 
     monkeypatch.setattr(magdr.faces.parsing, "find_landmark_model", lambda: None)
     with capture_logs() as logs:
-        pipe = pipeline(faces="detect")
-    assert pipe.engine.landmarks is None
-    assert any(e["event"].startswith("face alignment off") and e["log_level"] == "warning"
-               for e in logs)
-    frame = _demo_frame()
-    crops = pipe.engine.find_faces(frame)
-    boxes = locate_faces(frame, max_side=pipe.engine.cfg.guard.detect_side)
-    assert crops.matrices is None
-    np.testing.assert_array_equal(crops.rects, crop_rects(boxes))
+        _, batcher, pipe = _haar(tmp_path, tiny_models)
+    try:
+        assert pipe.engine.landmarks is None
+        assert any(e["event"].startswith("face alignment off") and e["log_level"] == "warning"
+                   for e in logs)
+        frame = _demo_frame()
+        crops = pipe.engine.find_faces(frame)
+        boxes = locate_faces(frame, max_side=640)
+        assert crops.matrices is None
+        np.testing.assert_array_equal(crops.rects, crop_rects(boxes))
+    finally:
+        batcher.close(5)
 
 
 def test_align_off_crops_the_box_square(tmp_path, tiny_models):
@@ -270,8 +308,8 @@ def test_align_off_crops_the_box_square(tmp_path, tiny_models):
         frame = _demo_frame()
         crops = pipe.engine.find_faces(frame)
         assert pipe.engine.landmarks is None and crops.matrices is None
-        boxes = locate_faces(frame, max_side=pipe.engine.cfg.guard.detect_side)
-        np.testing.assert_array_equal(crops.rects, crop_rects(boxes))
+        boxes = load_detector("yunet")(frame, max_side=pipe.engine.cfg.guard.detect_side)
+        np.testing.assert_array_equal(crops.rects, crop_rects(boxes, *CROP_FRAMING["yunet"]))
     finally:
         batcher.close(5)
 
@@ -290,6 +328,7 @@ def test_temporal_rule_reconstructs_a_track_from_its_kth_flagged_frame(tmp_path,
                                    guard=True))
     cfg.guard.temporal_k, cfg.guard.temporal_n = 2, 3
     cfg.guard.edit_lowpass = 0  # G's own pixels pasted, comparable with a plain pass
+    cfg.guard.paste_mask = "window"
     _, batcher, pipe = build_pipeline(cfg, Metrics())
     crops = pipe.engine.find_faces(frame)
     with torch.no_grad():
