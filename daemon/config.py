@@ -94,7 +94,7 @@ class GuardConfig(Section):
     """``[guard]``: batching and what is pasted back."""
 
     enabled: bool = Field(True, description="false runs plain G (no detection)")
-    batch_size: int = Field(8, ge=1, le=1024, description="faces per guard call")
+    batch_size: int = Field(16, ge=1, le=1024, description="faces per guard call")
     batch_timeout_ms: float = Field(50.0, ge=0, description="a partial batch goes after this wait")
     faces: Literal["detect", "frame"] = Field(
         "detect", description="detect faces, or treat each frame as one aligned face"
@@ -143,6 +143,10 @@ class GuardConfig(Section):
         "region", description="region: add the edit inside the regions it targets (face "
                               "parser) within a soft disc; window: the whole disc; square: "
                               "the crop's pixels, square-feathered (before 2026-12)"
+    )
+    region_every: int = Field(
+        5, ge=1, le=100, description="paste_mask = region: parse a stream's faces every Nth "
+                                     "frame; in between each face reuses its last regions"
     )
     max_frame_pixels: int = Field(4096 * 4096, ge=1, description="larger frames are rejected")
 

@@ -131,6 +131,54 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
+class RegionCache:
+    """Each stream's faces' parsed regions, reused for ``every`` frames.
+
+    Aligned crops of a followed face change little from one frame to the next, and a region
+    mask is feathered anyway: parsing a stream's faces every few frames instead of every frame
+    takes the parser (about a pass of G) off most frames. Faces are matched to their cached
+    regions by box overlap; a new, moved or resized face is parsed at once.
+    """
+
+    MAX_STREAMS = 1024
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # stream -> per face: (box [x, y, w, h], regions (N, S, S), frames since parsed)
+        self._faces: dict[str, list[tuple[list[int], torch.Tensor, int]]] = {}
+
+    def get(self, parse: Any, crops: Crops, stream: str | None, every: int) -> torch.Tensor:
+        """Regions :math:`(F, N, S, S)` of ``crops``: cached where fresh, else ``parse(x)``.
+
+        Frames of one stream are pasted on several threads; the lookup, the parse and the
+        update are one step, so two frames in a row do not both parse the same face.
+        """
+        from magdr.faces.locate import FaceBox
+        from magdr.faces.track import iou
+
+        if stream is None:
+            return parse(crops.x)
+        boxes = [FaceBox(*b, 0.0) for b in crops.boxes]
+        with self._lock:
+            cached = self._faces.pop(stream, [])  # re-inserted last: the dict keeps recent last
+            found: list[tuple[torch.Tensor, int] | None] = []
+            for b in boxes:
+                best = max(cached, key=lambda e: iou(b, FaceBox(*e[0], 0.0)), default=None)
+                fresh = best is not None and best[2] + 1 < every and iou(
+                    b, FaceBox(*best[0], 0.0)) >= 0.5
+                found.append((best[1], best[2] + 1) if fresh else None)
+            todo = [i for i, f in enumerate(found) if f is None]
+            if todo:
+                parsed = parse(crops.x[todo])
+                for j, i in enumerate(todo):
+                    found[i] = (parsed[j], 0)
+            self._faces[stream] = [(b, r, age) for b, (r, age) in
+                                   zip(crops.boxes, found, strict=True)]  # type: ignore[misc]
+            while len(self._faces) > self.MAX_STREAMS:
+                self._faces.pop(next(iter(self._faces)))
+        return torch.stack([f[0] for f in found])  # type: ignore[index]
+
+
 class Engine:
     """Loads the models once and guards batches of face crops.
 
@@ -168,15 +216,20 @@ class Engine:
             self.profile_name = str(getattr(self.guard.profile, "name", "") or m.profile)
             self.purifier_name = "off" if self.guard.purifier is None else m.purifier
             self.threshold = float(getattr(self.guard.profile, "threshold", float("nan")))
-        # The face parser of paste_mask = "region" (the guard's own when there is one).
+        # The face parser of paste_mask = "region" (the guard's own when there is one); it
+        # runs where frames are pasted, so Ray replicas need none.
         self.parser: Any = None
-        if g.paste_mask == "region" and m.parser != "none" and local_guard:
+        if g.paste_mask == "region" and m.parser != "none":
             if self.guard is not None:
                 self.parser = self.guard.parser
             else:
                 from magdr.faces.parsing import load_parser
 
                 self.parser = load_parser(m.parser, device=self.device)
+        self._regions = RegionCache()
+        # One network call at a time: torch already spreads each call over every core, and two
+        # at once (the guard's batch, a paste's parse) oversubscribe them and both crawl.
+        self._compute = threading.Lock()
         self.dtype = inference_dtype(m.precision, self.device)
         self.low_precision = LowPrecision(self.device, self.dtype)
         if self.dtype != torch.float32:
@@ -210,9 +263,34 @@ class Engine:
         """Locate, align and crop the faces of one RGB frame (:meth:`Framing.find_faces`)."""
         return self.framing.find_faces(image, stream)
 
-    def paste(self, image: np.ndarray, faces: torch.Tensor, crops: Crops) -> np.ndarray:
-        """Put guarded faces ``(F, 3, S, S)`` back into (a copy of) the frame."""
-        return self.framing.paste(image, faces, crops)
+    def paste(self, image: np.ndarray, faces: torch.Tensor, crops: Crops,
+              c: torch.Tensor | None = None, stream: str | None = None) -> np.ndarray:
+        """Put guarded faces ``(F, 3, S, S)`` of condition ``c`` back into (a copy of) the frame.
+
+        With ``paste_mask = "region"`` only the regions the edit targets change
+        (:func:`magdr.faces.mask.region_mask`): the rest of the face keeps its own pixels, not
+        G's reconstruction of them. The face parser runs on a stream's faces every
+        ``region_every`` frames; in between each face reuses its last regions (:class:`RegionCache`).
+        """
+        g = self.cfg.guard
+        mask = None
+        if g.paste_mask == "region" and self.parser is not None and not g.publish_purified \
+                and len(crops.boxes) and g.faces == "detect":
+            from magdr.faces.mask import region_mask
+
+            c = self.default_cond if c is None else c
+            targets = self.G.target_regions(c.reshape(-1, c.shape[-1])[:1], batch=1).cpu()
+            mask = region_mask(self._regions.get(self._parse, crops, stream, g.region_every),
+                               targets.expand(len(crops.boxes), -1))
+        return self.framing.paste(image, faces, crops, mask)
+
+    @torch.no_grad()
+    def _parse(self, x: torch.Tensor) -> torch.Tensor:
+        """Soft attribute regions :math:`(B, N, S, S)` of crops ``x``, on the CPU."""
+        from magdr.faces.regions import group_regions
+
+        with self._compute, self.low_precision.active():
+            return group_regions(self.parser(x.to(self.device))).float().cpu()
 
     # ---- the adapter --------------------------------------------------------------------
     @torch.no_grad()
@@ -235,14 +313,14 @@ class Engine:
             ``{"disrupted", "score", "s_dist", "s_cons", "chain", "reused", "cured"}``, plus,
             with ``[http]`` on, a flagged face's ``detail`` (:mod:`daemon.web.flagged`).
         """
-        with self.low_precision.active():
+        with self._compute, self.low_precision.active():
             return self._guard_faces(x.to(self.device), c.to(self.device), hints)
 
     def _guard_faces(
         self, x: torch.Tensor, c: torch.Tensor, hints: list[FaceHint | None] | None
     ) -> tuple[torch.Tensor, list[dict]]:
         if self.guard is None:
-            y = self._pasted(self.G(x, c), x, c)
+            y = self._pasted(self.G(x, c), x)
             return y.float().cpu(), [
                 {"disrupted": False, "score": None, "s_dist": None, "s_cons": None, "chain": [],
                  "reused": False}
@@ -257,7 +335,7 @@ class Engine:
         over = det.disrupted.tolist()
         # Every track hears its face's own verdict, in frame order (the batch is FIFO).
         act = [o if t is None else t.update(o) and o for t, o in zip(tracks, over, strict=True)]
-        faces = self._pasted(det.output, x, c).clone()
+        faces = self._pasted(det.output, x).clone()
         verdicts = [_verdict(det, i, disrupted=False, chain=[], reused=False, cured=False)
                     for i in range(x.shape[0])]
         todo = [i for i, a in enumerate(act) if a]
@@ -269,26 +347,16 @@ class Engine:
         self.threshold = float(self.guard.profile.threshold)
         return faces.float().cpu(), verdicts
 
-    def _pasted(self, y: torch.Tensor, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        """What goes back into the frame for outputs ``y`` of inputs ``x`` (x* where cleaned).
-
-        The edit ``y - x``, low-passed with ``edit_lowpass``, on ``x``; with ``paste_mask =
-        "region"`` only inside the regions the edit targets (:func:`magdr.faces.mask.region_mask`,
-        from the face parser), so that G's reconstruction error stays off the rest of the face.
-        """
+    def _pasted(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What goes back into the frame for outputs ``y`` of inputs ``x`` (x* where cleaned):
+        the edit ``y - x`` low-passed with ``edit_lowpass``, on ``x``."""
         g = self.cfg.guard
         if g.publish_purified:
             return x
         if g.edit_lowpass > 0:
             from magdr.transforms import lowpass_edit
 
-            y = lowpass_edit(y, x, g.edit_lowpass)
-        if g.paste_mask == "region" and self.parser is not None:
-            from magdr.faces.mask import region_mask
-            from magdr.faces.regions import group_regions
-
-            targets = self.G.target_regions(c, batch=x.shape[0]).to(x)
-            y = x + region_mask(group_regions(self.parser(x)), targets) * (y - x)
+            return lowpass_edit(y, x, g.edit_lowpass)
         return y
 
     def _guard(
@@ -296,7 +364,7 @@ class Engine:
     ) -> tuple[torch.Tensor, list[dict]]:
         """``magdr.Guard`` on every face: detect, and reconstruct those above the threshold."""
         r = self.guard(x, c, hints=chains if any(chains) else None)
-        faces = self._pasted(r.output, r.purified, c)
+        faces = self._pasted(r.output, r.purified)
         verdicts = [
             _verdict(
                 r, i,

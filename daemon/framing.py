@@ -9,7 +9,8 @@ and the crops that calibration and the benchmarks take from clips (:mod:`daemon.
 - **align**: the detector's five landmarks (YuNet) or dlib's 68 behind a Haar box put the eyes
   and mouth where CelebA's are (:mod:`magdr.faces.align`); else the square around the box;
 - **paste**: the frame plus the warped-back difference ``result − crop`` inside a soft disc
-  (:func:`magdr.faces.mask.window_mask`; the engine keeps a region edit inside its regions).
+  (:func:`magdr.faces.mask.window_mask`), and inside the regions the edit targets when the
+  engine gives their mask (``paste_mask = "region"``).
   Adding a smooth difference, rather than replacing the frame's pixels with an upscaled 128-px
   face, keeps the frame's own detail above G's resolution, and nothing is pasted in the crop's
   square shape.
@@ -142,12 +143,14 @@ class Framing:
         x, rects = crop_faces(image, boxes, self.size, scale=framing[0], shift=framing[1])
         return Crops(x, rects, listed)
 
-    def paste(self, image: np.ndarray, faces: torch.Tensor, crops: Crops) -> np.ndarray:
+    def paste(self, image: np.ndarray, faces: torch.Tensor, crops: Crops,
+              mask: torch.Tensor | None = None) -> np.ndarray:
         """Put results ``(F, 3, S, S)`` of ``crops`` back into (a copy of) the frame.
 
-        ``paste_mask = "region"`` or ``"window"``: the frame plus ``faces − crops.x`` warped
-        back inside :func:`magdr.faces.mask.window_mask` (the engine has already kept a region
-        edit inside its regions); ``"square"``: the faces' pixels, square-feathered.
+        ``paste_mask = "region"`` or ``"window"``: the frame plus ``mask · (faces − crops.x)``
+        warped back, ``mask`` :math:`(F, 1, S, S)` the edit's regions from the engine
+        (:func:`magdr.faces.mask.region_mask`, inside the window) or, when None, the soft disc
+        :func:`magdr.faces.mask.window_mask`; ``"square"``: the faces' pixels, square-feathered.
         """
         if len(crops.boxes) == 0:
             return image
@@ -173,5 +176,5 @@ class Framing:
         if mats is None:
             boxes = [FaceBox(*b, 0.0) for b in crops.boxes]
             mats = box_matrices(boxes, self.size, CROP_FRAMING[g.detector])
-        delta = faces.float().cpu() - crops.x
-        return add_warped(image, (delta * window_mask(delta.shape[-1])).mul_(127.5), mats)
+        weight = window_mask(faces.shape[-1]) if mask is None else mask  # mask: inside it
+        return add_warped(image, ((faces.float().cpu() - crops.x) * weight).mul_(127.5), mats)

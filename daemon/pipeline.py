@@ -177,7 +177,7 @@ class FramePipeline:
 
         def paste(faces: Any, per: list[dict[str, Any]]) -> None:
             try:
-                pasted = self.engine.paste(image, faces, crops)
+                pasted = self.engine.paste(image, faces, crops, c, stream)
                 self._order.settle(
                     out, self._finish(image, pasted, crops.boxes, per, meta, time_base))
             except Exception as e:

@@ -253,6 +253,30 @@ def test_aligned_faces_are_warped_and_pasted_back(pipeline):
             assert not diff[int(fy), int(fx)]
 
 
+def test_region_paste_changes_only_the_edits_regions_and_parses_every_nth_frame(pipeline):
+    """paste_mask = "region": the change is the window's change inside the edit's regions
+    (a subset of it), and a stream's face is parsed once per region_every frames."""
+    pipe = pipeline(faces="detect")
+    engine, frame = pipe.engine, _demo_frame()
+    engine.cfg.guard.region_every = 3
+    crops = engine.find_faces(frame)
+    faces = (crops.x + 0.5).clamp(-1, 1)  # a smooth edit: brighter everywhere
+    calls = []
+    parse = engine._parse
+    engine._parse = lambda x: calls.append(len(x)) or parse(x)
+    region = [engine.paste(frame, faces, crops, stream="s") for _ in range(4)]
+    assert calls == [1, 1]  # frames 0 and 3
+    assert all(np.array_equal(r, region[0]) for r in region)
+    engine.paste(frame, faces, crops)  # no stream: nothing to reuse
+    assert calls == [1, 1, 1]
+    engine.cfg.guard.paste_mask = "window"
+    window = engine.paste(frame, faces, crops)
+    changed_r = np.abs(region[0].astype(int) - frame).sum(2) > 2
+    changed_w = np.abs(window.astype(int) - frame).sum(2) > 2
+    assert 0 < changed_r.sum() < changed_w.sum()
+    assert not (changed_r & ~changed_w).any()
+
+
 def _haar(tmp_path, tiny_models, extra=""):
     text = write_config(tmp_path / "c.toml", tiny_models, faces="detect").read_text()
     (tmp_path / "c.toml").write_text(
