@@ -40,7 +40,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -396,7 +395,8 @@ def section(rows: list[dict[str, Any]], command: str, meta: dict[str, Any]) -> s
         lines.append(
             f"| {r['clip']} ({r['size']}) | {ff['frames']} | {ff['fps']:.1f} | {on['fps']:.1f} | "
             f"{ff['fps'] / on['fps']:.2f} | {on['wall_s']:.1f} (ffmpeg {ff['wall_s']:.1f}) | "
-            f"{off['fps']:.1f} | {ff['fps'] / off['fps']:.2f} | {on['disrupted_faces']}/{on['faces']} |"
+            f"{off['fps']:.1f} | {ff['fps'] / off['fps']:.2f} | "
+            f"{on['disrupted_faces']}/{on['faces']} |"
         )
     lines += ["", "Stages alone, ms per frame (one face a frame; guard in batches of "
               "`[guard] batch_size`):", "",
@@ -418,21 +418,21 @@ def section(rows: list[dict[str, Any]], command: str, meta: dict[str, Any]) -> s
                          f"{jit} | {t['missed_frames']} | {t['flagged']}/{t['faces']} | "
                          f"{t['detections']} / {t['followed']} / {t['lost']} |")
     lines += ["", "Paste-back (seam: gradient of the change along the crop's square border over "
-              "the face's own gradient, 0 = untouched; detail kept: mean |Laplacian| in the eyes-to-mouth area, output over "
-              "input, 1.00 = all):", "",
+              "the face's own gradient, 0 = untouched; detail kept: mean |Laplacian| in the "
+              "eyes-to-mouth area, output over input, 1.00 = all):", "",
               "| clip | faces | seam, region mask | seam, square (before) | detail kept, region "
               "(min) | detail kept, square |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         q = r["quality"]
         if q["region"]["faces"]:
             lines.append(
-                f"| {r['clip']} | {q['region']['faces']} | {q['region']['seam']:.2f} | "
-                f"{q['square']['seam']:.2f} | {q['region']['detail_kept']:.2f} "
+                f"| {r['clip']} | {q['region']['faces']} | {q['region']['seam']:.3f} | "
+                f"{q['square']['seam']:.3f} | {q['region']['detail_kept']:.2f} "
                 f"({q['region']['detail_kept_min']:.2f}) | {q['square']['detail_kept']:.2f} |")
     lived = [r for r in rows if r.get("live")]
     if lived:
-        lines += ["", "Live: `magdr-guard run`, a ZeroMQ SUB source (default queue 32, drop-oldest) "
-                  "fed the clip as JPEG at its own rate:", "",
+        lines += ["", "Live: `magdr-guard run`, a ZeroMQ SUB source (default queue 32, "
+                  "drop-oldest) fed the clip as JPEG at its own rate, looped:", "",
                   "| clip | rate | frames sent | guarded | latency p50 ms | p99 ms |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
         for r in lived:

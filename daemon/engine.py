@@ -270,7 +270,8 @@ class Engine:
         With ``paste_mask = "region"`` only the regions the edit targets change
         (:func:`magdr.faces.mask.region_mask`): the rest of the face keeps its own pixels, not
         G's reconstruction of them. The face parser runs on a stream's faces every
-        ``region_every`` frames; in between each face reuses its last regions (:class:`RegionCache`).
+        ``region_every`` frames; in between each face reuses its last regions
+        (:class:`RegionCache`).
         """
         g = self.cfg.guard
         mask = None
@@ -348,8 +349,10 @@ class Engine:
         return faces.float().cpu(), verdicts
 
     def _pasted(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """What goes back into the frame for outputs ``y`` of inputs ``x`` (x* where cleaned):
-        the edit ``y - x`` low-passed with ``edit_lowpass``, on ``x``."""
+        """What goes back into the frame for outputs ``y`` of inputs ``x`` (x* where cleaned).
+
+        The edit ``y - x`` low-passed with ``edit_lowpass``, on ``x``.
+        """
         g = self.cfg.guard
         if g.publish_purified:
             return x

@@ -87,8 +87,10 @@ class Framing:
         self._lock = threading.Lock()
 
     def locate(self, image: np.ndarray, stream: str | None = None) -> list[Any]:
-        """The face boxes of ``image`` (:class:`magdr.faces.locate.FaceBox`, with the
-        detector's landmarks): followed on ``stream``, detected afresh without one."""
+        """The face boxes of ``image``, followed on ``stream``, detected afresh without one.
+
+        :class:`magdr.faces.locate.FaceBox` with the detector's landmarks, largest first.
+        """
         from magdr.faces.track import FaceFollower
 
         g = self.cfg.guard

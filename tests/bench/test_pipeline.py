@@ -65,5 +65,5 @@ def test_section_gives_ratios_to_the_floor():
     assert text.startswith("## Pipeline\n")
     assert "| s.mp4 (1280x720) | 100 | 100.0 | 25.0 | 4.00 |" in text
     assert "| 2.0 | 12.0 |" in text
-    assert "| s.mp4 | 3 | 0.01 | 0.80 | 0.97 (0.95) | 0.40 |" in text
+    assert "| s.mp4 | 3 | 0.010 | 0.800 | 0.97 (0.95) | 0.40 |" in text
     assert "| s.mp4 | 30 | 90 | 67% | 120 | 400 |" in text

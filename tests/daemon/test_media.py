@@ -128,8 +128,7 @@ class TestOverlapped:
 
         def frames():
             try:
-                for i in range(1000):
-                    yield i
+                yield from range(1000)
             finally:
                 closed.append(True)
 
