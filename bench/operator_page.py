@@ -40,9 +40,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "daemon" / "assets" / "demo.mp4"
 CHROMIUM = os.environ.get("MAGDR_CHROMIUM", "/usr/bin/chromium")
 # Debian's Chromium as Playwright's browser: nothing is downloaded, nothing reaches the network
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TOKEN = "bench-token-0123456789"
 
 # Counts the distinct frames the live view loads in `ms` milliseconds.
@@ -62,8 +69,9 @@ def launch(p: Any) -> Any:
 def clip_frames(path: Path, every: int = 1) -> list[np.ndarray]:
     """Every ``every``-th frame of a clip, RGB."""
     with av.open(str(path)) as c:
-        return [f.to_ndarray(format="rgb24") for i, f in enumerate(c.decode(video=0))
-                if i % every == 0]
+        return [
+            f.to_ndarray(format="rgb24") for i, f in enumerate(c.decode(video=0)) if i % every == 0
+        ]
 
 
 class Sender:
@@ -118,16 +126,22 @@ def flag_all_profile(path: Path) -> Path:
         name="test-flag-all",
         threshold=-1e6,
         consistency=[{"name": "jpeg", "params": {"quality": 75}}],
-        recnet=RecNetSettings(layers=[["gaussian_blur"]], patches=[["skin", "hair"]],
-                              top_categories=1, score_transforms=1, max_rounds=1),
+        recnet=RecNetSettings(
+            layers=[["gaussian_blur"]],
+            patches=[["skin", "hair"]],
+            top_categories=1,
+            score_transforms=1,
+            max_rounds=1,
+        ),
     ).save(path)
     return path
 
 
 def api(port: int, path: str) -> Any:
     """``GET path`` with the bench's token; the decoded JSON."""
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
-                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
 
@@ -145,8 +159,10 @@ def _config(d: Path, models: str, zport: int, web: int, batch_size: int = 4) -> 
         from bench.soak import tiny_models
 
         m = tiny_models(d)
-        model = (f'generator = "{m["G"]}"\nparser = "{m["parser"]}"\n'
-                 f'profile = "{flag_all_profile(d / "flag_all.json")}"\n')
+        model = (
+            f'generator = "{m["G"]}"\nparser = "{m["parser"]}"\n'
+            f'profile = "{flag_all_profile(d / "flag_all.json")}"\n'
+        )
     else:
         model = 'generator = "default"\n'
     (d / "token").write_text(TOKEN)
@@ -185,16 +201,35 @@ watchdog = false
 def _attacked(d: Path, frames: int) -> list[np.ndarray]:
     """``frames`` frames of the demo clip disrupted by PGD (``magdr-guard attack``)."""
     out = d / "attacked"
-    subprocess.run([sys.executable, "-m", "daemon", "attack", str(DEMO), "--out", str(out),
-                    "--frames", str(frames)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon",
+            "attack",
+            str(DEMO),
+            "--out",
+            str(out),
+            "--frames",
+            str(frames),
+        ],
+        check=True,
+        capture_output=True,
+    )
     every = clip_frames(next(out.glob("demo.adv.*")))
     # the attack spreads its frames evenly over the clip; the others are left clean
     picked = np.linspace(0, len(every) - 1, frames).round().astype(int)
     return [every[i] for i in sorted(set(picked.tolist()))]
 
 
-def run(models: str, seconds: float, fps: float, shots: Path,
-        wait_flagged: float = 600.0, batch_size: int = 4) -> dict[str, Any]:
+def run(
+    models: str,
+    seconds: float,
+    fps: float,
+    shots: Path,
+    wait_flagged: float = 600.0,
+    batch_size: int = 4,
+) -> dict[str, Any]:
     """Start the daemon, feed it, measure the page; the report."""
     from playwright.sync_api import sync_playwright
 
@@ -207,8 +242,11 @@ def run(models: str, seconds: float, fps: float, shots: Path,
         if models == "default":
             streams["demo-attacked"] = _attacked(d, 8)
         log = open(d / "daemon.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(cfg)],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "--config", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 180
             while True:
@@ -223,21 +261,25 @@ def run(models: str, seconds: float, fps: float, shots: Path,
                 browser = launch(p)
                 ctx = browser.new_context(
                     extra_http_headers={"Authorization": f"Bearer {TOKEN}"},
-                    viewport={"width": 1280, "height": 1000})
+                    viewport={"width": 1280, "height": 1000},
+                )
                 page = ctx.new_page()
                 page.goto(f"http://127.0.0.1:{web}/#stream=demo")
                 page.locator("#streams tbody tr").first.wait_for(timeout=120_000)
-                page.wait_for_function("() => document.getElementById('frame').naturalWidth > 0",
-                                       timeout=120_000)
+                page.wait_for_function(
+                    "() => document.getElementById('frame').naturalWidth > 0", timeout=120_000
+                )
                 before = {s["id"]: s["frames"] for s in api(web, "/api/streams")}
                 shown = page.evaluate(COUNT_FRAMES_JS, int(seconds * 1000))
                 after = {s["id"]: s for s in api(web, "/api/streams")}
                 page.screenshot(path=shots / "operator-live-view.png", full_page=True)
                 # a disrupted face's Rec-Net search takes long on a CPU: wait for one
                 deadline = time.monotonic() + wait_flagged
-                while (flagged := next((s["id"] for s in api(web, "/api/streams")
-                                        if s["flagged"]), None)) is None \
-                        and time.monotonic() < deadline:
+                while (
+                    flagged := next(
+                        (s["id"] for s in api(web, "/api/streams") if s["flagged"]), None
+                    )
+                ) is None and time.monotonic() < deadline:
                     time.sleep(2)
                 if flagged is not None:
                     page.goto(f"http://127.0.0.1:{web}/#stream={quote(flagged, safe='')}")
@@ -245,7 +287,9 @@ def run(models: str, seconds: float, fps: float, shots: Path,
                     page.locator("#flagged button").first.click()
                     page.wait_for_function(
                         "() => [...document.querySelectorAll('#sbs-pictures img')]"
-                        ".every(i => i.complete && i.naturalWidth > 0)", timeout=60_000)
+                        ".every(i => i.complete && i.naturalWidth > 0)",
+                        timeout=60_000,
+                    )
                     page.screenshot(path=shots / "operator-flagged-face.png", full_page=True)
                 browser.close()
         finally:
@@ -253,13 +297,20 @@ def run(models: str, seconds: float, fps: float, shots: Path,
             proc.wait(60)
             log.close()
     guarded = after["demo"]["frames"] - before.get("demo", 0)
-    return {"models": models, "batch_size": batch_size, "seconds": seconds, "sent_fps": fps,
-            "live_view_frames_per_s": round(shown / seconds, 2),
-            "guarded_frames_per_s": round(guarded / seconds, 2),
-            "streams": {k: {f: v[f] for f in ("frames", "faces", "flagged", "dropped", "fps")}
-                        for k, v in after.items()},
-            "flagged_face_shown": flagged is not None,
-            "screenshots": str(shots)}
+    return {
+        "models": models,
+        "batch_size": batch_size,
+        "seconds": seconds,
+        "sent_fps": fps,
+        "live_view_frames_per_s": round(shown / seconds, 2),
+        "guarded_frames_per_s": round(guarded / seconds, 2),
+        "streams": {
+            k: {f: v[f] for f in ("frames", "faces", "flagged", "dropped", "fps")}
+            for k, v in after.items()
+        },
+        "flagged_face_shown": flagged is not None,
+        "screenshots": str(shots),
+    }
 
 
 def state_memory(streams: int = 1000, side: tuple[int, int] = (1280, 720)) -> dict[str, Any]:
@@ -281,32 +332,58 @@ def state_memory(streams: int = 1000, side: tuple[int, int] = (1280, 720)) -> di
         # every 50th stream fills its ring buffers; the others send 3 frames
         for seq in range(S.VERDICTS + 20 if i % 50 == 0 else 3):
             face = {"box": [0, 0, 8, 8], "disrupted": True, "score": 0.1, "chain": chain}
-            v = {"stream": f"s{i}", "seq": seq, "disrupted": True, "score": 0.1,
-                 "threshold": 0.05, "faces": [face]}
+            v = {
+                "stream": f"s{i}",
+                "seq": seq,
+                "disrupted": True,
+                "score": 0.1,
+                "threshold": 0.05,
+                "faces": [face],
+            }
             view.guarded(Guarded(frame.copy(), v, source="zmq0", details=[detail]))
             frames += 1
     held, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return {"frames": frames, "streams_sent": streams, "streams_kept": len(view.streams()),
-            "held_mib": round(held / 2**20, 1), "peak_mib": round(peak / 2**20, 1)}
+    return {
+        "frames": frames,
+        "streams_sent": streams,
+        "streams_kept": len(view.streams()),
+        "held_mib": round(held / 2**20, 1),
+        "peak_mib": round(peak / 2**20, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: D103
-    ap = argparse.ArgumentParser(prog="python -m bench.operator_page",
-                                 description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.operator_page", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--models", choices=["tiny", "default"], default="tiny")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--fps", type=float, default=10.0, help="frames per second sent per stream")
     ap.add_argument("--shots", type=Path, default=Path(tempfile.gettempdir()) / "magdr-page")
-    ap.add_argument("--wait-flagged", type=float, default=600.0,
-                    help="seconds to wait for a flagged face to screenshot")
-    ap.add_argument("--batch-size", type=int, default=4,
-                    help="[guard] batch_size: the live view shows each batch's newest frame")
-    ap.add_argument("--memory", action="store_true",
-                    help="only measure the state's memory after 1000 streams (no daemon)")
+    ap.add_argument(
+        "--wait-flagged",
+        type=float,
+        default=600.0,
+        help="seconds to wait for a flagged face to screenshot",
+    )
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="[guard] batch_size: the live view shows each batch's newest frame",
+    )
+    ap.add_argument(
+        "--memory",
+        action="store_true",
+        help="only measure the state's memory after 1000 streams (no daemon)",
+    )
     a = ap.parse_args(argv)
-    report = state_memory() if a.memory else run(a.models, a.seconds, a.fps, a.shots,
-                                                 a.wait_flagged, a.batch_size)
+    report = (
+        state_memory()
+        if a.memory
+        else run(a.models, a.seconds, a.fps, a.shots, a.wait_flagged, a.batch_size)
+    )
     print(json.dumps(report, indent=2))
     return 0
 

@@ -133,8 +133,10 @@ def stages(engine: Any, clip: Path, n: int, tmp: Path) -> dict[str, float]:
     out["guard"] = _ms(time.perf_counter() - t0, k)
     guarded = torch.cat(faces).split([len(c.boxes) for c in crops])
     t0 = time.perf_counter()
-    pasted = [engine.paste(f.image, y, c, stream=stream)
-              for f, y, c in zip(frames, guarded, crops, strict=True)]
+    pasted = [
+        engine.paste(f.image, y, c, stream=stream)
+        for f, y, c in zip(frames, guarded, crops, strict=True)
+    ]
     out["paste"] = _ms(time.perf_counter() - t0, k)
     w = media.VideoWriter(tmp / f"stages-{clip.stem}.mp4", media.probe(clip))
     t0 = time.perf_counter()
@@ -184,8 +186,7 @@ def tracking(engine: Any, clip: Path, n: int, follow_every: int) -> dict[str, An
     return out
 
 
-def _ring(shape: tuple[int, ...], matrix: np.ndarray, size: int, band: float = 0.1
-          ) -> np.ndarray:
+def _ring(shape: tuple[int, ...], matrix: np.ndarray, size: int, band: float = 0.1) -> np.ndarray:
     """The band along the crop's square border, ``band`` of its side deep, in frame pixels.
 
     A square paste fades in over a feather inside its border; its seam lies in this band.
@@ -221,8 +222,9 @@ def _lap(gray: np.ndarray) -> np.ndarray:
     return np.abs(cv2.Laplacian(gray, cv2.CV_32F, ksize=3))
 
 
-def paste_quality(frame: np.ndarray, out: np.ndarray, crops: Any, boxes: list[Any], size: int
-                  ) -> tuple[list[float], list[float]]:
+def paste_quality(
+    frame: np.ndarray, out: np.ndarray, crops: Any, boxes: list[Any], size: int
+) -> tuple[list[float], list[float]]:
     """Per face: the seam and the detail kept (see the module docstring).
 
     seam: the gradient of what the paste changed, ``|∇(out − frame)|``, in the band along the
@@ -260,8 +262,7 @@ def quality(engine: Any, clip: Path, every: int) -> dict[str, Any]:
                 crops = engine.framing.crop(f.image, boxes)
                 if not boxes or crops.matrices is None:
                     continue
-                y, _ = engine.guard_faces(
-                    crops.x, engine.default_cond[None].expand(len(boxes), -1))
+                y, _ = engine.guard_faces(crops.x, engine.default_cond[None].expand(len(boxes), -1))
                 s, k = paste_quality(f.image, engine.paste(f.image, y, crops), crops, boxes,
                                      engine.size)  # fmt: skip
                 seams += s
@@ -405,8 +406,11 @@ def section(rows: list[dict[str, Any]], command: str, meta: dict[str, Any]) -> s
     keys = ("decode", "locate", "align", "guard", "paste", "encode")
     for r in rows:
         st = r["stages"]
-        lines.append(f"| {r['clip']} | " + " | ".join(f"{st[k]:.1f}" for k in keys)
-                     + f" | {sum(st[k] for k in keys):.1f} |")
+        lines.append(
+            f"| {r['clip']} | "
+            + " | ".join(f"{st[k]:.1f}" for k in keys)
+            + f" | {sum(st[k] for k in keys):.1f} |"
+        )
     lines += ["", "Tracking: full detection every frame against following in between:", "",
               "| clip | detect every | locate ms/frame | landmark jitter (% eye distance) | "
               "frames without a face | clean faces flagged | detections / followed / lost |",
@@ -414,21 +418,29 @@ def section(rows: list[dict[str, Any]], command: str, meta: dict[str, Any]) -> s
     for r in rows:
         for k, t in r["tracking"].items():
             jit = "–" if t["jitter_pct"] is None else f"{t['jitter_pct']:.2f}"
-            lines.append(f"| {r['clip']} | {k.removeprefix('every_')} | {t['locate_ms']:.1f} | "
-                         f"{jit} | {t['missed_frames']} | {t['flagged']}/{t['faces']} | "
-                         f"{t['detections']} / {t['followed']} / {t['lost']} |")
-    lines += ["", "Paste-back (seam: gradient of the change along the crop's square border over "
-              "the face's own gradient, 0 = untouched; detail kept: mean |Laplacian| in the "
-              "eyes-to-mouth area, output over input, 1.00 = all):", "",
-              "| clip | faces | seam, region mask | seam, square (before) | detail kept, region "
-              "(min) | detail kept, square |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            lines.append(
+                f"| {r['clip']} | {k.removeprefix('every_')} | {t['locate_ms']:.1f} | "
+                f"{jit} | {t['missed_frames']} | {t['flagged']}/{t['faces']} | "
+                f"{t['detections']} / {t['followed']} / {t['lost']} |"
+            )
+    lines += [
+        "",
+        "Paste-back (seam: gradient of the change along the crop's square border over "
+        "the face's own gradient, 0 = untouched; detail kept: mean |Laplacian| in the "
+        "eyes-to-mouth area, output over input, 1.00 = all):",
+        "",
+        "| clip | faces | seam, region mask | seam, square (before) | detail kept, region "
+        "(min) | detail kept, square |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         q = r["quality"]
         if q["region"]["faces"]:
             lines.append(
                 f"| {r['clip']} | {q['region']['faces']} | {q['region']['seam']:.3f} | "
                 f"{q['square']['seam']:.3f} | {q['region']['detail_kept']:.2f} "
-                f"({q['region']['detail_kept_min']:.2f}) | {q['square']['detail_kept']:.2f} |")
+                f"({q['region']['detail_kept_min']:.2f}) | {q['square']['detail_kept']:.2f} |"
+            )
     lived = [r for r in rows if r.get("live")]
     if lived:
         lines += ["", "Live: `magdr-guard run`, a ZeroMQ SUB source (default queue 32, "
@@ -437,17 +449,20 @@ def section(rows: list[dict[str, Any]], command: str, meta: dict[str, Any]) -> s
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
         for r in lived:
             lv = r["live"]
-            lines.append(f"| {r['clip']} | {lv['rate']:.0f} | {lv['sent']} | "
-                         f"{100 * lv['share']:.0f}% | {lv['latency_ms_p50']:.0f} | "
-                         f"{lv['latency_ms_p99']:.0f} |")
+            lines.append(
+                f"| {r['clip']} | {lv['rate']:.0f} | {lv['sent']} | "
+                f"{100 * lv['share']:.0f}% | {lv['latency_ms_p50']:.0f} | "
+                f"{lv['latency_ms_p99']:.0f} |"
+            )
     lines += ["", meta["gpu_note"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bench.pipeline``."""
-    ap = argparse.ArgumentParser(prog="python -m bench.pipeline",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("clips", nargs="*", help="default: shared clips of 720p or more")
     ap.add_argument("--min-side", type=int, default=720, help="default clips' shorter side")
     ap.add_argument("--stage-frames", type=int, default=60)

@@ -46,8 +46,16 @@ def commit() -> str:
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "bench", "magdr",
-             ":!bench/results"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "bench",
+                "magdr",
+                ":!bench/results",
+            ],
             cwd=ROOT,
             capture_output=True,
             text=True,

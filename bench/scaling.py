@@ -67,50 +67,77 @@ def run_one(clip: Path, backend: str, replicas: int, args: argparse.Namespace) -
         assert not failures, failures
         verdicts = Path(out, summary["outputs"]["verdicts"]).read_text().splitlines()
         workers = {json.loads(v).get("worker") for v in verdicts} - {None}
-    return {"backend": backend, "replicas": replicas if backend == "ray" else None,
-            "frames": summary["frames"], "faces": summary["faces"], "fps": summary["fps"],
-            "wall_s": round(wall, 1), "workers": len(workers)}
+    return {
+        "backend": backend,
+        "replicas": replicas if backend == "ray" else None,
+        "frames": summary["frames"],
+        "faces": summary["faces"],
+        "fps": summary["fps"],
+        "wall_s": round(wall, 1),
+        "workers": len(workers),
+    }
 
 
 def median_run(trials: list[dict[str, Any]]) -> dict[str, Any]:
     """The trial with the median frames/s, with every trial's frames/s beside it."""
     fps = sorted(t["fps"] for t in trials)
     mid = next(t for t in trials if t["fps"] == fps[(len(fps) - 1) // 2])
-    return {**mid, "fps_all": [t["fps"] for t in trials],
-            "load_all": [round(t["load_avg"], 1) for t in trials if "load_avg" in t]}
+    return {
+        **mid,
+        "fps_all": [t["fps"] for t in trials],
+        "load_all": [round(t["load_avg"], 1) for t in trials if "load_avg" in t],
+    }
 
 
 def section(data: dict[str, Any]) -> list[str]:
     """The report's "Scale-out" subsection (Markdown lines) for a ``scaling.json``."""
     m = data["machine"]
     loads = [x for r in data["runs"] for x in r.get("load_all", [])] or [m["load_avg"][0]]
-    load = f"{min(loads):.1f}" if min(loads) == max(loads) else \
-        f"{min(loads):.1f} to {max(loads):.1f} over the runs"
-    lines = [HEADING, "",
-             f"`magdr-guard process` on a {data['frames']}-frame clip (the demo clip looped, one "
-             f"face per frame; default `[guard]`), `{data['device']}`, {data['threads']} torch "
-             f"thread(s) per engine; {m['cpu_count']} CPUs, load average {load}; each setting "
-             f"run {data.get('repeats', 1)} times, interleaved. Command: `{data['command']}` "
-             f"(commit {data['commit'][:12]}).", "",
-             "| engine | replicas | workers in verdicts | frames/s (median) | each run | "
-             "ratio to 1 replica |",
-             "|---|---|---|---|---|---|"]
+    load = (
+        f"{min(loads):.1f}"
+        if min(loads) == max(loads)
+        else f"{min(loads):.1f} to {max(loads):.1f} over the runs"
+    )
+    lines = [
+        HEADING,
+        "",
+        f"`magdr-guard process` on a {data['frames']}-frame clip (the demo clip looped, one "
+        f"face per frame; default `[guard]`), `{data['device']}`, {data['threads']} torch "
+        f"thread(s) per engine; {m['cpu_count']} CPUs, load average {load}; each setting "
+        f"run {data.get('repeats', 1)} times, interleaved. Command: `{data['command']}` "
+        f"(commit {data['commit'][:12]}).",
+        "",
+        "| engine | replicas | workers in verdicts | frames/s (median) | each run | "
+        "ratio to 1 replica |",
+        "|---|---|---|---|---|---|",
+    ]
     one = next((r["fps"] for r in data["runs"] if r["replicas"] == 1), None)
     for r in data["runs"]:
         ratio = f"{r['fps'] / one:.2f}" if one and r["backend"] == "ray" else ""
         each = ", ".join(f"{f:.2f}" for f in r.get("fps_all", [r["fps"]]))
-        lines.append(f"| {r['backend']} | {r['replicas'] or '-'} | {r['workers'] or '-'} | "
-                     f"{r['fps']:.2f} | {each} | {ratio} |")
+        lines.append(
+            f"| {r['backend']} | {r['replicas'] or '-'} | {r['workers'] or '-'} | "
+            f"{r['fps']:.2f} | {each} | {ratio} |"
+        )
     lines += [""]
     if m["load_avg"][0] > m["cpu_count"]:
-        lines += ["The machine was shared (load average above its CPU count): more processes also "
-                  "win a larger share of its CPUs, so the ratios overstate what the replicas give "
-                  "on an idle machine.", ""]
+        lines += [
+            "The machine was shared (load average above its CPU count): more processes also "
+            "win a larger share of its CPUs, so the ratios overstate what the replicas give "
+            "on an idle machine.",
+            "",
+        ]
     if not data["device"].startswith("cuda"):
-        lines += ["On one machine the replicas share its CPUs with the daemon's own decoding, "
-                  "face location and encoding.", ""]
-        lines += ["Fractional GPU replicas: not measured in this run (no GPU); on one: "
-                  "`python -m bench.scaling --device cuda --replicas 1,4 --num-gpus 0.25`.", ""]
+        lines += [
+            "On one machine the replicas share its CPUs with the daemon's own decoding, "
+            "face location and encoding.",
+            "",
+        ]
+        lines += [
+            "Fractional GPU replicas: not measured in this run (no GPU); on one: "
+            "`python -m bench.scaling --device cuda --replicas 1,4 --num-gpus 0.25`.",
+            "",
+        ]
     return lines
 
 
@@ -126,8 +153,11 @@ def write_section(report: Path, lines: list[str]) -> None:
 
     text, body = report.read_text(), "\n".join(lines).rstrip("\n") + "\n\n"
     old = find_section(text, HEADING)  # up to the next "## " heading
-    text = text.replace(old, body, 1) if old else text.replace("## Figures\n",
-                                                               body + "## Figures\n", 1)
+    text = (
+        text.replace(old, body, 1)
+        if old
+        else text.replace("## Figures\n", body + "## Figures\n", 1)
+    )
     report.write_text(text)
 
 
@@ -155,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: D103
         loop_clip(DEMO_CLIP, clip, args.frames)
         info = machine(torch.device(args.device))
         plan = ([] if args.no_local else [("local", 1)]) + [
-            ("ray", int(n)) for n in args.replicas.split(",")]
+            ("ray", int(n)) for n in args.replicas.split(",")
+        ]
         trials: dict[tuple[str, int], list[dict[str, Any]]] = {k: [] for k in plan}
         for _ in range(args.repeats):  # interleaved, so a busy spell hits every setting
             for backend, n in plan:
@@ -164,9 +195,16 @@ def main(argv: list[str] | None = None) -> int:  # noqa: D103
                 trials[(backend, n)].append(r)
                 print(json.dumps(r), file=sys.stderr)
         runs = [median_run(t) for t in trials.values()]
-    data = {"command": "python -m bench.scaling " + " ".join(argv or sys.argv[1:]),
-            "commit": commit(), "machine": info, "device": args.device,
-            "threads": args.threads, "frames": args.frames, "repeats": args.repeats, "runs": runs}
+    data = {
+        "command": "python -m bench.scaling " + " ".join(argv or sys.argv[1:]),
+        "commit": commit(),
+        "machine": info,
+        "device": args.device,
+        "threads": args.threads,
+        "frames": args.frames,
+        "repeats": args.repeats,
+        "runs": runs,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scaling.json").write_text(json.dumps(data, indent=2) + "\n")
     if (args.out / "REPORT.md").exists():

@@ -189,7 +189,8 @@ def section(
             "",
             "| edit | " + " | ".join(celeba) + " |",
             "| --- |" + " --- |" * len(celeba),
-            "| flagged | " + " | ".join(pct(v["flagged"], v["faces"]) for v in celeba.values())
+            "| flagged | "
+            + " | ".join(pct(v["flagged"], v["faces"]) for v in celeba.values())
             + " |",
         ]
     sec = [r["attacks"][0]["seconds_per_face"] for r in rows if r["attacks"][0]["attacked"]]

@@ -70,8 +70,10 @@ def detectors(every: int) -> None:
     g = Config().guard
     hog = dlib.get_frontal_face_detector()
     landmarks = LandmarkLocator()
-    print("| clip | frames | Haar: none | Haar: 2+ | HOG: none | HOG: 2+ | Haar faces | "
-          "aligned on the box square (landmarks not sane) |")
+    print(
+        "| clip | frames | Haar: none | Haar: 2+ | HOG: none | HOG: 2+ | Haar faces | "
+        "aligned on the box square (landmarks not sane) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for clip in _clips([]):
         n = defaultdict(int)
@@ -91,8 +93,11 @@ def detectors(every: int) -> None:
             n["haar2"] += haar > 1
             n["hog0"] += found == 0
             n["hog2"] += found > 1
-        print(f"| {clip.name} | {n['frames']} | {n['haar0']} | {n['haar2']} | {n['hog0']} | "
-              f"{n['hog2']} | {n['faces']} | {n['fallback']} |", flush=True)
+        print(
+            f"| {clip.name} | {n['frames']} | {n['haar0']} | {n['haar2']} | {n['hog0']} | "
+            f"{n['hog2']} | {n['faces']} | {n['fallback']} |",
+            flush=True,
+        )
 
 
 # ---- faces ----------------------------------------------------------------------------------
@@ -142,8 +147,14 @@ def faces(clips: Sequence[str], every: int, out: Path, celeba: int) -> None:
                 x = torch.cat(xs) if xs else torch.zeros(0, 3, 128, 128)
                 ps, scores = _measure(x, models)
                 for (index, box), p, s in zip(meta, ps, scores, strict=True):
-                    rec = {"clip": clip.name, "frame": index, "box": box, "align": align,
-                           "psnr_keep": p, "score": s}
+                    rec = {
+                        "clip": clip.name,
+                        "frame": index,
+                        "box": box,
+                        "align": align,
+                        "psnr_keep": p,
+                        "score": s,
+                    }
                     f.write(json.dumps(rec) + "\n")
                     rows.append(rec)
                 print(f"{clip.name} align={align}: {len(meta)} faces", file=sys.stderr)
@@ -152,17 +163,21 @@ def faces(clips: Sequence[str], every: int, out: Path, celeba: int) -> None:
     print("| --- | --- | --- | --- |")
     for clip in dict.fromkeys(r["clip"] for r in rows):
         by = {a: [r for r in rows if r["clip"] == clip and r["align"] == a] for a in (0, 1)}
-        print(f"| {clip} | {len(by[0])} / {len(by[1])} | "
-              f"{np.mean([r['psnr_keep'] for r in by[0]]):.2f} / "
-              f"{np.mean([r['psnr_keep'] for r in by[1]]):.2f} | "
-              f"{sum(r['score'] > threshold for r in by[0])} / "
-              f"{sum(r['score'] > threshold for r in by[1])} |")
+        print(
+            f"| {clip} | {len(by[0])} / {len(by[1])} | "
+            f"{np.mean([r['psnr_keep'] for r in by[0]]):.2f} / "
+            f"{np.mean([r['psnr_keep'] for r in by[1]]):.2f} | "
+            f"{sum(r['score'] > threshold for r in by[0])} / "
+            f"{sum(r['score'] > threshold for r in by[1])} |"
+        )
     for a in (0, 1):
         sel = [r for r in rows if r["align"] == a]
-        print(f"all clips, align={bool(a)}: {len(sel)} faces, PSNR keep "
-              f"{np.mean([r['psnr_keep'] for r in sel]):.2f} dB, flagged "
-              f"{sum(r['score'] > threshold for r in sel)} "
-              f"({100 * np.mean([r['score'] > threshold for r in sel]):.1f}%)")
+        print(
+            f"all clips, align={bool(a)}: {len(sel)} faces, PSNR keep "
+            f"{np.mean([r['psnr_keep'] for r in sel]):.2f} dB, flagged "
+            f"{sum(r['score'] > threshold for r in sel)} "
+            f"({100 * np.mean([r['score'] > threshold for r in sel]):.1f}%)"
+        )
     if celeba:
         from magdr.celeba import CELEBA_VAL, load_celeba, to_tensor
 
@@ -170,8 +185,10 @@ def faces(clips: Sequence[str], every: int, out: Path, celeba: int) -> None:
         idx = np.array(CELEBA_VAL)[:celeba] - 1
         ps, scores = _measure(to_tensor(cel["images"][idx]), models)
         over = np.array(scores) > threshold
-        print(f"CelebA validation ({len(idx)} faces): PSNR keep {np.mean(ps):.2f} dB, flagged "
-              f"{over.sum()} ({100 * over.mean():.1f}%)")
+        print(
+            f"CelebA validation ({len(idx)} faces): PSNR keep {np.mean(ps):.2f} dB, flagged "
+            f"{over.sum()} ({100 * over.mean():.1f}%)"
+        )
 
 
 # ---- temporal -------------------------------------------------------------------------------
@@ -210,8 +227,10 @@ def temporal(clean: Path, attacked: Path | None) -> None:
     tracks = _sequences(clean, threshold)
     adv = _sequences(attacked, threshold) if attacked else {}
     print(f"threshold {threshold:.6g}")
-    print("| rule k/n | clean faces flagged | attacked faces over the threshold | "
-          "frames passed from an attack's start: mean / max |")
+    print(
+        "| rule k/n | clean faces flagged | attacked faces over the threshold | "
+        "frames passed from an attack's start: mean / max |"
+    )
     print("| --- | --- | --- | --- |")
     for k, n in RULES:
         total = sum(len(s) for v in tracks.values() for s in v)
@@ -226,8 +245,10 @@ def temporal(clean: Path, attacked: Path | None) -> None:
                     passed.append(hits.index(True) if any(hits) else len(hits))
         stat = f"{np.mean(passed):.2f} / {max(passed)}" if passed else "-"
         n_adv = sum(len(s) for v in adv.values() for s in v)
-        print(f"| {k}/{n} | {flagged} of {total} ({100 * flagged / max(total, 1):.2f}%) | "
-              f"{over} of {n_adv} | {stat} |")
+        print(
+            f"| {k}/{n} | {flagged} of {total} ({100 * flagged / max(total, 1):.2f}%) | "
+            f"{over} of {n_adv} | {stat} |"
+        )
 
 
 # ---- fps ------------------------------------------------------------------------------------
@@ -266,14 +287,17 @@ def fps(clip: Path, threads: int, repeats: int) -> None:
     for (guard, align), v in sorted(got.items(), reverse=True):
         print(f"| | {align} | {guard} | {v:.2f} |")
     for guard in (True, False):
-        print(f"guard {'on' if guard else 'off'}: aligned / box = "
-              f"{got[guard, True] / got[guard, False]:.2f}")
+        print(
+            f"guard {'on' if guard else 'off'}: aligned / box = "
+            f"{got[guard, True] / got[guard, False]:.2f}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bench.video_faces``."""
-    ap = argparse.ArgumentParser(prog="python -m bench.video_faces",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.video_faces", description=__doc__.split("\n\n")[0]
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("detectors", help="Haar beside HOG on the shared clips")
     d.add_argument("--every", type=int, default=15)

@@ -56,9 +56,15 @@ class Batcher:
         call_grace_s: how long one call may run before the watchdog counts it as a stall.
     """
 
-    def __init__(self, fn: BatchFn, batch_size: int, timeout_s: float,
-                 on_batch: Callable[[int, float], None] | None = None,
-                 beat: Callable[..., None] | None = None, call_grace_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        fn: BatchFn,
+        batch_size: int,
+        timeout_s: float,
+        on_batch: Callable[[int, float], None] | None = None,
+        beat: Callable[..., None] | None = None,
+        call_grace_s: float = 600.0,
+    ) -> None:
         self.fn, self.batch_size, self.timeout_s = fn, batch_size, timeout_s
         self.on_batch, self.beat, self.call_grace_s = on_batch, beat, call_grace_s
         self._q: queue.Queue[Any] = queue.Queue()
@@ -77,8 +83,9 @@ class Batcher:
         self._q.put(item)
         return item.future
 
-    def wait(self, fut: Future, timeout: float | None = None,
-             tick: Callable[[], None] | None = None) -> Any:
+    def wait(
+        self, fut: Future, timeout: float | None = None, tick: Callable[[], None] | None = None
+    ) -> Any:
         """``fut.result()``, but raise instead of hanging if the worker thread is gone.
 
         ``tick`` is called about twice a second while waiting (the waiter's own heartbeat: it
@@ -160,14 +167,20 @@ class Batcher:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if len(items) > 1:
-                log.warning("out of memory on a batch: retrying it in halves",
-                            frames=len(items), faces=sum(i.x.shape[0] for i in items))
+                log.warning(
+                    "out of memory on a batch: retrying it in halves",
+                    frames=len(items),
+                    faces=sum(i.x.shape[0] for i in items),
+                )
                 h = len(items) // 2
                 self._call(items[:h])
                 self._call(items[h:])
                 return
-            log.error("out of memory on one frame: the frame fails", faces=items[0].x.shape[0],
-                      error=str(e)[:200])
+            log.error(
+                "out of memory on one frame: the frame fails",
+                faces=items[0].x.shape[0],
+                error=str(e)[:200],
+            )
             items[0].future.set_exception(e)
             return
         except Exception as e:  # a failing batch fails its frames, never the daemon
@@ -184,21 +197,23 @@ class Batcher:
         try:
             rows, per_row = fut.result()
         except Exception as e:
-            log.error("guard batch failed", faces=sum(i.x.shape[0] for i in items),
-                      error=f"{type(e).__name__}: {e}"[:500])
+            log.error(
+                "guard batch failed",
+                faces=sum(i.x.shape[0] for i in items),
+                error=f"{type(e).__name__}: {e}"[:500],
+            )
             _fail(items, e)
             return
         self._split(items, rows, per_row, t0)
 
-    def _split(self, items: list[_Item], rows: torch.Tensor, per_row: list[Any],
-               t0: float) -> None:
+    def _split(self, items: list[_Item], rows: torch.Tensor, per_row: list[Any], t0: float) -> None:
         """Hand each item its rows of the batch's results."""
         if self.on_batch:
             self.on_batch(rows.shape[0], time.monotonic() - t0)
         start = 0
         for i in items:
             n = i.x.shape[0]
-            i.future.set_result((rows[start:start + n], per_row[start:start + n]))
+            i.future.set_result((rows[start : start + n], per_row[start : start + n]))
             start += n
 
 

@@ -77,16 +77,18 @@ class ModelConfig(Section):
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="G and the parser's arithmetic while guarding; auto = bfloat16 "
-                            "where the device runs it natively (AVX-512 BF16 / AMX CPUs, CUDA)"
+        "auto",
+        description="G and the parser's arithmetic while guarding; auto = bfloat16 "
+        "where the device runs it natively (AVX-512 BF16 / AMX CPUs, CUDA)",
     )
     parser: str = Field("default", description="'default' | 'landmarks' | path")
     profile: str = Field("default", description="'default' or a profile JSON path")
     purifier: str = Field(
         "auto", description="'auto' (the shipped one, for the default generator) | 'none' | path"
     )
-    image_size: int = Field(0, ge=0, description="face crop side; 0 = the generator's own "
-                                                 "image_size")
+    image_size: int = Field(
+        0, ge=0, description="face crop side; 0 = the generator's own image_size"
+    )
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default")
 
 
@@ -102,51 +104,69 @@ class GuardConfig(Section):
     max_faces: int = Field(8, ge=1, description="faces guarded per frame")
     min_face: int = Field(32, ge=1, description="smallest face side in pixels")
     detector: Literal["yunet", "haar"] = Field(
-        "yunet", description="face detector: yunet (boxes + 5 landmarks, shipped) | haar "
-                             "(OpenCV's cascade; landmarks from dlib)"
+        "yunet",
+        description="face detector: yunet (boxes + 5 landmarks, shipped) | haar "
+        "(OpenCV's cascade; landmarks from dlib)",
     )
     detect_side: int = Field(
         320, ge=64, description="frames are downscaled to this side for detection"
     )
     detect_every: int = Field(
-        1, ge=1, le=100, description="detect on every Nth frame of a stream; in between, follow "
-                                     "each face in a window around its last box"
+        1,
+        ge=1,
+        le=100,
+        description="detect on every Nth frame of a stream; in between, follow "
+        "each face in a window around its last box",
     )
     smooth_landmarks: float = Field(
-        0.0, ge=0, le=1, description="One Euro filter cut-off (cycles/frame) on a followed "
-                                     "face's landmarks; 0 = off"
+        0.0,
+        ge=0,
+        le=1,
+        description="One Euro filter cut-off (cycles/frame) on a followed "
+        "face's landmarks; 0 = off",
     )
     align: bool = Field(
-        True, description="align faces on their eyes and mouth as CelebA's are (YuNet's "
-                          "landmarks, or dlib's behind Haar); false: the square around the box"
+        True,
+        description="align faces on their eyes and mouth as CelebA's are (YuNet's "
+        "landmarks, or dlib's behind Haar); false: the square around the box",
     )
     temporal_k: int = Field(
-        0, ge=0, description="flag a face track when k of its last temporal_n frames score "
-                             "above the threshold; 0 = every frame on its own"
+        0,
+        ge=0,
+        description="flag a face track when k of its last temporal_n frames score "
+        "above the threshold; 0 = every frame on its own",
     )
     temporal_n: int = Field(
         0, ge=0, description="frames of a face track the temporal rule looks back on"
     )
     reuse_chains: bool = Field(
-        True, description="try a face's Rec-Net chain of the stream's previous frame before "
-                          "searching a new one"
+        True,
+        description="try a face's Rec-Net chain of the stream's previous frame before "
+        "searching a new one",
     )
     publish_purified: bool = Field(
         False, description="paste the cleaned input x* instead of the edit y*"
     )
     edit_lowpass: float = Field(
-        1.5, ge=0, le=8, description="paste the input plus G's edit low-passed by a Gaussian of "
-                                     "this σ (face pixels), which drops a small G's checkerboard; "
-                                     "0 = G's own pixels"
+        1.5,
+        ge=0,
+        le=8,
+        description="paste the input plus G's edit low-passed by a Gaussian of "
+        "this σ (face pixels), which drops a small G's checkerboard; "
+        "0 = G's own pixels",
     )
     paste_mask: Literal["region", "window", "square"] = Field(
-        "region", description="region: add the edit inside the regions it targets (face "
-                              "parser) within a soft disc; window: the whole disc; square: "
-                              "the crop's pixels, square-feathered (before 2026-12)"
+        "region",
+        description="region: add the edit inside the regions it targets (face "
+        "parser) within a soft disc; window: the whole disc; square: "
+        "the crop's pixels, square-feathered (before 2026-12)",
     )
     region_every: int = Field(
-        5, ge=1, le=100, description="paste_mask = region: parse a stream's faces every Nth "
-                                     "frame; in between each face reuses its last regions"
+        5,
+        ge=1,
+        le=100,
+        description="paste_mask = region: parse a stream's faces every Nth "
+        "frame; in between each face reuses its last regions",
     )
     max_frame_pixels: int = Field(4096 * 4096, ge=1, description="larger frames are rejected")
 
@@ -163,11 +183,14 @@ class EngineConfig(Section):
         "local", description="local | ray (guard replicas on a Ray cluster)"
     )
     address: str = Field(
-        "", description="ray: '' starts a Ray instance on this machine; 'auto' joins a running "
-                        "cluster; 'HOST:PORT'; 'ray://HOST:10001'"
+        "",
+        description="ray: '' starts a Ray instance on this machine; 'auto' joins a running "
+        "cluster; 'HOST:PORT'; 'ray://HOST:10001'",
     )
     replicas: int = Field(
-        1, ge=1, le=1024,
+        1,
+        ge=1,
+        le=1024,
         description="guard workers; each loads G, the parser and the profile once",
     )
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; fractions share a GPU")
@@ -216,7 +239,7 @@ class ZmqSourceConfig(Section):
     curve_client_keys: list[str] = Field(
         default_factory=list,
         description="binding side: Z85 public keys of the clients let in; [] = any client that "
-                    "knows the server key",
+        "knows the server key",
     )
 
     @property
@@ -312,13 +335,19 @@ class Config(Section):
     http: HttpConfig = Field(default_factory=HttpConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     path: str = Field("", description="the file this came from")
-    deprecated: list[str] = Field(default_factory=list,
-                                  description="lines for the log at start-up")
+    deprecated: list[str] = Field(default_factory=list, description="lines for the log at start-up")
 
 
-_EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "a boolean",
-             "string_type": "a string", "list_type": "an array", "dict_type": "a table",
-             "model_type": "a table", "model_attributes_type": "a table"}
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "a boolean",
+    "string_type": "a string",
+    "list_type": "an array",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+}
 
 
 def _choices(values: tuple[Any, ...]) -> str:
@@ -386,11 +415,14 @@ def _build(table: dict[str, Any]) -> Config:
 def _check_engine(e: EngineConfig) -> None:
     host, _, port = e.address.removeprefix("ray://").rpartition(":")
     if e.address not in ("", "auto") and not (host and port.isdigit()):
-        raise ConfigError(f"engine.address: expected '', 'auto', HOST:PORT or ray://HOST:PORT, "
-                          f"got {e.address!r}")
+        raise ConfigError(
+            f"engine.address: expected '', 'auto', HOST:PORT or ray://HOST:PORT, got {e.address!r}"
+        )
     if e.num_gpus > 1 and e.num_gpus != int(e.num_gpus):
-        raise ConfigError(f"engine.num_gpus: a fraction shares one GPU; above 1 expected a whole "
-                          f"number, got {e.num_gpus}")
+        raise ConfigError(
+            f"engine.num_gpus: a fraction shares one GPU; above 1 expected a whole "
+            f"number, got {e.num_gpus}"
+        )
 
 
 def _check(cfg: Config) -> None:
@@ -398,8 +430,10 @@ def _check(cfg: Config) -> None:
     _check_engine(cfg.engine)
     g = cfg.guard
     if g.temporal_k > g.temporal_n or (g.temporal_n and not g.temporal_k):
-        raise ConfigError(f"guard.temporal_k: expected 1 <= temporal_k <= temporal_n when "
-                          f"temporal_n is set, got {g.temporal_k} of {g.temporal_n}")
+        raise ConfigError(
+            f"guard.temporal_k: expected 1 <= temporal_k <= temporal_n when "
+            f"temporal_n is set, got {g.temporal_k} of {g.temporal_n}"
+        )
     if g.temporal_k and cfg.engine.backend != "local":
         # tracks hear their faces' verdicts in frame order, in this process
         raise ConfigError("guard.temporal_k: the temporal rule needs [engine] backend = 'local'")
@@ -414,8 +448,9 @@ def _check(cfg: Config) -> None:
         j = i if i < len(cfg.sources) else i - len(cfg.sources)
         if s.kind == "zmq":
             if "://" not in s.endpoint:
-                raise ConfigError(f"{section}[{j}].endpoint: expected transport://address, "
-                                  f"got {s.endpoint!r}")
+                raise ConfigError(
+                    f"{section}[{j}].endpoint: expected transport://address, got {s.endpoint!r}"
+                )
             for name in ("curve_secret_key", "curve_server_key"):
                 v = getattr(s, name)
                 if v and len(v) != 40:
@@ -424,15 +459,20 @@ def _check(cfg: Config) -> None:
             if s.curve_server_key and bind:
                 raise ConfigError(f"{section}[{j}].curve_server_key: only for connecting sockets")
             if s.curve_server_key and not s.curve_secret_key:
-                raise ConfigError(f"{section}[{j}].curve_secret_key: required with "
-                                  "curve_server_key")
+                raise ConfigError(
+                    f"{section}[{j}].curve_secret_key: required with curve_server_key"
+                )
             for k, key in enumerate(s.curve_client_keys):
                 if len(key) != 40:
-                    raise ConfigError(f"{section}[{j}].curve_client_keys[{k}]: expected a "
-                                      "40-character Z85 public key")
+                    raise ConfigError(
+                        f"{section}[{j}].curve_client_keys[{k}]: expected a "
+                        "40-character Z85 public key"
+                    )
             if s.curve_client_keys and not (bind and s.curve_secret_key):
-                raise ConfigError(f"{section}[{j}].curve_client_keys: only for a binding socket "
-                                  "with curve_secret_key")
+                raise ConfigError(
+                    f"{section}[{j}].curve_client_keys: only for a binding socket "
+                    "with curve_secret_key"
+                )
     outs = {s.path for s in cfg.sinks if s.kind == "folder"}
     for i, s in enumerate(cfg.sources):
         if s.kind == "folder" and s.path in outs:
@@ -441,8 +481,10 @@ def _check(cfg: Config) -> None:
     if len(set(paths)) != len(paths):
         raise ConfigError("sources: two folder sources watch the same path")
     if cfg.http.enabled and not cfg.http.token and not is_loopback(cfg.http.host):
-        raise ConfigError(f"http.token: required when http.host is not a loopback address "
-                          f"(got {cfg.http.host!r}); 'env:NAME' or 'file:/path'")
+        raise ConfigError(
+            f"http.token: required when http.host is not a loopback address "
+            f"(got {cfg.http.host!r}); 'env:NAME' or 'file:/path'"
+        )
 
 
 def is_loopback(host: str) -> bool:
@@ -461,8 +503,10 @@ def _read_deprecated(cfg: Config, table: dict[str, Any]) -> None:
         raise ConfigError("metrics: deprecated and [http] is set; move its keys to [http]")
     m = cfg.metrics
     cfg.http = HttpConfig(enabled=m.enabled, host=m.host, port=m.port)
-    cfg.deprecated.append("[metrics] is deprecated: its keys were read as [http], which serves "
-                          "/metrics beside the operator page; rename the section")
+    cfg.deprecated.append(
+        "[metrics] is deprecated: its keys were read as [http], which serves "
+        "/metrics beside the operator page; rename the section"
+    )
 
 
 def _resolve_paths(cfg: Config, base: Path) -> None:

@@ -164,16 +164,20 @@ class RegionCache:
             found: list[tuple[torch.Tensor, int] | None] = []
             for b in boxes:
                 best = max(cached, key=lambda e: iou(b, FaceBox(*e[0], 0.0)), default=None)
-                fresh = best is not None and best[2] + 1 < every and iou(
-                    b, FaceBox(*best[0], 0.0)) >= 0.5
+                fresh = (
+                    best is not None
+                    and best[2] + 1 < every
+                    and iou(b, FaceBox(*best[0], 0.0)) >= 0.5
+                )
                 found.append((best[1], best[2] + 1) if fresh else None)
             todo = [i for i, f in enumerate(found) if f is None]
             if todo:
                 parsed = parse(crops.x[todo])
                 for j, i in enumerate(todo):
                     found[i] = (parsed[j], 0)
-            self._faces[stream] = [(b, r, age) for b, (r, age) in
-                                   zip(crops.boxes, found, strict=True)]  # type: ignore[misc]
+            self._faces[stream] = [
+                (b, r, age) for b, (r, age) in zip(crops.boxes, found, strict=True)
+            ]  # type: ignore[misc]
             while len(self._faces) > self.MAX_STREAMS:
                 self._faces.pop(next(iter(self._faces)))
         return torch.stack([f[0] for f in found])  # type: ignore[index]
@@ -199,8 +203,10 @@ class Engine:
         t0 = time.monotonic()
         self.G = magdr.load_generator(m.generator, kind=m.kind or None, device=self.device)
         self.size = m.image_size or int(self.G.image_size)
-        self.model_name = str(getattr(self.G, "meta", {}).get("name") or (
-            "default" if m.generator == "default" else m.generator.rsplit("/", 1)[-1]))
+        self.model_name = str(
+            getattr(self.G, "meta", {}).get("name")
+            or ("default" if m.generator == "default" else m.generator.rsplit("/", 1)[-1])
+        )
         self.guard: Any = None
         self.profile_name = "off"
         self.purifier_name = "off"
@@ -238,11 +244,18 @@ class Engine:
         self.framing = Framing(cfg, self.size)
         self.landmarks = self.framing.landmarks
         self.default_cond = self.condition(m.condition)  # unknown attributes fail at start-up
-        log.info("models loaded", model=self.model_name, profile=self.profile_name,
-                 purifier=self.purifier_name, device=str(self.device), face_size=self.size,
-                 dtype=str(self.dtype).removeprefix("torch."),
-                 guard=g.enabled, guarded_by="this process" if local_guard else "ray replicas",
-                 seconds=round(time.monotonic() - t0, 2))
+        log.info(
+            "models loaded",
+            model=self.model_name,
+            profile=self.profile_name,
+            purifier=self.purifier_name,
+            device=str(self.device),
+            face_size=self.size,
+            dtype=str(self.dtype).removeprefix("torch."),
+            guard=g.enabled,
+            guarded_by="this process" if local_guard else "ray replicas",
+            seconds=round(time.monotonic() - t0, 2),
+        )
 
     # ---- conditions ---------------------------------------------------------------------
     def condition(self, values: dict[str, float] | None) -> torch.Tensor:
@@ -263,8 +276,14 @@ class Engine:
         """Locate, align and crop the faces of one RGB frame (:meth:`Framing.find_faces`)."""
         return self.framing.find_faces(image, stream)
 
-    def paste(self, image: np.ndarray, faces: torch.Tensor, crops: Crops,
-              c: torch.Tensor | None = None, stream: str | None = None) -> np.ndarray:
+    def paste(
+        self,
+        image: np.ndarray,
+        faces: torch.Tensor,
+        crops: Crops,
+        c: torch.Tensor | None = None,
+        stream: str | None = None,
+    ) -> np.ndarray:
         """Put guarded faces ``(F, 3, S, S)`` of condition ``c`` back into (a copy of) the frame.
 
         With ``paste_mask = "region"`` only the regions the edit targets change
@@ -275,14 +294,21 @@ class Engine:
         """
         g = self.cfg.guard
         mask = None
-        if g.paste_mask == "region" and self.parser is not None and not g.publish_purified \
-                and len(crops.boxes) and g.faces == "detect":
+        if (
+            g.paste_mask == "region"
+            and self.parser is not None
+            and not g.publish_purified
+            and len(crops.boxes)
+            and g.faces == "detect"
+        ):
             from magdr.faces.mask import region_mask
 
             c = self.default_cond if c is None else c
             targets = self.G.target_regions(c.reshape(-1, c.shape[-1])[:1], batch=1).cpu()
-            mask = region_mask(self._regions.get(self._parse, crops, stream, g.region_every),
-                               targets.expand(len(crops.boxes), -1))
+            mask = region_mask(
+                self._regions.get(self._parse, crops, stream, g.region_every),
+                targets.expand(len(crops.boxes), -1),
+            )
         return self.framing.paste(image, faces, crops, mask)
 
     @torch.no_grad()
@@ -323,8 +349,14 @@ class Engine:
         if self.guard is None:
             y = self._pasted(self.G(x, c), x)
             return y.float().cpu(), [
-                {"disrupted": False, "score": None, "s_dist": None, "s_cons": None, "chain": [],
-                 "reused": False}
+                {
+                    "disrupted": False,
+                    "score": None,
+                    "s_dist": None,
+                    "s_cons": None,
+                    "chain": [],
+                    "reused": False,
+                }
                 for _ in range(x.shape[0])
             ]
         hints = hints or [None] * x.shape[0]
@@ -337,8 +369,10 @@ class Engine:
         # Every track hears its face's own verdict, in frame order (the batch is FIFO).
         act = [o if t is None else t.update(o) and o for t, o in zip(tracks, over, strict=True)]
         faces = self._pasted(det.output, x).clone()
-        verdicts = [_verdict(det, i, disrupted=False, chain=[], reused=False, cured=False)
-                    for i in range(x.shape[0])]
+        verdicts = [
+            _verdict(det, i, disrupted=False, chain=[], reused=False, cured=False)
+            for i in range(x.shape[0])
+        ]
         todo = [i for i, a in enumerate(act) if a]
         if todo:
             done, per = self._guard(x[todo], c[todo], [chains[i] for i in todo])
@@ -370,7 +404,8 @@ class Engine:
         faces = self._pasted(r.output, r.purified)
         verdicts = [
             _verdict(
-                r, i,
+                r,
+                i,
                 disrupted=bool(r.disrupted[i]),
                 chain=_jsonable(r.chains[i]),
                 reused=bool(r.reused[i]),
@@ -391,5 +426,9 @@ class Engine:
 
 def _verdict(r: Any, i: int, **rest: Any) -> dict[str, Any]:
     """Face ``i``'s own scores from a ``GuardResult`` or ``Detection``, plus ``rest``."""
-    return {"score": _jsonable(float(r.score[i])), "s_dist": _jsonable(float(r.s_dist[i])),
-            "s_cons": _jsonable(float(r.s_cons[i])), **rest}
+    return {
+        "score": _jsonable(float(r.score[i])),
+        "s_dist": _jsonable(float(r.s_dist[i])),
+        "s_cons": _jsonable(float(r.s_cons[i])),
+        **rest,
+    }

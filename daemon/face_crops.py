@@ -240,15 +240,32 @@ def calibrate_main(argv: Sequence[str] | None = None) -> int:
     from magdr import calibrate
 
     ap = argparse.ArgumentParser(prog="magdr-guard calibrate", add_help=False)
-    ap.add_argument("--videos", default=None, metavar="DIR",
-                    help="clean negatives from every clip in DIR, framed as the daemon frames "
-                    "faces, with benign copies (scaled, brightened, H.264 at CRF 23 and 35)")
-    ap.add_argument("--video-every", type=int, default=30, metavar="N",
-                    help="every Nth frame of each clip (default %(default)s)")
-    ap.add_argument("--video-max", type=int, default=0, metavar="M",
-                    help="at most M crops per clip and copy (0: all)")
-    ap.add_argument("--config", default=None,
-                    help="daemon TOML config whose [guard] settings frame the video faces")
+    ap.add_argument(
+        "--videos",
+        default=None,
+        metavar="DIR",
+        help="clean negatives from every clip in DIR, framed as the daemon frames "
+        "faces, with benign copies (scaled, brightened, H.264 at CRF 23 and 35)",
+    )
+    ap.add_argument(
+        "--video-every",
+        type=int,
+        default=30,
+        metavar="N",
+        help="every Nth frame of each clip (default %(default)s)",
+    )
+    ap.add_argument(
+        "--video-max",
+        type=int,
+        default=0,
+        metavar="M",
+        help="at most M crops per clip and copy (0: all)",
+    )
+    ap.add_argument(
+        "--config",
+        default=None,
+        help="daemon TOML config whose [guard] settings frame the video faces",
+    )
     ours, rest = ap.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         print(ap.format_help().replace("usage: ", "video options of ", 1))
@@ -262,8 +279,16 @@ def calibrate_main(argv: Sequence[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="magdr-calibrate-") as tmp:
         npz = Path(tmp) / "video_negatives.npz"
-        argv_crops = [*map(str, clips), "--out", str(npz), "--benign",
-                      "--every", str(ours.video_every), "--max-per-clip", str(ours.video_max)]
+        argv_crops = [
+            *map(str, clips),
+            "--out",
+            str(npz),
+            "--benign",
+            "--every",
+            str(ours.video_every),
+            "--max-per-clip",
+            str(ours.video_max),
+        ]
         if ours.config:  # fmt: skip
             argv_crops += ["--config", ours.config]
         rc = main(argv_crops)

@@ -95,14 +95,20 @@ class Framing:
 
         g = self.cfg.guard
         if stream is None:
-            return self.detect(image, min_size=g.min_face, max_faces=g.max_faces,
-                               max_side=g.detect_side)
+            return self.detect(
+                image, min_size=g.min_face, max_faces=g.max_faces, max_side=g.detect_side
+            )
         with self._lock:
             f = self._followers.pop(stream, None)  # re-inserted: the dict keeps recent last
             if f is None or (f.every, f.smooth) != (g.detect_every, g.smooth_landmarks):
-                f = FaceFollower(self.detect, every=g.detect_every, min_size=g.min_face,
-                                 max_faces=g.max_faces, max_side=g.detect_side,
-                                 smooth=g.smooth_landmarks)
+                f = FaceFollower(
+                    self.detect,
+                    every=g.detect_every,
+                    min_size=g.min_face,
+                    max_faces=g.max_faces,
+                    max_side=g.detect_side,
+                    smooth=g.smooth_landmarks,
+                )
             self._followers[stream] = f
             while len(self._followers) > self.MAX_STREAMS:
                 self._followers.pop(next(iter(self._followers)))
@@ -140,13 +146,15 @@ class Framing:
             mats = face_matrices(self.landmarks(image, boxes), boxes, self.size)
         listed = [b.as_list() for b in boxes]
         if mats is not None:
-            return Crops(warp_faces(image, mats, self.size), np.array(listed, np.int64), listed,
-                         mats)
+            return Crops(
+                warp_faces(image, mats, self.size), np.array(listed, np.int64), listed, mats
+            )
         x, rects = crop_faces(image, boxes, self.size, scale=framing[0], shift=framing[1])
         return Crops(x, rects, listed)
 
-    def paste(self, image: np.ndarray, faces: torch.Tensor, crops: Crops,
-              mask: torch.Tensor | None = None) -> np.ndarray:
+    def paste(
+        self, image: np.ndarray, faces: torch.Tensor, crops: Crops, mask: torch.Tensor | None = None
+    ) -> np.ndarray:
         """Put results ``(F, 3, S, S)`` of ``crops`` back into (a copy of) the frame.
 
         ``paste_mask = "region"`` or ``"window"``: the frame plus ``mask · (faces − crops.x)``

@@ -15,8 +15,12 @@ from typing import Any, TextIO
 
 import structlog
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-          "error": logging.ERROR}
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def _drop_color_message(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
@@ -70,8 +74,11 @@ def configure(level: str = "info", fmt: str = "auto", stream: str = "stdout") ->
     # Lines from the standard library's loggers (watchdog, the magdr library) go through the
     # same renderer, so stdout stays one JSON object per line.
     handler = logging.StreamHandler(out)
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processor=renderer, foreign_pre_chain=[structlog.stdlib.add_logger_name, *processors]))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=renderer, foreign_pre_chain=[structlog.stdlib.add_logger_name, *processors]
+        )
+    )
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_magdr", False):

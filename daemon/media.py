@@ -36,8 +36,13 @@ log = structlog.get_logger()
 #: container format per extension (the temporary name hides the extension from FFmpeg).
 FORMATS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".avi": "avi", ".webm": "webm"}
 #: codec chosen by ``codec = "auto"`` per extension.
-AUTO_CODECS = {".mp4": "libx264", ".mov": "libx264", ".mkv": "libx264", ".avi": "mpeg4",
-               ".webm": "libvpx-vp9"}
+AUTO_CODECS = {
+    ".mp4": "libx264",
+    ".mov": "libx264",
+    ".mkv": "libx264",
+    ".avi": "mpeg4",
+    ".webm": "libvpx-vp9",
+}
 
 
 class MediaError(RuntimeError):
@@ -92,8 +97,14 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
             if not c.streams.video:
                 raise MediaError("no_video", f"{Path(path).name}: no video stream")
             v = c.streams.video[0]
-            return VideoInfo(v.codec_context.width, v.codec_context.height, v.average_rate,
-                             v.time_base, v.frames or 0, bool(c.streams.audio))
+            return VideoInfo(
+                v.codec_context.width,
+                v.codec_context.height,
+                v.average_rate,
+                v.time_base,
+                v.frames or 0,
+                bool(c.streams.audio),
+            )
     except av.FFmpegError as e:
         raise MediaError("decode", f"{Path(path).name}: {e}") from None
 
@@ -122,14 +133,17 @@ def read_image(path: str | os.PathLike[str], max_pixels: int) -> np.ndarray:
     data = Path(path).read_bytes()
     w, h = image_header_size(data, Path(path).name)
     if w * h > max_pixels:
-        raise MediaError("too_large", f"{Path(path).name}: header declares {w}x{h}, over "
-                         f"{max_pixels} pixels")
+        raise MediaError(
+            "too_large", f"{Path(path).name}: header declares {w}x{h}, over {max_pixels} pixels"
+        )
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if img is None:
         raise MediaError("decode", f"{Path(path).name}: not a readable image")
     if img.shape[0] * img.shape[1] > max_pixels:
-        raise MediaError("too_large", f"{Path(path).name}: {img.shape[1]}x{img.shape[0]} "
-                         f"exceeds {max_pixels} pixels")
+        raise MediaError(
+            "too_large",
+            f"{Path(path).name}: {img.shape[1]}x{img.shape[0]} exceeds {max_pixels} pixels",
+        )
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -165,8 +179,11 @@ def decode(
             v = c.streams.video[0]
             v.thread_type = "AUTO"
             if v.codec_context.width * v.codec_context.height > max_pixels:
-                raise MediaError("too_large", f"{name}: {v.codec_context.width}x"
-                                 f"{v.codec_context.height} exceeds {max_pixels} pixels")
+                raise MediaError(
+                    "too_large",
+                    f"{name}: {v.codec_context.width}x"
+                    f"{v.codec_context.height} exceeds {max_pixels} pixels",
+                )
             streams = [v] + ([c.streams.audio[0]] if on_audio and c.streams.audio else [])
             i = 0
             for packet in c.demux(*streams):
@@ -219,8 +236,14 @@ class VideoWriter:
         audio: the source's audio stream to copy, or None.
     """
 
-    def __init__(self, final: Path, info: VideoInfo, codec: str = "auto", crf: int = 18,
-                 audio: av.audio.stream.AudioStream | None = None) -> None:
+    def __init__(
+        self,
+        final: Path,
+        info: VideoInfo,
+        codec: str = "auto",
+        crf: int = 18,
+        audio: av.audio.stream.AudioStream | None = None,
+    ) -> None:
         self.final, self.tmp = Path(final), temp_name(Path(final))
         ext = self.final.suffix.lower()
         self.codec = AUTO_CODECS.get(ext, "libx264") if codec == "auto" else codec
@@ -238,8 +261,11 @@ class VideoWriter:
             s.width, s.height = info.width, info.height
             rgb = self.codec in ("libx264rgb", "png", "ffv1")
             odd = info.width % 2 or info.height % 2
-            s.pix_fmt = "rgb24" if rgb and self.codec != "ffv1" else (
-                "bgr0" if self.codec == "ffv1" else "yuv444p" if odd else "yuv420p")
+            s.pix_fmt = (
+                "rgb24"
+                if rgb and self.codec != "ffv1"
+                else ("bgr0" if self.codec == "ffv1" else "yuv444p" if odd else "yuv420p")
+            )
             s.time_base = self.time_base
             s.codec_context.time_base = self.time_base
             if self.codec.startswith("libx264"):
@@ -400,9 +426,11 @@ def write_image(final: Path, image: np.ndarray) -> None:
     """Write a jpg/png atomically (temporary name, fsync, rename)."""
     final = Path(final)
     ext = final.suffix.lower()
-    ok, buf = cv2.imencode(".png" if ext == ".png" else ".jpg",
-                           cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                           [] if ext == ".png" else [cv2.IMWRITE_JPEG_QUALITY, 95])
+    ok, buf = cv2.imencode(
+        ".png" if ext == ".png" else ".jpg",
+        cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+        [] if ext == ".png" else [cv2.IMWRITE_JPEG_QUALITY, 95],
+    )
     if not ok:
         raise MediaError("encode", f"{final.name}: cannot encode")
     write_bytes(final, buf.tobytes())

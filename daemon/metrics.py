@@ -46,8 +46,9 @@ class Family:
 
     def total(self) -> float:
         """Sum over all label sets."""
-        return sum(s.value for m in self.metric.collect() for s in m.samples
-                   if s.name == self.sample)
+        return sum(
+            s.value for m in self.metric.collect() for s in m.samples if s.name == self.sample
+        )
 
 
 class Metrics:
@@ -61,35 +62,50 @@ class Metrics:
         self.frames_in = counter("magdr_frames_in_total", "Frames received", "source")
         self.frames_out = counter("magdr_frames_out_total", "Frames guarded, emitted", "source")
         self.frames_dropped = counter(
-            "magdr_frames_dropped_total", "Frames dropped, by reason", "source", "reason")
+            "magdr_frames_dropped_total", "Frames dropped, by reason", "source", "reason"
+        )
         self.sink_dropped = counter(
-            "magdr_sink_dropped_total", "Messages a PUB sink could not send, by reason",
-            "sink", "topic", "reason")
+            "magdr_sink_dropped_total",
+            "Messages a PUB sink could not send, by reason",
+            "sink",
+            "topic",
+            "reason",
+        )
         self.faces = counter("magdr_faces_total", "Faces guarded")
         self.disrupted = counter("magdr_disrupted_total", "Faces found disrupted")
         self.chains_reused = counter(
-            "magdr_chains_reused_total", "Disrupted faces cured by the previous frame's chain")
+            "magdr_chains_reused_total", "Disrupted faces cured by the previous frame's chain"
+        )
         self.bad_input = counter(
-            "magdr_bad_input_total", "Malformed messages or failed files", "source", "reason")
+            "magdr_bad_input_total", "Malformed messages or failed files", "source", "reason"
+        )
         self.files = counter("magdr_files_total", "Files finished, by outcome", "outcome")
         self.queue_depth = gauge("magdr_queue_depth", "Frames waiting", "queue")
-        self.batch_size = histogram("magdr_batch_faces", "Faces per guard call",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.batch_size = histogram(
+            "magdr_batch_faces", "Faces per guard call", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+        )
         self.guard_seconds = histogram("magdr_guard_seconds", "Guard call time per batch")
         self.latency = histogram(
-            "magdr_frame_latency_seconds", "Frame receipt to emission", "source")
+            "magdr_frame_latency_seconds", "Frame receipt to emission", "source"
+        )
         # [engine] backend = "ray": one label value per replica ("<node id>/<replica>")
         self.replica_batches = counter(
-            "magdr_replica_batches_total", "Guard batches done by a Ray replica", "worker")
+            "magdr_replica_batches_total", "Guard batches done by a Ray replica", "worker"
+        )
         self.replica_faces = counter(
-            "magdr_replica_faces_total", "Faces guarded by a Ray replica", "worker")
+            "magdr_replica_faces_total", "Faces guarded by a Ray replica", "worker"
+        )
         self.replica_seconds = histogram(
-            "magdr_replica_batch_seconds", "Batch sent to result back, per Ray replica", "worker")
+            "magdr_replica_batch_seconds", "Batch sent to result back, per Ray replica", "worker"
+        )
         self.replica_queue = gauge(
-            "magdr_replica_queue_depth", "Batches sent to a Ray replica and not back yet", "worker")
+            "magdr_replica_queue_depth", "Batches sent to a Ray replica and not back yet", "worker"
+        )
         self.replica_retries = counter(
             "magdr_replica_retries_total",
-            "Batches sent again to another replica after this one failed", "worker")
+            "Batches sent again to another replica after this one failed",
+            "worker",
+        )
 
     def _counter(self, name: str, doc: str, *labels: str) -> Family:
         # prometheus-client keeps the "_total" suffix off the family name and on the sample
@@ -99,8 +115,9 @@ class Metrics:
     def _gauge(self, name: str, doc: str, *labels: str) -> Family:
         return Family(prom.Gauge(name, doc, labels, registry=self.registry), name, self.registry)
 
-    def _histogram(self, name: str, doc: str, *labels: str,
-                   buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Family:
+    def _histogram(
+        self, name: str, doc: str, *labels: str, buckets: tuple[float, ...] = LATENCY_BUCKETS
+    ) -> Family:
         m = prom.Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
         return Family(m, f"{name}_count", self.registry)
 

@@ -83,8 +83,9 @@ class InOrder:
             self._waiting.setdefault(stream, deque()).append(s)
         return s
 
-    def settle(self, slot: _Slot, result: Guarded | None = None,
-               error: BaseException | None = None) -> None:
+    def settle(
+        self, slot: _Slot, result: Guarded | None = None, error: BaseException | None = None
+    ) -> None:
         """Record ``slot``'s outcome; settle it and every finished slot after it in order."""
         with self._lock:
             slot.done, slot.result, slot.error = True, result, error
@@ -111,8 +112,9 @@ class FramePipeline:
         remote: the Ray engine when ``[engine] backend = "ray"`` (closed after the batcher).
     """
 
-    def __init__(self, engine: Engine, batcher: Batcher, metrics: Metrics,
-                 remote: Any = None) -> None:
+    def __init__(
+        self, engine: Engine, batcher: Batcher, metrics: Metrics, remote: Any = None
+    ) -> None:
         self.engine, self.batcher, self.metrics, self.remote = engine, batcher, metrics, remote
         self._order = InOrder()
         # stream -> per face of its last guarded frame, the chain that cured it (or None):
@@ -138,8 +140,10 @@ class FramePipeline:
                 last = None
         if tracks is None and last is None:
             return None
-        return [FaceHint(last[i] if last else None, tracks[i] if tracks else None)
-                for i in range(len(boxes))]
+        return [
+            FaceHint(last[i] if last else None, tracks[i] if tracks else None)
+            for i in range(len(boxes))
+        ]
 
     def _remember(self, stream: str, per: list[dict[str, Any]]) -> None:
         if not self.engine.cfg.guard.reuse_chains:
@@ -149,9 +153,18 @@ class FramePipeline:
                 self._chains.clear()
             self._chains[stream] = [p["chain"] if p.get("cured") else None for p in per]
 
-    def submit(self, image: np.ndarray, *, stream: str, seq: int, source: str,
-               pts: int | None = None, time_base: tuple[int, int] | None = None,
-               cond: dict[str, float] | None = None, t0: float | None = None) -> Future:
+    def submit(
+        self,
+        image: np.ndarray,
+        *,
+        stream: str,
+        seq: int,
+        source: str,
+        pts: int | None = None,
+        time_base: tuple[int, int] | None = None,
+        cond: dict[str, float] | None = None,
+        t0: float | None = None,
+    ) -> Future:
         """Start guarding one frame; the future yields a :class:`Guarded`.
 
         Raises:
@@ -179,7 +192,8 @@ class FramePipeline:
             try:
                 pasted = self.engine.paste(image, faces, crops, c, stream)
                 self._order.settle(
-                    out, self._finish(image, pasted, crops.boxes, per, meta, time_base))
+                    out, self._finish(image, pasted, crops.boxes, per, meta, time_base)
+                )
             except Exception as e:
                 self._order.settle(out, error=e)
 
@@ -202,11 +216,19 @@ class FramePipeline:
         if self.remote is not None:
             self.remote.close(timeout)
 
-    def _finish(self, image: np.ndarray, pasted: np.ndarray, boxes: list[list[int]],
-                per: list[dict[str, Any]], meta: dict[str, Any],
-                time_base: tuple[int, int] | None) -> Guarded:
-        faces = [{"box": b, "disrupted": p["disrupted"], "score": p["score"], "chain": p["chain"]}
-                 for b, p in zip(boxes, per, strict=True)]
+    def _finish(
+        self,
+        image: np.ndarray,
+        pasted: np.ndarray,
+        boxes: list[list[int]],
+        per: list[dict[str, Any]],
+        meta: dict[str, Any],
+        time_base: tuple[int, int] | None,
+    ) -> Guarded:
+        faces = [
+            {"box": b, "disrupted": p["disrupted"], "score": p["score"], "chain": p["chain"]}
+            for b, p in zip(boxes, per, strict=True)
+        ]
         scored = [p for p in per if p["score"] is not None]
         top = max(scored, key=lambda p: p["score"]) if scored else None
         n_bad = sum(p["disrupted"] for p in per)
@@ -265,9 +287,11 @@ def source_signature(path: Path) -> dict[str, Any]:
 
 def output_paths(outbox: Path, name: str, ext: str) -> dict[str, Path]:
     """The final names of one input's outputs."""
-    return {"media": outbox / f"{name}{ext}",
-            "verdicts": outbox / f"{name}.verdicts.jsonl",
-            "summary": outbox / f"{name}.summary.json"}
+    return {
+        "media": outbox / f"{name}{ext}",
+        "verdicts": outbox / f"{name}.verdicts.jsonl",
+        "summary": outbox / f"{name}.summary.json",
+    }
 
 
 def process_file(
@@ -317,8 +341,13 @@ def process_file(
     info = media.probe(src)
     sig = source_signature(src)
     t0 = time.monotonic()
-    stats = {"frames": 0, "faces": 0, "disrupted_frames": 0, "disrupted_faces": 0,
-             "purified_faces": 0}
+    stats = {
+        "frames": 0,
+        "faces": 0,
+        "disrupted_frames": 0,
+        "disrupted_faces": 0,
+        "purified_faces": 0,
+    }
     corrupt_packets: list[dict[str, Any]] = []
 
     def corrupt(pts: int | None, error: str) -> None:
@@ -326,6 +355,7 @@ def process_file(
         corrupt_packets.append({"pts": pts, "error": error[:200]})
         pipeline.metrics.bad_input.inc(source=source, reason="corrupt_packet")
         log.warning("corrupt video packet skipped", pts=pts, error=error[:200])
+
     max_score: float | None = None
     vtmp = media.temp_name(paths["verdicts"])
     writer: media.EncodeBehind | None = None
@@ -367,14 +397,22 @@ def process_file(
         try:
             # decode, guard (the batcher's thread) and encode overlap, each queue bounded
             decoded = media.read_ahead(
-                media.decode(src, max_pixels, writer.writer.mux_audio if writer else None,
-                             on_corrupt=corrupt), depth=window)
+                media.decode(
+                    src, max_pixels, writer.writer.mux_audio if writer else None, on_corrupt=corrupt
+                ),
+                depth=window,
+            )
             with open(vtmp, "w") as vf, contextlib.closing(decoded) as frames:
                 for frame in frames:
                     pipeline.metrics.frames_in.inc(source=source)
-                    fut = pipeline.submit(frame.image, stream=name, seq=frame.index,
-                                          pts=frame.pts, source=source,
-                                          time_base=_tb(frame.time_base))
+                    fut = pipeline.submit(
+                        frame.image,
+                        stream=name,
+                        seq=frame.index,
+                        pts=frame.pts,
+                        source=source,
+                        time_base=_tb(frame.time_base),
+                    )
                     inflight.append((frame, fut))
                     while len(inflight) > window:
                         emit(*inflight.popleft(), vf)

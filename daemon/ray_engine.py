@@ -73,11 +73,20 @@ class GuardReplica:
     def info(self) -> dict[str, Any]:
         """The worker's name and what it guards with (for the verdicts)."""
         e = self.engine
-        return {"worker": self.name, "profile_name": e.profile_name,
-                "purifier_name": e.purifier_name, "threshold": e.threshold}
+        return {
+            "worker": self.name,
+            "profile_name": e.profile_name,
+            "purifier_name": e.purifier_name,
+            "threshold": e.threshold,
+        }
 
-    def guard(self, x: torch.Tensor, c: torch.Tensor, hints: list[Any] | None = None,
-              paste: dict[str, Any] | None = None) -> tuple[torch.Tensor, list[dict]]:
+    def guard(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        hints: list[Any] | None = None,
+        paste: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, list[dict]]:
         """:meth:`Engine.guard_faces`, each face's verdict naming this worker.
 
         ``paste``: the daemon's live ``[guard]`` keys of what goes back into the frame
@@ -124,13 +133,15 @@ class RayEngine:
         EngineError: Ray is not installed, cannot be reached, or cannot place the replicas.
     """
 
-    def __init__(self, cfg: Config, metrics: Metrics,
-                 on_lost: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, cfg: Config, metrics: Metrics, on_lost: Callable[[str], None] | None = None
+    ) -> None:
         try:
             import ray
         except ImportError:
-            raise EngineError("[engine] backend = 'ray' needs Ray: "
-                              "pip install 'magdr-guard[ray]'") from None
+            raise EngineError(
+                "[engine] backend = 'ray' needs Ray: pip install 'magdr-guard[ray]'"
+            ) from None
         self.ray, self.cfg, self.metrics, self.on_lost = ray, cfg.engine, metrics, on_lost
         self.guard_cfg = cfg.guard  # the live paste-back keys are read from it per batch
         self.lost: str | None = None
@@ -146,16 +157,17 @@ class RayEngine:
         try:
             self._check_resources()
             actor = ray.remote(GuardReplica).options(
-                num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus, max_restarts=-1)
+                num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus, max_restarts=-1
+            )
             self.replicas = [_Replica(i, actor.remote(cfg, i)) for i in range(self.cfg.replicas)]
-            infos = ray.get([r.actor.info.remote() for r in self.replicas],
-                            timeout=START_TIMEOUT_S)
+            infos = ray.get([r.actor.info.remote() for r in self.replicas], timeout=START_TIMEOUT_S)
         except BaseException as e:
             self._shutdown()
             if isinstance(e, ray.exceptions.RayError):  # the traceback's last line says why
                 why = [line for line in str(e).splitlines() if line.strip()][-1:]
-                raise EngineError(f"engine: the Ray replicas did not start: "
-                                  f"{why[0] if why else type(e).__name__}") from None
+                raise EngineError(
+                    f"engine: the Ray replicas did not start: {why[0] if why else type(e).__name__}"
+                ) from None
             raise
         for r, info in zip(self.replicas, infos, strict=True):
             r.name, r.up = info["worker"], True
@@ -163,14 +175,21 @@ class RayEngine:
         self.info = infos[0]
         self._collector = threading.Thread(target=self._collect, name="ray-collect", daemon=True)
         self._collector.start()
-        log.info("ray replicas ready", workers=[r.name for r in self.replicas],
-                 num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus)
+        log.info(
+            "ray replicas ready",
+            workers=[r.name for r in self.replicas],
+            num_cpus=self.cfg.num_cpus,
+            num_gpus=self.cfg.num_gpus,
+        )
 
     # ---- start-up -----------------------------------------------------------------------
     def _connect(self) -> None:
         a = self.cfg.address
-        kw: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING,
-                              "namespace": "magdr-guard"}
+        kw: dict[str, Any] = {
+            "log_to_driver": False,
+            "logging_level": logging.WARNING,
+            "namespace": "magdr-guard",
+        }
         if a == "":  # a private instance, reachable from this machine only
             kw.update(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
         else:
@@ -178,8 +197,10 @@ class RayEngine:
         try:
             self.ray.init(**kw)
         except Exception as e:  # ConnectionError, a bad address, an auth token mismatch
-            raise EngineError(f"engine.address: cannot reach Ray at {a or 'a new instance'}: "
-                              f"{type(e).__name__}: {e}") from None
+            raise EngineError(
+                f"engine.address: cannot reach Ray at {a or 'a new instance'}: "
+                f"{type(e).__name__}: {e}"
+            ) from None
         log.info("ray connected", address=a or "local", resources=self.ray.cluster_resources())
 
     def _check_resources(self) -> None:
@@ -190,11 +211,11 @@ class RayEngine:
                 raise EngineError(
                     f"engine: {e.replicas} replicas x {per:g} {res} need {e.replicas * per:g} "
                     f"{res}s; the Ray cluster has {have.get(res, 0.0):g} (lower [engine] "
-                    f"replicas or num_{res.lower()}s, or add nodes)")
+                    f"replicas or num_{res.lower()}s, or add nodes)"
+                )
 
     # ---- dispatch -----------------------------------------------------------------------
-    def submit(self, x: torch.Tensor, c: torch.Tensor,
-               hints: list[Any] | None = None) -> Future:
+    def submit(self, x: torch.Tensor, c: torch.Tensor, hints: list[Any] | None = None) -> Future:
         """Send a batch to the least busy replica; waits while all have ``max_inflight``.
 
         Returns:
@@ -204,7 +225,8 @@ class RayEngine:
         b = _Batch(x, c, hints)
         with self._cond:
             while self.lost is None and not any(
-                    r.up and r.inflight < self.cfg.max_inflight for r in self.replicas):
+                r.up and r.inflight < self.cfg.max_inflight for r in self.replicas
+            ):
                 self._cond.wait(0.5)
         self._send(b)
         return b.out
@@ -231,8 +253,9 @@ class RayEngine:
             r.inflight += 1
             self.metrics.replica_queue.set(r.inflight, worker=r.name)
             paste = {k: getattr(self.guard_cfg, k) for k in PASTE_KEYS}
-            self._call(r.actor.guard, (b.x, b.c, b.hints, paste),
-                       lambda ref: self._landed(r, b, ref))
+            self._call(
+                r.actor.guard, (b.x, b.c, b.hints, paste), lambda ref: self._landed(r, b, ref)
+            )
 
     def _call(self, method: Any, args: tuple, handler: Callable[[Any], None]) -> None:
         """Call a replica method; ``handler(ref)`` runs on the collector thread when it ends."""
@@ -255,9 +278,12 @@ class RayEngine:
                 refs = list(self._refs)
             failed = [r for r in refs if isinstance(r, _Raises)]
             try:
-                ready = failed or self.ray.wait(
-                    [r for r in refs if not isinstance(r, _Raises)], num_returns=1,
-                    timeout=0.1)[0]
+                ready = (
+                    failed
+                    or self.ray.wait(
+                        [r for r in refs if not isinstance(r, _Raises)], num_returns=1, timeout=0.1
+                    )[0]
+                )
             except Exception as e:  # Ray itself is gone
                 self._lose(f"Ray stopped answering: {type(e).__name__}: {e}"[:300])
                 ready = refs
@@ -292,8 +318,12 @@ class RayEngine:
         b.out.set_result((faces, per))
 
     def _retry(self, r: _Replica, b: _Batch, e: Exception) -> None:
-        log.warning("ray replica failed; its batch goes to another replica", worker=r.name,
-                    faces=b.x.shape[0], error=f"{type(e).__name__}: {e}"[:300])
+        log.warning(
+            "ray replica failed; its batch goes to another replica",
+            worker=r.name,
+            faces=b.x.shape[0],
+            error=f"{type(e).__name__}: {e}"[:300],
+        )
         self.metrics.replica_retries.inc(worker=r.name)
         b.tried.add(r.index)
         self._down(r)
@@ -331,8 +361,10 @@ class RayEngine:
                 self._parked.clear()
             self._cond.notify_all()
         if gone:
-            self._lose(f"no Ray replica left of {len(self.replicas)} (the cluster at "
-                       f"{self.cfg.address or 'this machine'} is gone, or every replica died)")
+            self._lose(
+                f"no Ray replica left of {len(self.replicas)} (the cluster at "
+                f"{self.cfg.address or 'this machine'} is gone, or every replica died)"
+            )
         for b in parked:
             self._send(b)
 

@@ -53,9 +53,16 @@ from daemon.web.state import OperatorView
 log = structlog.get_logger()
 
 #: keys SIGHUP applies without a restart.
-LIVE_KEYS = {"logging.level", "model.condition", "guard.batch_timeout_ms", "guard.batch_size",
-             *(f"guard.{k}" for k in PASTE_KEYS), "daemon.rescan_s",
-             "daemon.drain_timeout_s", "daemon.keep_inputs"}
+LIVE_KEYS = {
+    "logging.level",
+    "model.condition",
+    "guard.batch_timeout_ms",
+    "guard.batch_size",
+    *(f"guard.{k}" for k in PASTE_KEYS),
+    "daemon.rescan_s",
+    "daemon.drain_timeout_s",
+    "daemon.keep_inputs",
+}
 
 #: seconds between two returns of the heap's free memory to the OS (see release_free_memory).
 TRIM_INTERVAL_S = 60.0
@@ -84,9 +91,12 @@ def release_free_memory() -> bool:
     return True
 
 
-def build_pipeline(cfg: Config, metrics: Metrics, notifier: Notifier | None = None,
-                   on_lost: Callable[[str], None] | None = None
-                   ) -> tuple[Engine, Batcher, FramePipeline]:
+def build_pipeline(
+    cfg: Config,
+    metrics: Metrics,
+    notifier: Notifier | None = None,
+    on_lost: Callable[[str], None] | None = None,
+) -> tuple[Engine, Batcher, FramePipeline]:
     """Load the models and start the batcher (shared by the daemon and ``process``).
 
     With ``[engine] backend = "ray"`` the guard runs on Ray replicas (``on_lost`` is called
@@ -107,10 +117,14 @@ def build_pipeline(cfg: Config, metrics: Metrics, notifier: Notifier | None = No
         metrics.batch_size.observe(rows)
         metrics.guard_seconds.observe(seconds)
 
-    batcher = Batcher(guard_fn, cfg.guard.batch_size, cfg.guard.batch_timeout_ms / 1e3,
-                      on_batch=on_batch,
-                      beat=(lambda grace=0.0: notifier.beat("batcher", grace)) if notifier
-                      else None, call_grace_s=cfg.daemon.max_batch_s)
+    batcher = Batcher(
+        guard_fn,
+        cfg.guard.batch_size,
+        cfg.guard.batch_timeout_ms / 1e3,
+        on_batch=on_batch,
+        beat=(lambda grace=0.0: notifier.beat("batcher", grace)) if notifier else None,
+        call_grace_s=cfg.daemon.max_batch_s,
+    )
     batcher.start()
     return engine, batcher, FramePipeline(engine, batcher, metrics, remote)
 
@@ -174,7 +188,8 @@ class Service:
         t.start()
         try:
             self.engine, self.batcher, self.pipeline = build_pipeline(
-                self.cfg, self.metrics, self.notifier, on_lost=self.engine_lost)
+                self.cfg, self.metrics, self.notifier, on_lost=self.engine_lost
+            )
         finally:
             loaded.set()
 
@@ -194,13 +209,26 @@ class Service:
         for i, s in enumerate(self.cfg.sources):
             if s.kind == "folder":
                 assert self.folder_sink is not None  # config rule
-                self.folder_sources.append(FolderSource(
-                    i, s, self.cfg.daemon.work_dir, self.folder_sink, self.cfg.daemon.rescan_s))
+                self.folder_sources.append(
+                    FolderSource(
+                        i, s, self.cfg.daemon.work_dir, self.folder_sink, self.cfg.daemon.rescan_s
+                    )
+                )
             else:
-                self.zmq_sources.append(ZmqSource(
-                    i, s, self.ctx, self.pipeline, self.emit, self.metrics, self.notifier,
-                    self.cfg.guard.max_frame_pixels, inflight=frames_in_flight(self.cfg),
-                    view=self.view))
+                self.zmq_sources.append(
+                    ZmqSource(
+                        i,
+                        s,
+                        self.ctx,
+                        self.pipeline,
+                        self.emit,
+                        self.metrics,
+                        self.notifier,
+                        self.cfg.guard.max_frame_pixels,
+                        inflight=frames_in_flight(self.cfg),
+                        view=self.view,
+                    )
+                )
 
     def start_http(self) -> None:
         """The operator page, its API and ``/metrics`` (``[http]``)."""
@@ -209,9 +237,12 @@ class Service:
             self.http_server = OperatorServer(self.view, self.metrics, h.host, h.port, h.token)
             self.http_server.start()
             host = f"[{h.host}]" if ":" in h.host else h.host
-            log.info("operator page", url=f"http://{host}:{self.http_server.port}/",
-                     metrics=f"http://{host}:{self.http_server.port}/metrics",
-                     token=bool(h.token))
+            log.info(
+                "operator page",
+                url=f"http://{host}:{self.http_server.port}/",
+                metrics=f"http://{host}:{self.http_server.port}/metrics",
+                token=bool(h.token),
+            )
 
     def start_sources(self) -> None:  # noqa: D102
         for s in self.folder_sources:
@@ -222,15 +253,20 @@ class Service:
     def start_workers(self) -> None:
         """One file worker per folder source (files go one at a time, frames in batches)."""
         for s in self.folder_sources:
-            t = threading.Thread(target=self._file_worker, args=(s,), name=f"{s.name}-work",
-                                 daemon=True)
+            t = threading.Thread(
+                target=self._file_worker, args=(s,), name=f"{s.name}-work", daemon=True
+            )
             t.start()
             self._workers.append(t)
 
     def start_watchdog(self) -> None:  # noqa: D102
         if self.cfg.daemon.watchdog:
-            threading.Thread(target=self.notifier.watchdog_loop, args=(self.stop_event,),
-                             name="watchdog", daemon=True).start()
+            threading.Thread(
+                target=self.notifier.watchdog_loop,
+                args=(self.stop_event,),
+                name="watchdog",
+                daemon=True,
+            ).start()
 
     def start(self) -> None:
         """Every start-up step in order, then READY=1."""
@@ -323,14 +359,25 @@ class Service:
         keep = Path(d.work_dir) / "done" if d.keep_inputs else None
         if claimed.is_symlink() or not claimed.is_file():
             # a link could point anywhere (outside the inbox); only regular files are taken
-            what = f"a symbolic link to {os.readlink(claimed)}" if claimed.is_symlink() \
+            what = (
+                f"a symbolic link to {os.readlink(claimed)}"
+                if claimed.is_symlink()
                 else "not a regular file"
-            self._failed(src, claimed, original, "not_regular",
-                         f"{original} is {what}; only regular files are guarded")
+            )
+            self._failed(
+                src,
+                claimed,
+                original,
+                "not_regular",
+                f"{original} is {what}; only regular files are guarded",
+            )
             return
         done = sink.committed(claimed.stem)
-        if done and done.get("source", {}).get("size") == claimed.stat().st_size and \
-                done["source"].get("mtime_ns") == claimed.stat().st_mtime_ns:
+        if (
+            done
+            and done.get("source", {}).get("size") == claimed.stat().st_size
+            and done["source"].get("mtime_ns") == claimed.stat().st_mtime_ns
+        ):
             log.info("outputs already committed; finishing the claim")
             src.done(claimed, keep)
             return
@@ -340,8 +387,12 @@ class Service:
             view.job_started(claimed.stem, src.name, original)
         try:
             summary = process_file(
-                claimed, claimed.stem, sink.path, self.pipeline,
-                codec=sink.cfg.codec, crf=sink.cfg.crf,
+                claimed,
+                claimed.stem,
+                sink.path,
+                self.pipeline,
+                codec=sink.cfg.codec,
+                crf=sink.cfg.crf,
                 max_pixels=self.cfg.guard.max_frame_pixels,
                 window=frames_in_flight(self.cfg),
                 publish=self.emit if self.zmq_sinks or view else None,
@@ -352,8 +403,10 @@ class Service:
                 heartbeat=lambda: self.notifier.beat(f"{src.name}-work"),
             )
         except (Aborted, EngineLost) as e:
-            log.warning("stopped in the middle of a file; it stays claimed for the next start",
-                        reason=str(e))
+            log.warning(
+                "stopped in the middle of a file; it stays claimed for the next start",
+                reason=str(e),
+            )
             if view is not None:
                 view.job_finished(claimed.stem, "stopped")
             return
@@ -369,17 +422,23 @@ class Service:
         self.metrics.files.inc(outcome="done")
         if view is not None:
             view.job_finished(claimed.stem, "done", summary)
-        log.info("file guarded", frames=summary["frames"], faces=summary["faces"],
-                 disrupted_faces=summary["disrupted_faces"], output=summary["outputs"]["media"],
-                 seconds=round(time.monotonic() - t0, 2))
+        log.info(
+            "file guarded",
+            frames=summary["frames"],
+            faces=summary["faces"],
+            disrupted_faces=summary["disrupted_faces"],
+            output=summary["outputs"]["media"],
+            seconds=round(time.monotonic() - t0, 2),
+        )
 
     def _progress(self, src: FolderSource, name: str, frames: int) -> None:
         self.notifier.beat(f"{src.name}-work")
         if self.view is not None:
             self.view.job_progress(name, frames)
 
-    def _failed(self, src: FolderSource, claimed: Path, original: str, reason: str,
-                message: str) -> None:
+    def _failed(
+        self, src: FolderSource, claimed: Path, original: str, reason: str, message: str
+    ) -> None:
         if self.view is not None:
             self.view.job_finished(claimed.stem, "failed", error=f"{reason}: {message}")
         self.metrics.bad_input.inc(source=src.name, reason=reason)
@@ -399,8 +458,9 @@ class Service:
             self.notifier.ready("guarding")
             return
         old_flat, new_flat = _flat(self.cfg.model_dump()), _flat(new.model_dump())
-        changed = sorted(k for k in set(old_flat) | set(new_flat)
-                         if old_flat.get(k) != new_flat.get(k))
+        changed = sorted(
+            k for k in set(old_flat) | set(new_flat) if old_flat.get(k) != new_flat.get(k)
+        )
         live = [k for k in changed if k in LIVE_KEYS]
         restart = [k for k in changed if k not in LIVE_KEYS]
         dlog.set_level(new.logging.level)
@@ -447,6 +507,9 @@ class Service:
             self.ctx.destroy(linger=0)
         if self.http_server is not None:
             self.http_server.stop()
-        log.info("stopped", frames_out=self.metrics.frames_out.total(),
-                 dropped=self.metrics.frames_dropped.total(),
-                 bad_input=self.metrics.bad_input.total())
+        log.info(
+            "stopped",
+            frames_out=self.metrics.frames_out.total(),
+            dropped=self.metrics.frames_dropped.total(),
+            bad_input=self.metrics.bad_input.total(),
+        )

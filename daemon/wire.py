@@ -87,17 +87,25 @@ def parse_header(raw: bytes) -> dict[str, Any]:
     unknown = set(h) - _HEADER_KEYS
     if unknown:
         raise WireError("bad_header", f"header: unknown keys {sorted(unknown)}")
-    if not isinstance(h["stream"], str) or not h["stream"] or len(h["stream"]) > 200 \
-            or not h["stream"].isprintable():
+    if (
+        not isinstance(h["stream"], str)
+        or not h["stream"]
+        or len(h["stream"]) > 200
+        or not h["stream"].isprintable()
+    ):
         # printable: no NUL/control characters or lone surrogates (it becomes a topic and a log
         # field; it is never a path)
-        raise WireError("bad_header", "header.stream: expected a non-empty printable string "
-                        f"of at most 200 characters, got {h['stream']!r:.80}")
+        raise WireError(
+            "bad_header",
+            "header.stream: expected a non-empty printable string "
+            f"of at most 200 characters, got {h['stream']!r:.80}",
+        )
     _int(h, "seq")
     _int(h, "width", 1), _int(h, "height", 1)
     if h["format"] not in FORMATS:
-        raise WireError("bad_header", f"header.format: expected one of {'|'.join(FORMATS)}, "
-                        f"got {h['format']!r}")
+        raise WireError(
+            "bad_header", f"header.format: expected one of {'|'.join(FORMATS)}, got {h['format']!r}"
+        )
     if h.get("pts") is not None and (not isinstance(h["pts"], int) or isinstance(h["pts"], bool)):
         raise WireError("bad_header", f"header.pts: expected an integer or null, got {h['pts']!r}")
     tb = h.get("time_base")
@@ -148,16 +156,17 @@ def image_size(data: bytes, fmt: str) -> tuple[int, int]:
             i += 2
             continue
         if m in _SOF and i + 9 <= n:
-            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
             return w, h
         if m in (0xDA, 0xD9):  # scan data or end of image before any frame header
             break
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
     raise WireError("bad_payload", f"{fmt} payload: no readable frame header")
 
 
-def decode_image(payload: bytes, fmt: str, width: int, height: int, max_pixels: int,
-                 bgr: bool = False) -> np.ndarray:
+def decode_image(
+    payload: bytes, fmt: str, width: int, height: int, max_pixels: int, bgr: bool = False
+) -> np.ndarray:
     """Payload -> ``(H, W, 3)`` uint8 RGB, checked against the declared size and the limit.
 
     JPEG/PNG sizes are read from the image header and checked before decoding
@@ -167,8 +176,10 @@ def decode_image(payload: bytes, fmt: str, width: int, height: int, max_pixels: 
         raise WireError("too_large", f"frame {width}x{height} exceeds {max_pixels} pixels")
     if fmt == "rgb24":
         if len(payload) != width * height * 3:
-            raise WireError("bad_payload", f"rgb24 payload: expected {width * height * 3} bytes, "
-                            f"got {len(payload)}")
+            raise WireError(
+                "bad_payload",
+                f"rgb24 payload: expected {width * height * 3} bytes, got {len(payload)}",
+            )
         img = np.frombuffer(payload, np.uint8).reshape(height, width, 3)
         return img[..., ::-1].copy() if bgr else img.copy()
     w, h = image_size(payload, fmt)
@@ -183,8 +194,10 @@ def decode_image(payload: bytes, fmt: str, width: int, height: int, max_pixels: 
     if img.shape[0] * img.shape[1] > max_pixels:
         raise WireError("too_large", f"decoded frame {img.shape[1]}x{img.shape[0]} too large")
     if width and height and (img.shape[1], img.shape[0]) != (width, height):
-        raise WireError("bad_payload", f"{fmt} payload is {img.shape[1]}x{img.shape[0]}, "
-                        f"header says {width}x{height}")
+        raise WireError(
+            "bad_payload",
+            f"{fmt} payload is {img.shape[1]}x{img.shape[0]}, header says {width}x{height}",
+        )
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -200,12 +213,19 @@ def decode_v1(parts: list[bytes], max_pixels: int) -> FrameMsg:
         raise WireError("bad_topic", f"topic {topic[:64]!r} does not match stream {h['stream']!r}")
     img = decode_image(payload, h["format"], h["width"], h["height"], max_pixels)
     tb = tuple(h["time_base"]) if h.get("time_base") else None
-    return FrameMsg(h["stream"], h["seq"], img, h.get("pts"), tb,  # type: ignore[arg-type]
-                    {k: float(v) for k, v in (h.get("cond") or {}).items()} or None)
+    return FrameMsg(
+        h["stream"],
+        h["seq"],
+        img,
+        h.get("pts"),
+        tb,  # type: ignore[arg-type]
+        {k: float(v) for k, v in (h.get("cond") or {}).items()} or None,
+    )
 
 
-def decode_imagezmq(parts: list[bytes], max_pixels: int, seq: int, stream: str = "",
-                    bgr: bool = True) -> FrameMsg:
+def decode_imagezmq(
+    parts: list[bytes], max_pixels: int, seq: int, stream: str = "", bgr: bool = True
+) -> FrameMsg:
     """Decode imagezmq's ``[{"msg","dtype","shape"}, array]`` or ``[{"msg"}, jpeg]``."""
     if len(parts) != 2:
         raise WireError("bad_parts", f"imagezmq: expected 2 message parts, got {len(parts)}")
@@ -216,23 +236,30 @@ def decode_imagezmq(parts: list[bytes], max_pixels: int, seq: int, stream: str =
     if not isinstance(md, dict) or "msg" not in md:
         raise WireError("bad_header", "imagezmq metadata: expected an object with 'msg'")
     # the sender's text names the stream: keep it printable (a topic and a log field)
-    name = stream or "".join(ch if ch.isprintable() else "?" for ch in str(md["msg"])[:200]) \
+    name = (
+        stream
+        or "".join(ch if ch.isprintable() else "?" for ch in str(md["msg"])[:200])
         or "imagezmq"
+    )
     if "shape" in md or "dtype" in md:
         shape, dtype = md.get("shape"), md.get("dtype")
         if dtype != "uint8":
             raise WireError("bad_header", f"imagezmq dtype: expected uint8, got {dtype!r}")
-        if not (isinstance(shape, list) and len(shape) in (2, 3)
-                and all(isinstance(s, int) and s > 0 for s in shape)
-                and (len(shape) == 2 or shape[2] in (1, 3))):
+        if not (
+            isinstance(shape, list)
+            and len(shape) in (2, 3)
+            and all(isinstance(s, int) and s > 0 for s in shape)
+            and (len(shape) == 2 or shape[2] in (1, 3))
+        ):
             raise WireError("bad_shape", f"imagezmq shape: expected [h, w(, 1|3)], got {shape!r}")
         h, w = shape[0], shape[1]
         ch = shape[2] if len(shape) == 3 else 1
         if h * w > max_pixels:
             raise WireError("too_large", f"frame {w}x{h} exceeds {max_pixels} pixels")
         if len(parts[1]) != h * w * ch:
-            raise WireError("bad_payload", f"imagezmq array: expected {h * w * ch} bytes, "
-                            f"got {len(parts[1])}")
+            raise WireError(
+                "bad_payload", f"imagezmq array: expected {h * w * ch} bytes, got {len(parts[1])}"
+            )
         arr = np.frombuffer(parts[1], np.uint8).reshape(h, w, ch)
         img = np.repeat(arr, 3, axis=2) if ch == 1 else (arr[..., ::-1] if bgr else arr)
         return FrameMsg(name, seq, np.ascontiguousarray(img))
@@ -245,29 +272,50 @@ def encode_image(image: np.ndarray, fmt: str, jpeg_quality: int = 90) -> bytes:
     if fmt == "rgb24":
         return np.ascontiguousarray(image).tobytes()
     bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ext, params = (".jpg", [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]) if fmt == "jpeg" else (
-        ".png", [])
+    ext, params = (
+        (".jpg", [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]) if fmt == "jpeg" else (".png", [])
+    )
     ok, buf = cv2.imencode(ext, bgr, params)
     if not ok:
         raise WireError("encode", f"cannot encode a {image.shape} frame as {fmt}")
     return buf.tobytes()
 
 
-def encode_frame(stream: str, seq: int, image: np.ndarray, fmt: str = "jpeg",
-                 pts: int | None = None, time_base: tuple[int, int] | None = None,
-                 cond: dict[str, float] | None = None, topic: str = "frame.",
-                 jpeg_quality: int = 90) -> list[bytes]:
+def encode_frame(
+    stream: str,
+    seq: int,
+    image: np.ndarray,
+    fmt: str = "jpeg",
+    pts: int | None = None,
+    time_base: tuple[int, int] | None = None,
+    cond: dict[str, float] | None = None,
+    topic: str = "frame.",
+    jpeg_quality: int = 90,
+) -> list[bytes]:
     """A v1 frame message ``[topic, header, payload]`` (senders, and the ``clean.`` output)."""
     h, w = image.shape[:2]
-    header = {"v": VERSION, "stream": stream, "seq": seq, "pts": pts,
-              "time_base": list(time_base) if time_base else None, "format": fmt,
-              "width": w, "height": h, "cond": cond}
+    header = {
+        "v": VERSION,
+        "stream": stream,
+        "seq": seq,
+        "pts": pts,
+        "time_base": list(time_base) if time_base else None,
+        "format": fmt,
+        "width": w,
+        "height": h,
+        "cond": cond,
+    }
     # surrogateescape: a file's NAME (the stream of its frames) may hold non-UTF-8 bytes
-    return [(topic + stream).encode("utf-8", "surrogateescape"), json.dumps(header).encode(),
-            encode_image(image, fmt, jpeg_quality)]
+    return [
+        (topic + stream).encode("utf-8", "surrogateescape"),
+        json.dumps(header).encode(),
+        encode_image(image, fmt, jpeg_quality),
+    ]
 
 
 def encode_verdict(verdict: dict[str, Any]) -> list[bytes]:
     """``[b"verdict." + stream, verdict JSON]``."""
-    return [b"verdict." + verdict["stream"].encode("utf-8", "surrogateescape"),
-            json.dumps(verdict).encode()]
+    return [
+        b"verdict." + verdict["stream"].encode("utf-8", "surrogateescape"),
+        json.dumps(verdict).encode(),
+    ]

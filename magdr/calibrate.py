@@ -367,8 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="face data folder (default $MAGDR_DATA)")
     ap.add_argument("--n", type=int, default=96, help="train faces used (from 000001 up)")
     ap.add_argument("--attacks", default="pgd,ifgsm,cw")
-    ap.add_argument("--fpr", type=float, default=0.05,
-                    help="false alarms allowed on the clean faces of each edit and source")
+    ap.add_argument(
+        "--fpr",
+        type=float,
+        default=0.05,
+        help="false alarms allowed on the clean faces of each edit and source",
+    )
     ap.add_argument(
         "--clean-margin", type=float, default=0.0, metavar="M",
         help="put the threshold at M x the highest clean training score below it (when lower "

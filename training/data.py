@@ -181,4 +181,3 @@ def fake_faces(n: int = 4, size: int = SIZE, seed: int = 0) -> dict[str, np.ndar
         pts[i, :6] = base
     attrs = rng.integers(0, 2, (n, 5)).astype(np.float32)
     return {"images": imgs, "attrs": attrs, "landmarks": pts, "detected": np.ones(n, bool)}
-

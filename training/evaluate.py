@@ -160,8 +160,16 @@ def eval_generator(G: Generator, parser: ParseNet, clf: AttrNet, cel: dict, n: i
     val = np.arange(len(D.CELEBA_TRAIN), len(D.CELEBA_TRAIN) + n)
     names = list(G.attributes)
     acc: dict[str, dict[str, list]] = {
-        t: {"ok": [], "ok_hair": [], "changed": [], "psnr": [], "in": [], "out": [], "nin": [],
-            "nout": []}
+        t: {
+            "ok": [],
+            "ok_hair": [],
+            "changed": [],
+            "psnr": [],
+            "in": [],
+            "out": [],
+            "nin": [],
+            "nout": [],
+        }
         for t in [*names, "keep"]
     }
     parser.eval()
@@ -255,8 +263,12 @@ def markdown(res: dict) -> str:
             ("CelebA val, IoU vs landmark pseudo-labels", p["celeba_val_landmark_iou"]),
             ("CelebA val, pixel share", p["celeba_val_region_share"]),
         ]:
-            lines += [f"| {title} | " + " | ".join(tab) + " |", "|---" * (len(tab) + 1) + "|",
-                      "| ParseNet | " + " | ".join(f"{v:.3f}" for v in tab.values()) + " |", ""]
+            lines += [
+                f"| {title} | " + " | ".join(tab) + " |",
+                "|---" * (len(tab) + 1) + "|",
+                "| ParseNet | " + " | ".join(f"{v:.3f}" for v in tab.values()) + " |",
+                "",
+            ]
         lines += [
                   f"Faces with > 2% hair pixels: {p['celeba_val_faces_with_hair']:.3f} "
                   f"of {p['celeba_val_faces']}.", ""]  # fmt: skip
@@ -286,14 +298,26 @@ def markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:  # noqa: D103
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--G", type=Path, default=WEIGHTS / "default_G.pt",
-                    help="a StarGAN checkpoint, or 'recolour' (RecolourReference)")
-    ap.add_argument("--recolour-on", type=Path, default=None,
-                    help="with --G recolour: recolour the hair of this StarGAN's output, not x's")
+    ap.add_argument(
+        "--G",
+        type=Path,
+        default=WEIGHTS / "default_G.pt",
+        help="a StarGAN checkpoint, or 'recolour' (RecolourReference)",
+    )
+    ap.add_argument(
+        "--recolour-on",
+        type=Path,
+        default=None,
+        help="with --G recolour: recolour the hair of this StarGAN's output, not x's",
+    )
     ap.add_argument("--parser", type=Path, default=WEIGHTS / "parser.pt")
     ap.add_argument("--classifier", type=Path, default=RUNS / "classifier/eval.pt")
-    ap.add_argument("--hair-classifier", type=Path, default=RUNS / "classifier/hair.pt",
-                    help="the hair-only classifier (skipped when the file is missing)")
+    ap.add_argument(
+        "--hair-classifier",
+        type=Path,
+        default=RUNS / "classifier/hair.pt",
+        help="the hair-only classifier (skipped when the file is missing)",
+    )
     ap.add_argument("--n", type=int, default=1000, help="validation faces (from 008001)")
     ap.add_argument("--only", choices=["parser", "G"], default=None)
     ap.add_argument("--out", type=Path, default=RUNS / "eval.json")

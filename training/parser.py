@@ -209,8 +209,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
     ap.add_argument("--out", type=Path, default=WEIGHTS / "parser.pt")
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--init", type=Path, default=None, help="ParseNet weights to start from")
-    ap.add_argument("--max-minutes", type=float, default=None,
-                    help="end (and finish the lr schedule) after this much wall time")
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="end (and finish the lr schedule) after this much wall time",
+    )
     ap.add_argument(
         "--teacher", type=Path, default=None,
         help="distil this ParseNet (e.g. the shipped parser.pt) into a smaller one: the "

@@ -280,8 +280,12 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--conv-dim", type=int, default=16)
     ap.add_argument("--repeat-num", type=int, default=3)
-    ap.add_argument("--image-size", type=int, default=None,
-                    help="train at this side (64: issue 3's fallback); default the data's 128")
+    ap.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="train at this side (64: issue 3's fallback); default the data's 128",
+    )
     ap.add_argument("--lr", type=float, default=1e-3, help="G's stage-1 learning rate")
     ap.add_argument("--lr2", type=float, default=2e-4, help="G's and D's stage-2 learning rate")
     ap.add_argument("--lambda-rec", type=float, default=10.0)
@@ -289,40 +293,77 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
     ap.add_argument("--lambda-aux", type=float, default=1.0)
     ap.add_argument("--lambda-adv", type=float, default=1.0)
     ap.add_argument("--lambda-cyc", type=float, default=10.0)
-    ap.add_argument("--lambda-tint", type=float, default=0.0,
-                    help="weight of the mean colour shift outside the edit (stage 2 "
-                         "identity, or stage 1 with --teacher: against its target)")
+    ap.add_argument(
+        "--lambda-tint",
+        type=float,
+        default=0.0,
+        help="weight of the mean colour shift outside the edit (stage 2 "
+        "identity, or stage 1 with --teacher: against its target)",
+    )
     ap.add_argument("--lambda-gp", type=float, default=10.0)
     ap.add_argument("--flip-prob", type=float, default=0.3, help="stage 2 Male/Young flips")
     ap.add_argument("--w-inside", type=float, default=0.1)
-    ap.add_argument("--stage2-target", choices=["identity", "pseudo"], default="identity",
-                    help="stage 2 pixel target: x outside the edited region (identity) or "
-                    "stage 1's recoloured hair (pseudo)")
+    ap.add_argument(
+        "--stage2-target",
+        choices=["identity", "pseudo"],
+        default="identity",
+        help="stage 2 pixel target: x outside the edited region (identity) or "
+        "stage 1's recoloured hair (pseudo)",
+    )
     ap.add_argument("--d-dim", type=int, default=16, help="discriminator width")
-    ap.add_argument("--max-minutes", type=float, default=None,
-                    help="end (and finish the lr decay) after this much wall time")
-    ap.add_argument("--cond-gain", type=float, default=1.0,
-                    help="scale the first conv's condition weights of --init (see code)")
-    ap.add_argument("--hair-weight", type=float, default=1.0,
-                    help="extra pixel-loss weight on recoloured hair")
-    ap.add_argument("--hair-spread", type=float, default=1.5,
-                    help="exaggerate the differences between the hair-colour targets")
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="end (and finish the lr decay) after this much wall time",
+    )
+    ap.add_argument(
+        "--cond-gain",
+        type=float,
+        default=1.0,
+        help="scale the first conv's condition weights of --init (see code)",
+    )
+    ap.add_argument(
+        "--hair-weight", type=float, default=1.0, help="extra pixel-loss weight on recoloured hair"
+    )
+    ap.add_argument(
+        "--hair-spread",
+        type=float,
+        default=1.5,
+        help="exaggerate the differences between the hair-colour targets",
+    )
     ap.add_argument("--parser", type=Path, default=WEIGHTS / "parser.pt")
     ap.add_argument("--aux", type=Path, default=D.cache_dir().parent / "classifier/aux.pt")
-    ap.add_argument("--aux-hair", type=Path, default=None,
-                    help="a hair-only classifier (classifier.py --which hair, not the "
-                    "evaluation one) teaching the hair colours instead of --aux")
-    ap.add_argument("--ae-only", action="store_true",
-                    help="warm start: identity auto-encoder only (no parser, no edits)")
+    ap.add_argument(
+        "--aux-hair",
+        type=Path,
+        default=None,
+        help="a hair-only classifier (classifier.py --which hair, not the "
+        "evaluation one) teaching the hair colours instead of --aux",
+    )
+    ap.add_argument(
+        "--ae-only",
+        action="store_true",
+        help="warm start: identity auto-encoder only (no parser, no edits)",
+    )
     ap.add_argument("--init", type=Path, default=None, help="G weights to start from")
-    ap.add_argument("--teacher", type=Path, default=None,
-                    help="stage 1 distillation: Male/Young flips (at --flip-prob) take this "
-                    "generator's output (hair kept) as their target")
-    ap.add_argument("--teacher-edits", choices=["flips", "all"], default="flips",
-                    help="what stage 1 takes from --teacher: its Male/Young flips only, or also "
-                         "its hair-colour edits (the recoloured hair goes on top of either)")
-    ap.add_argument("--n-train", type=int, default=len(D.CELEBA_TRAIN),
-                    help="use the first N train faces")
+    ap.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="stage 1 distillation: Male/Young flips (at --flip-prob) take this "
+        "generator's output (hair kept) as their target",
+    )
+    ap.add_argument(
+        "--teacher-edits",
+        choices=["flips", "all"],
+        default="flips",
+        help="what stage 1 takes from --teacher: its Male/Young flips only, or also "
+        "its hair-colour edits (the recoloured hair goes on top of either)",
+    )
+    ap.add_argument(
+        "--n-train", type=int, default=len(D.CELEBA_TRAIN), help="use the first N train faces"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -467,8 +508,9 @@ def main(argv: list[str] | None = None) -> Path:  # noqa: D103, C901
             y = x
             w = 1 - (1 - a.w_inside) * torch.maximum(rec * hair, fl * facehair)
         elif teacher is not None:
-            y = distillation_target(teacher, x, c, hair, k, rec, fl, mus, sds,
-                                    hair_edits=a.teacher_edits == "all")
+            y = distillation_target(
+                teacher, x, c, hair, k, rec, fl, mus, sds, hair_edits=a.teacher_edits == "all"
+            )
             w = 1 + a.hair_weight * rec * hair
         else:
             with torch.no_grad():
@@ -555,8 +597,9 @@ def save_generator(G: StarGAN, path: Path) -> Path:
         "neutral": NEUTRAL,
         "conv_dim": G.conv_dim,
         "repeat_num": G.repeat_num,
-        "attribute_targets": {a: ("hair" if a.endswith("_Hair") else "face+hair")
-                              for a in D.STARGAN_ATTRS},  # fmt: skip
+        "attribute_targets": {
+            a: ("hair" if a.endswith("_Hair") else "face+hair") for a in D.STARGAN_ATTRS
+        },  # fmt: skip
         "trained_by": "training/stargan.py (see MODEL_CARD.md)",
     }
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")

@@ -47,7 +47,8 @@ class FolderSink:
     def taken(self, name: str) -> bool:
         """Whether NAME is already used by some input's outputs."""
         names = [f"{name}.summary.json", f"{name}.verdicts.jsonl"] + [
-            f"{name}{ext}" for ext in VIDEO_EXTS + IMAGE_EXTS]
+            f"{name}{ext}" for ext in VIDEO_EXTS + IMAGE_EXTS
+        ]
         return any((self.path / n).exists() for n in names)
 
     def close(self) -> None:  # noqa: D102

@@ -39,8 +39,9 @@ class ZmqSink:
         self.sock.setsockopt(zmq.SNDHWM, cfg.hwm)
         self.sock.setsockopt(zmq.XPUB_NODROP, 1)  # a full subscriber queue: EAGAIN, not silence
         self.sock.setsockopt(zmq.LINGER, 500)
-        apply_curve(self.sock, cfg.curve_secret_key, cfg.curve_server_key, cfg.bind,
-                    cfg.curve_client_keys)
+        apply_curve(
+            self.sock, cfg.curve_secret_key, cfg.curve_server_key, cfg.bind, cfg.curve_client_keys
+        )
         (self.sock.bind if cfg.bind else self.sock.connect)(cfg.endpoint)
         self.sent = 0
         log.info("zmq sink ready", endpoint=cfg.endpoint, bind=cfg.bind)
@@ -50,19 +51,38 @@ class ZmqSink:
         v = g.verdict
         parts = [("verdict", wire.encode_verdict(v))]
         if self.cfg.frames:
-            parts.append(("clean", wire.encode_frame(
-                v["stream"], v["seq"], g.image, self.cfg.format, pts=g.pts,
-                time_base=g.time_base, topic="clean.", jpeg_quality=self.cfg.jpeg_quality)))
+            parts.append(
+                (
+                    "clean",
+                    wire.encode_frame(
+                        v["stream"],
+                        v["seq"],
+                        g.image,
+                        self.cfg.format,
+                        pts=g.pts,
+                        time_base=g.time_base,
+                        topic="clean.",
+                        jpeg_quality=self.cfg.jpeg_quality,
+                    ),
+                )
+            )
         with self._lock:
             for topic, msg in parts:
                 try:
                     self.sock.send_multipart(msg, flags=zmq.NOBLOCK)
                 except zmq.ZMQError as e:
                     reason = "hwm" if e.errno == zmq.EAGAIN else "error"
-                    self.metrics.sink_dropped.inc(sink=self.cfg.endpoint, topic=topic,
-                                                  reason=reason)
-                    log.warning("message dropped", sink=self.cfg.endpoint, topic=topic,
-                                reason=reason, stream=v["stream"], seq=v["seq"])
+                    self.metrics.sink_dropped.inc(
+                        sink=self.cfg.endpoint, topic=topic, reason=reason
+                    )
+                    log.warning(
+                        "message dropped",
+                        sink=self.cfg.endpoint,
+                        topic=topic,
+                        reason=reason,
+                        stream=v["stream"],
+                        seq=v["seq"],
+                    )
             self.sent += 1
 
     def close(self) -> None:  # noqa: D102

@@ -53,7 +53,8 @@ class _Handler(FileSystemEventHandler):
         elif isinstance(event, FileMovedEvent):
             self.source.offer(Path(os.fsdecode(event.dest_path)))
         elif isinstance(event, FileCreatedEvent) or (
-                isinstance(event, FileModifiedEvent) and self.source.cfg.polling):
+            isinstance(event, FileModifiedEvent) and self.source.cfg.polling
+        ):
             # inotify announces the close of a file written here; a file moved in from another
             # folder arrives as "created" (watchdog cannot pair the move), so it gets the size
             # check a rescan would give it, without waiting for the rescan.
@@ -71,8 +72,14 @@ class FolderSource:
         rescan_s: period of the full rescan.
     """
 
-    def __init__(self, index: int, cfg: FolderSourceConfig, work_dir: str, sink: FolderSink,
-                 rescan_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        index: int,
+        cfg: FolderSourceConfig,
+        work_dir: str,
+        sink: FolderSink,
+        rescan_s: float = 30.0,
+    ) -> None:
         self.index, self.cfg, self.sink = index, cfg, sink
         self.name = f"folder{index}"
         self.inbox = Path(cfg.path)
@@ -86,8 +93,9 @@ class FolderSource:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._observer = PollingObserver(timeout=max(0.2, min(cfg.stable_s, 1.0))) \
-            if cfg.polling else Observer()
+        self._observer = (
+            PollingObserver(timeout=max(0.2, min(cfg.stable_s, 1.0))) if cfg.polling else Observer()
+        )
         self._ticker = threading.Thread(target=self._tick, name=f"{self.name}-scan", daemon=True)
 
     # ---- life cycle ---------------------------------------------------------------------
@@ -97,16 +105,23 @@ class FolderSource:
             d.mkdir(parents=True, exist_ok=True)
         for tmp in self.work.glob(".*.part"):
             tmp.unlink(missing_ok=True)
-        self._resume = sorted(p for p in self.work.iterdir() if p.is_file()
-                              and not p.name.startswith("."))
+        self._resume = sorted(
+            p for p in self.work.iterdir() if p.is_file() and not p.name.startswith(".")
+        )
         if self._resume:
             log.info("resuming claimed files", source=self.name, files=len(self._resume))
         self._observer.schedule(_Handler(self), str(self.inbox), recursive=False)
         self._observer.start()
         self.rescan()
         self._ticker.start()
-        log.info("folder source ready", source=self.name, inbox=str(self.inbox),
-                 work=str(self.work), failed=str(self.failed), polling=self.cfg.polling)
+        log.info(
+            "folder source ready",
+            source=self.name,
+            inbox=str(self.inbox),
+            work=str(self.work),
+            failed=str(self.failed),
+            polling=self.cfg.polling,
+        )
 
     def stop(self) -> None:
         """Stop watching (claimed and pending files stay for the next start)."""
@@ -171,8 +186,9 @@ class FolderSource:
                     continue
                 if (st.st_size, st.st_mtime_ns) != (size, mtime):
                     self._stable[name] = (st.st_size, st.st_mtime_ns, now)
-                elif now - since >= (self.cfg.stable_s if st.st_size else
-                                     max(self.cfg.stable_s, self.rescan_s)):
+                elif now - since >= (
+                    self.cfg.stable_s if st.st_size else max(self.cfg.stable_s, self.rescan_s)
+                ):
                     # an empty file may be an upload not started yet: it waits longer, then is
                     # taken (and fails) rather than sitting in the inbox for ever
                     ready.append(name)
@@ -192,8 +208,11 @@ class FolderSource:
     # ---- claiming -----------------------------------------------------------------------
     def _unique(self, stem: str, ext: str) -> str:
         n, name = 0, stem
-        while (self.work / f"{name}{ext}").exists() or self.sink.taken(name) or \
-                (self.failed / f"{name}.error.json").exists():
+        while (
+            (self.work / f"{name}{ext}").exists()
+            or self.sink.taken(name)
+            or (self.failed / f"{name}.error.json").exists()
+        ):
             n += 1
             name = f"{stem}-{n}"
         return name
@@ -261,18 +280,28 @@ class FolderSource:
         self.failed.mkdir(parents=True, exist_ok=True)
         stem, ext = claimed.stem, claimed.suffix
         n, name = 0, stem
-        while (self.failed / f"{name}{ext}").exists() or \
-                (self.failed / f"{name}.error.json").exists():
-            if not (self.failed / f"{name}{ext}").exists() and \
-                    _claimed_by(self.failed / f"{name}.error.json") == claimed.name:
+        while (self.failed / f"{name}{ext}").exists() or (
+            self.failed / f"{name}.error.json"
+        ).exists():
+            if (
+                not (self.failed / f"{name}{ext}").exists()
+                and _claimed_by(self.failed / f"{name}.error.json") == claimed.name
+            ):
                 break  # our own record from a fail() killed before the move: reuse it
             n += 1
             name = f"{stem}-{n}"
-        err = {"v": 1, "input": original, "file": f"{name}{ext}", "claimed": claimed.name,
-               "reason": reason, "error": message,
-               "time": datetime.now(UTC).isoformat(timespec="seconds")}
-        media.write_bytes(self.failed / f"{name}.error.json",
-                          (json.dumps(err, indent=2) + "\n").encode())
+        err = {
+            "v": 1,
+            "input": original,
+            "file": f"{name}{ext}",
+            "claimed": claimed.name,
+            "reason": reason,
+            "error": message,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        media.write_bytes(
+            self.failed / f"{name}.error.json", (json.dumps(err, indent=2) + "\n").encode()
+        )
         if claimed.exists():
             os.replace(claimed, self.failed / f"{name}{ext}")
         return self.failed / f"{name}.error.json"

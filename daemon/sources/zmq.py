@@ -87,8 +87,9 @@ def stop_authenticator(ctx: zmq.Context) -> None:
         entry[0].stop()
 
 
-def apply_curve(sock: zmq.Socket, secret: str, server_key: str, server: bool,
-                clients: list[str] | None = None) -> None:
+def apply_curve(
+    sock: zmq.Socket, secret: str, server_key: str, server: bool, clients: list[str] | None = None
+) -> None:
     """CurveZMQ: a binding socket is the server (own secret key); a connecting one a client.
 
     A server with ``clients`` lets only those public keys in (ZAP); without, any client that
@@ -123,10 +124,19 @@ class ZmqSource:
         view: the operator page's state, told of each frame in and each drop.
     """
 
-    def __init__(self, index: int, cfg: ZmqSourceConfig, ctx: zmq.Context,
-                 pipeline: FramePipeline, emit: Callable[[Guarded], None], metrics: Metrics,
-                 notifier: Notifier, max_pixels: int, inflight: int = 16,
-                 view: OperatorView | None = None) -> None:
+    def __init__(
+        self,
+        index: int,
+        cfg: ZmqSourceConfig,
+        ctx: zmq.Context,
+        pipeline: FramePipeline,
+        emit: Callable[[Guarded], None],
+        metrics: Metrics,
+        notifier: Notifier,
+        max_pixels: int,
+        inflight: int = 16,
+        view: OperatorView | None = None,
+    ) -> None:
         self.index, self.cfg, self.ctx = index, cfg, ctx
         self.pipeline, self.emit, self.metrics = pipeline, emit, metrics
         self.notifier, self.max_pixels, self.view = notifier, max_pixels, view
@@ -202,8 +212,14 @@ class ZmqSource:
             self._ready.set()
             return
         self._ready.set()
-        log.info("zmq source ready", source=self.name, endpoint=self.bound_endpoint,
-                 socket=self.cfg.socket, protocol=self.cfg.protocol, policy=self.policy)
+        log.info(
+            "zmq source ready",
+            source=self.name,
+            endpoint=self.bound_endpoint,
+            socket=self.cfg.socket,
+            protocol=self.cfg.protocol,
+            policy=self.policy,
+        )
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         try:
@@ -235,8 +251,9 @@ class ZmqSource:
         try:
             if self.cfg.protocol == "imagezmq":
                 self._seq += 1
-                msg = wire.decode_imagezmq(parts, self.max_pixels, self._seq, self.cfg.stream,
-                                           bgr=self.cfg.color == "bgr")
+                msg = wire.decode_imagezmq(
+                    parts, self.max_pixels, self._seq, self.cfg.stream, bgr=self.cfg.color == "bgr"
+                )
             else:
                 msg = wire.decode_v1(parts, self.max_pixels)
         except wire.WireError as e:
@@ -251,8 +268,9 @@ class ZmqSource:
         self.metrics.frames_dropped.inc(source=self.name, reason=reason)
         if self.view is not None:
             self.view.dropped(msg.stream, self.name)
-        log.warning("frame dropped", source=self.name, reason=reason, stream=msg.stream,
-                    seq=msg.seq)
+        log.warning(
+            "frame dropped", source=self.name, reason=reason, stream=msg.stream, seq=msg.seq
+        )
 
     def _enqueue(self, msg: wire.FrameMsg) -> None:
         item = (msg, time.monotonic())
@@ -295,13 +313,19 @@ class ZmqSource:
                 self.notifier.beat(f"{self.name}-work")
             with dlog.bound(source=self.name, stream=msg.stream, seq=msg.seq):
                 try:
-                    fut = self.pipeline.submit(msg.image, stream=msg.stream, seq=msg.seq,
-                                               source=self.name, pts=msg.pts,
-                                               time_base=msg.time_base, cond=msg.cond, t0=t0)
+                    fut = self.pipeline.submit(
+                        msg.image,
+                        stream=msg.stream,
+                        seq=msg.seq,
+                        source=self.name,
+                        pts=msg.pts,
+                        time_base=msg.time_base,
+                        cond=msg.cond,
+                        t0=t0,
+                    )
                 except (KeyError, ValueError) as e:
                     self._slots.release()
-                    self._bad("bad_condition" if isinstance(e, KeyError) else "bad_frame",
-                              str(e))
+                    self._bad("bad_condition" if isinstance(e, KeyError) else "bad_frame", str(e))
                     continue
             with self._plock:
                 self._pending.add(fut)

@@ -27,8 +27,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def flagged_details(guard: Any, x: torch.Tensor, c: torch.Tensor | None,
-                    r: Any) -> list[dict[str, Any] | None]:
+def flagged_details(
+    guard: Any, x: torch.Tensor, c: torch.Tensor | None, r: Any
+) -> list[dict[str, Any] | None]:
     """Per face of one guard call, the side by side of a flagged face (None where clean).
 
     Args:

@@ -38,11 +38,16 @@ log = structlog.get_logger()
 
 STATIC = Path(__file__).resolve().parent / "static"
 #: the only files served from ``static/`` (no path from a request reaches the file system).
-PAGES = {"": ("index.html", "text/html; charset=utf-8"),
-         "static/app.js": ("app.js", "text/javascript; charset=utf-8"),
-         "static/style.css": ("style.css", "text/css; charset=utf-8")}
-OUTPUT_TYPES = {"media": "application/octet-stream", "verdicts": "application/x-ndjson",
-                "summary": "application/json"}
+PAGES = {
+    "": ("index.html", "text/html; charset=utf-8"),
+    "static/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "static/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+OUTPUT_TYPES = {
+    "media": "application/octet-stream",
+    "verdicts": "application/x-ndjson",
+    "summary": "application/json",
+}
 #: server-sent event clients at once (each holds a thread); more get 503.
 MAX_EVENT_CLIENTS = 16
 EVENT_PERIOD_S = 0.25
@@ -50,7 +55,7 @@ HEADERS = {
     # the page loads nothing from elsewhere and runs no inline script: a stream id that slips
     # into markup could not run even then
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
-                               "frame-ancestors 'none'",
+    "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
@@ -65,11 +70,16 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:  # a page polls often: no line per request
         pass
 
-    def _send(self, status: int, body: bytes, ctype: str,
-              extra: dict[str, str] | None = None) -> None:
+    def _send(
+        self, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
-        for k, v in {**HEADERS, "Content-Type": ctype, "Content-Length": str(len(body)),
-                     **(extra or {})}.items():
+        for k, v in {
+            **HEADERS,
+            "Content-Type": ctype,
+            "Content-Length": str(len(body)),
+            **(extra or {}),
+        }.items():
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
@@ -84,11 +94,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         token = self.server.token
         if token and not hmac.compare_digest(
-                self.headers.get("Authorization", "").encode(), f"Bearer {token}".encode()):
+            self.headers.get("Authorization", "").encode(), f"Bearer {token}".encode()
+        ):
             self._error(HTTPStatus.UNAUTHORIZED, {"WWW-Authenticate": 'Bearer realm="magdr"'})
             return
-        parts = [unquote(p, errors="surrogateescape") for p in
-                 urlsplit(self.path).path.strip("/").split("/")]
+        parts = [
+            unquote(p, errors="surrogateescape")
+            for p in urlsplit(self.path).path.strip("/").split("/")
+        ]
         try:
             self._route(parts)
         except (BrokenPipeError, ConnectionResetError):  # the browser went away
@@ -119,8 +132,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._found_json(view.stream(p[0]))
         elif p[1:] == ["frame.jpg"]:
             self._found_jpeg(view.frame_jpeg(p[0]))
-        elif len(p) == 4 and p[1] == "flagged" and p[2].isdigit() and \
-                p[3].removesuffix(".jpg") in DETAIL_IMAGES:
+        elif (
+            len(p) == 4
+            and p[1] == "flagged"
+            and p[2].isdigit()
+            and p[3].removesuffix(".jpg") in DETAIL_IMAGES
+        ):
             self._found_jpeg(view.flagged_picture(p[0], int(p[2]), p[3].removesuffix(".jpg")))
         else:
             self._error(HTTPStatus.NOT_FOUND)
@@ -134,8 +151,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND)
             return
         name = json.dumps(path.name, ensure_ascii=True)  # quoted, any byte escaped
-        self._send(200, path.read_bytes(), OUTPUT_TYPES[p[1]],
-                   {"Content-Disposition": f"inline; filename={name}"})
+        self._send(
+            200,
+            path.read_bytes(),
+            OUTPUT_TYPES[p[1]],
+            {"Content-Disposition": f"inline; filename={name}"},
+        )
 
     def _found_json(self, obj: Any) -> None:
         if obj is None:
@@ -188,8 +209,14 @@ class OperatorServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, view: OperatorView, metrics: Metrics, host: str = "127.0.0.1",
-                 port: int = 9464, token: str = "") -> None:
+    def __init__(
+        self,
+        view: OperatorView,
+        metrics: Metrics,
+        host: str = "127.0.0.1",
+        port: int = 9464,
+        token: str = "",
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), _Handler)
         self.view, self.metrics, self.token = view, metrics, token

@@ -33,8 +33,9 @@ DETAIL_IMAGES = ("input", "output_before", "purified", "output", "regions")
 
 def jpeg(image: np.ndarray) -> bytes:
     """JPEG bytes of an RGB ``(H, W, 3)`` uint8 image."""
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
+    )
     if not ok:
         raise ValueError(f"cannot encode a {image.shape} image as JPEG")
     return buf.tobytes()
@@ -172,12 +173,21 @@ class OperatorView:
             s.image, s.image_seq = image, v["seq"]
             s.frame_size = (g.image.shape[1], g.image.shape[0])  # the boxes' coordinates
             for (i, d), pics in zip(flagged, pictures, strict=True):
-                s.flagged_faces.append({
-                    "n": s.flagged_seen, "seq": v["seq"], "face": i, "time": time.time(),
-                    "box": v["faces"][i]["box"], "score": v["faces"][i]["score"],
-                    "score_after": d.get("score_after"), "threshold": v["threshold"],
-                    "chain": v["faces"][i]["chain"], "regions": d.get("flagged_regions", []),
-                    "pictures": pics})
+                s.flagged_faces.append(
+                    {
+                        "n": s.flagged_seen,
+                        "seq": v["seq"],
+                        "face": i,
+                        "time": time.time(),
+                        "box": v["faces"][i]["box"],
+                        "score": v["faces"][i]["score"],
+                        "score_after": d.get("score_after"),
+                        "threshold": v["threshold"],
+                        "chain": v["faces"][i]["chain"],
+                        "regions": d.get("flagged_regions", []),
+                        "pictures": pics,
+                    }
+                )
                 s.flagged_seen += 1
             self._touch()
 
@@ -186,9 +196,16 @@ class OperatorView:
         with self._lock:
             while len(self._jobs) >= MAX_JOBS:
                 self._jobs.popitem(last=False)
-            self._jobs[name] = {"name": name, "input": input_name, "source": source,
-                                "state": "running", "frames": 0, "started": time.time(),
-                                "summary": None, "error": None}
+            self._jobs[name] = {
+                "name": name,
+                "input": input_name,
+                "source": source,
+                "state": "running",
+                "frames": 0,
+                "started": time.time(),
+                "summary": None,
+                "error": None,
+            }
             self._touch()
 
     def job_progress(self, name: str, frames: int) -> None:  # noqa: D102
@@ -197,8 +214,9 @@ class OperatorView:
                 self._jobs[name]["frames"] = frames
                 self._touch()
 
-    def job_finished(self, name: str, state: str, summary: dict[str, Any] | None = None,
-                     error: str | None = None) -> None:
+    def job_finished(
+        self, name: str, state: str, summary: dict[str, Any] | None = None, error: str | None = None
+    ) -> None:
         """A file ended: ``done`` (with its summary), ``failed`` (with the error), ``stopped``."""
         with self._lock:
             job = self._jobs.get(name)
@@ -234,8 +252,12 @@ class OperatorView:
             if s is None:
                 return None
             flagged = [{k: f[k] for k in f if k != "pictures"} for f in s.flagged_faces]
-            return {**s.summary(now), "verdicts": list(s.verdicts), "flagged_faces": flagged,
-                    "frame_seq": s.image_seq}
+            return {
+                **s.summary(now),
+                "verdicts": list(s.verdicts),
+                "flagged_faces": flagged,
+                "frame_seq": s.image_seq,
+            }
 
     def frame_jpeg(self, stream: str) -> bytes | None:
         """The latest cleaned frame of ``stream`` as JPEG (encoded once per frame asked for)."""
@@ -285,5 +307,6 @@ def _fit(image: np.ndarray, side: int) -> np.ndarray:
     if max(h, w) <= side:
         return image
     k = side / max(h, w)
-    return cv2.resize(image, (max(1, round(w * k)), max(1, round(h * k))),
-                      interpolation=cv2.INTER_AREA)
+    return cv2.resize(
+        image, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA
+    )

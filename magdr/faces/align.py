@@ -47,18 +47,14 @@ from magdr.faces.locate import (
 #: mean over the 7,729 train faces (``000001``-``008000``) on which dlib found a face, measured by
 #: ``python -c "from training import data as D; print(D.celeba_mean_anchor(D.load_celeba())
 #: / 128)"`` (per-face spread about 1 px of 128).
-CELEBA_ANCHOR = np.array(
-    [[0.38632, 0.51715], [0.60200, 0.51732], [0.49368, 0.75659]], np.float64
-)
+CELEBA_ANCHOR = np.array([[0.38632, 0.51715], [0.60200, 0.51732], [0.49368, 0.75659]], np.float64)
 
 #: The same anchor with YuNet's five points (eye centres, mouth corners' midpoint): the mean over
 #: the 1,928 train faces of every 4th CelebA image (``000001``-``008000``, dlib-detected ones)
 #: on which YuNet found a face (all of them), measured by ``python -m bench.detectors
 #: --celeba-anchor``. YuNet's mouth point sits 1.6 px of 128 above dlib's lip centre; the eyes
 #: agree within 1 px (median).
-CELEBA_ANCHOR_5 = np.array(
-    [[0.38535, 0.52012], [0.60750, 0.51967], [0.49813, 0.74456]], np.float64
-)
+CELEBA_ANCHOR_5 = np.array([[0.38535, 0.52012], [0.60750, 0.51967], [0.49813, 0.74456]], np.float64)
 
 #: dlib's frontal detector box relative to the Haar cascade's box on the same face: centre
 #: shifted down by this fraction of the Haar box's height, side this fraction of its width.
@@ -121,8 +117,9 @@ def eye_mouth_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.concatenate([r, (md - r @ ms)[:, None]], 1)
 
 
-def align_matrices(anchors: np.ndarray, size: int, target: np.ndarray = CELEBA_ANCHOR
-                   ) -> np.ndarray:
+def align_matrices(
+    anchors: np.ndarray, size: int, target: np.ndarray = CELEBA_ANCHOR
+) -> np.ndarray:
     """Frame -> crop similarities placing each face's anchor on ``target``.
 
     Args:
@@ -184,8 +181,7 @@ def face_matrices(landmarks: np.ndarray, boxes: Sequence[FaceBox], size: int) ->
     return anchor_matrices(anchors, boxes, size, CELEBA_ANCHOR, box_matrices(boxes, size))
 
 
-def point_matrices(boxes: Sequence[FaceBox], size: int, framing: tuple[float, float]
-                   ) -> np.ndarray:
+def point_matrices(boxes: Sequence[FaceBox], size: int, framing: tuple[float, float]) -> np.ndarray:
     """Aligning matrices from the boxes' own five points (YuNet); the box square where not sane.
 
     Args:
@@ -199,15 +195,23 @@ def point_matrices(boxes: Sequence[FaceBox], size: int, framing: tuple[float, fl
     if not boxes:
         return np.zeros((0, 2, 3))
     if any(b.points is None for b in boxes):
-        raise ValueError("boxes: point_matrices needs each box's five points (a detector "
-                         "with landmarks, e.g. YuNet); Haar boxes have none")
+        raise ValueError(
+            "boxes: point_matrices needs each box's five points (a detector "
+            "with landmarks, e.g. YuNet); Haar boxes have none"
+        )
     anchors = five_point_anchors(np.stack([b.points for b in boxes]))
-    return anchor_matrices(anchors, boxes, size, CELEBA_ANCHOR_5,
-                           box_matrices(boxes, size, framing))
+    return anchor_matrices(
+        anchors, boxes, size, CELEBA_ANCHOR_5, box_matrices(boxes, size, framing)
+    )
 
 
-def anchor_matrices(anchors: np.ndarray, boxes: Sequence[FaceBox], size: int,
-                    target: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+def anchor_matrices(
+    anchors: np.ndarray,
+    boxes: Sequence[FaceBox],
+    size: int,
+    target: np.ndarray,
+    fallback: np.ndarray,
+) -> np.ndarray:
     """Similarities placing ``anchors`` on ``target``; ``fallback`` rows where they are not sane.
 
     Sane: the eye-midpoint-to-mouth distance within :data:`EYE_MOUTH_RANGE` box widths and the
@@ -357,8 +361,9 @@ def paste_warped(
     return out
 
 
-def add_warped(frame: np.ndarray, parts: torch.Tensor | np.ndarray, matrices: np.ndarray
-               ) -> np.ndarray:
+def add_warped(
+    frame: np.ndarray, parts: torch.Tensor | np.ndarray, matrices: np.ndarray
+) -> np.ndarray:
     """A copy of the frame plus each crop-sized difference warped back where its crop came from.
 
     This is how the daemon pastes an edit: ``frame + warp⁻¹(mask · (result − crop))``. The

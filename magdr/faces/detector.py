@@ -30,8 +30,11 @@ import numpy as np
 from magdr.faces.locate import CROP_SCALE, CROP_SHIFT, FaceBox, check_frame, locate_faces
 
 #: The shipped YuNet model (OpenCV Zoo ``face_detection_yunet_2023mar.onnx``).
-YUNET_PATH = Path(__file__).resolve().parents[1] / "models" / "weights" / (
-    "face_detection_yunet_2023mar.onnx"
+YUNET_PATH = (
+    Path(__file__).resolve().parents[1]
+    / "models"
+    / "weights"
+    / ("face_detection_yunet_2023mar.onnx")
 )
 #: SHA-256 of :data:`YUNET_PATH` (OpenCV Zoo's Git LFS pointer at commit 25f423d).
 YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
@@ -63,12 +66,18 @@ class YuNet:
         FileNotFoundError: the model file is missing.
     """
 
-    def __init__(self, model_path: str | Path | None = None, score_threshold: float = 0.7,
-                 nms_threshold: float = 0.3) -> None:
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        score_threshold: float = 0.7,
+        nms_threshold: float = 0.3,
+    ) -> None:
         self.model_path = Path(model_path or YUNET_PATH)
         if not self.model_path.is_file():
-            raise FileNotFoundError(f"YuNet model {self.model_path} is missing; it ships in "
-                                    "magdr/models/weights/ (reinstall magdr-guard)")
+            raise FileNotFoundError(
+                f"YuNet model {self.model_path} is missing; it ships in "
+                "magdr/models/weights/ (reinstall magdr-guard)"
+            )
         self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
         # A FaceDetectorYN holds its input size and network state: one per thread.
         self._local = threading.local()
@@ -76,16 +85,23 @@ class YuNet:
     def _net(self, w: int, h: int) -> cv2.FaceDetectorYN:
         net = getattr(self._local, "net", None)
         if net is None:
-            net = cv2.FaceDetectorYN.create(str(self.model_path), "", (w, h),
-                                            self.score_threshold, self.nms_threshold, 100)
+            net = cv2.FaceDetectorYN.create(
+                str(self.model_path), "", (w, h), self.score_threshold, self.nms_threshold, 100
+            )
             self._local.net, self._local.size = net, (w, h)
         elif self._local.size != (w, h):
             net.setInputSize((w, h))
             self._local.size = (w, h)
         return net
 
-    def __call__(self, frame: np.ndarray, *, min_size: int = 32, max_faces: int | None = 8,
-                 max_side: int = 320) -> list[FaceBox]:
+    def __call__(
+        self,
+        frame: np.ndarray,
+        *,
+        min_size: int = 32,
+        max_faces: int | None = 8,
+        max_side: int = 320,
+    ) -> list[FaceBox]:
         """Faces of an RGB frame, largest first.
 
         Args:
@@ -121,8 +137,9 @@ class YuNet:
         return boxes if max_faces is None else boxes[:max_faces]
 
 
-def haar(frame: np.ndarray, *, min_size: int = 32, max_faces: int | None = 8,
-         max_side: int = 640) -> list[FaceBox]:
+def haar(
+    frame: np.ndarray, *, min_size: int = 32, max_faces: int | None = 8, max_side: int = 640
+) -> list[FaceBox]:
     """:func:`magdr.faces.locate.locate_faces` under the detectors' call (no landmarks)."""
     return locate_faces(frame, min_size=min_size, max_faces=max_faces, max_side=max_side)
 
@@ -137,8 +154,10 @@ DETECTORS: dict[str, Callable[[], Detector]] = {"yunet": YuNet, "haar": lambda: 
 #: YuNet's: medians over 800 CelebA train crops (every 4th of ``000001``-``003200``; 10th-90th
 #: percentile 1.42-1.66 and 0.11-0.18), ``python -m bench.detectors --celeba-anchor``. Used for
 #: faces whose landmarks are not sane, and with ``align`` off.
-CROP_FRAMING: dict[str, tuple[float, float]] = {"yunet": (1.54, 0.14),
-                                                "haar": (CROP_SCALE, CROP_SHIFT)}
+CROP_FRAMING: dict[str, tuple[float, float]] = {
+    "yunet": (1.54, 0.14),
+    "haar": (CROP_SCALE, CROP_SHIFT),
+}
 
 
 def load_detector(name: str = "yunet") -> Detector:

@@ -47,8 +47,9 @@ def window_mask(size: int, inner: float = 0.36, outer: float = 0.49) -> torch.Te
     return _disc(int(size), min(float(inner), outer - 1.0 / size), outer)
 
 
-def region_mask(regions: torch.Tensor, targets: torch.Tensor,
-                feather: float = REGION_FEATHER) -> torch.Tensor:
+def region_mask(
+    regions: torch.Tensor, targets: torch.Tensor, feather: float = REGION_FEATHER
+) -> torch.Tensor:
     """The edit's target regions, feathered, inside :func:`window_mask`.
 
     Args:

@@ -99,10 +99,19 @@ class FaceFollower:
     Not thread-safe: one follower per stream, called with that stream's frames in order.
     """
 
-    def __init__(self, detect: Callable[..., list[FaceBox]], *, every: int = 1,
-                 min_size: int = 32, max_faces: int | None = 8, max_side: int = 320,
-                 window: float = 2.0, window_side: int = 160, min_score: float = 0.8,
-                 smooth: float = 0.0) -> None:
+    def __init__(
+        self,
+        detect: Callable[..., list[FaceBox]],
+        *,
+        every: int = 1,
+        min_size: int = 32,
+        max_faces: int | None = 8,
+        max_side: int = 320,
+        window: float = 2.0,
+        window_side: int = 160,
+        min_score: float = 0.8,
+        smooth: float = 0.0,
+    ) -> None:
         if every < 1:
             raise ValueError(f"every: expected >= 1, got {every}")
         self.detect, self.every = detect, every
@@ -126,8 +135,9 @@ class FaceFollower:
             if boxes is None:
                 self.stats.lost += 1
         if boxes is None:
-            boxes = self.detect(frame, min_size=self.min_size, max_faces=self.max_faces,
-                                max_side=self.max_side)
+            boxes = self.detect(
+                frame, min_size=self.min_size, max_faces=self.max_faces, max_side=self.max_side
+            )
             self.stats.detections += 1
             self._since, self._shape = 0, frame.shape
             self.tracks = self._match(boxes)
@@ -152,9 +162,12 @@ class FaceFollower:
                 return None
             # never coarser than the full detection: a window must not move the landmarks
             side_px = max(x1 - x0, y1 - y0)
-            found = self.detect(np.ascontiguousarray(frame[y0:y1, x0:x1]),
-                                min_size=self.min_size, max_faces=None,
-                                max_side=max(self.window_side, round(side_px * k_full)))
+            found = self.detect(
+                np.ascontiguousarray(frame[y0:y1, x0:x1]),
+                min_size=self.min_size,
+                max_faces=None,
+                max_side=max(self.window_side, round(side_px * k_full)),
+            )
             found = [_shifted(f, x0, y0) for f in found]
             best = max(found, key=lambda f: iou(f, b), default=None)
             if best is None or best.score < self.min_score or iou(best, b) < 0.3:

@@ -305,11 +305,19 @@ def test_scaling_reports_the_median_run():
 def test_scaling_section_goes_at_the_end_of_throughput_once(tmp_path):
     from bench.scaling import section, write_section
 
-    data = {"command": "python -m bench.scaling", "commit": "abc", "device": "cpu",
-            "threads": 1, "frames": 200, "machine": {"cpu_count": 2, "load_avg": [1.0, 1, 1]},
-            "runs": [{"backend": "local", "replicas": None, "workers": 0, "fps": 3.0},
-                     {"backend": "ray", "replicas": 1, "workers": 1, "fps": 2.0},
-                     {"backend": "ray", "replicas": 2, "workers": 2, "fps": 3.0}]}
+    data = {
+        "command": "python -m bench.scaling",
+        "commit": "abc",
+        "device": "cpu",
+        "threads": 1,
+        "frames": 200,
+        "machine": {"cpu_count": 2, "load_avg": [1.0, 1, 1]},
+        "runs": [
+            {"backend": "local", "replicas": None, "workers": 0, "fps": 3.0},
+            {"backend": "ray", "replicas": 1, "workers": 1, "fps": 2.0},
+            {"backend": "ray", "replicas": 2, "workers": 2, "fps": 3.0},
+        ],
+    }
     report = tmp_path / "REPORT.md"
     report.write_text("# R\n\n## Throughput\n\ntable\n\n## Figures\n\npng\n")
     write_section(report, section(data))

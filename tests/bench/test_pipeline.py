@@ -46,22 +46,44 @@ def test_a_pasted_square_shows_a_seam_and_a_blurred_face_loses_detail():
 
 def test_section_gives_ratios_to_the_floor():
     row = {
-        "clip": "s.mp4", "size": "1280x720",
+        "clip": "s.mp4",
+        "size": "1280x720",
         "ffmpeg": {"frames": 100, "wall_s": 1.0, "fps": 100.0},
-        "process": {"on": {"fps": 25.0, "wall_s": 9.0, "faces": 100, "disrupted_faces": 0},
-                    "off": {"fps": 50.0, "wall_s": 6.0, "faces": 100, "disrupted_faces": 0}},
+        "process": {
+            "on": {"fps": 25.0, "wall_s": 9.0, "faces": 100, "disrupted_faces": 0},
+            "off": {"fps": 50.0, "wall_s": 6.0, "faces": 100, "disrupted_faces": 0},
+        },
         "stages": dict.fromkeys(("decode", "locate", "align", "guard", "paste", "encode"), 2.0),
-        "tracking": {"every_1": {"locate_ms": 5.0, "jitter_pct": 1.0, "faces": 90,
-                                 "missed_frames": 0, "flagged": 0, "detections": 90,
-                                 "followed": 0, "lost": 0}},
-        "quality": {"region": {"faces": 3, "seam": 0.01, "detail_kept": 0.97,
-                               "detail_kept_min": 0.95},
-                    "square": {"faces": 3, "seam": 0.8, "detail_kept": 0.4}},
-        "live": {"rate": 30.0, "sent": 90, "guarded": 60, "share": 2 / 3,
-                 "latency_ms_p50": 120.0, "latency_ms_p99": 400.0},
+        "tracking": {
+            "every_1": {
+                "locate_ms": 5.0,
+                "jitter_pct": 1.0,
+                "faces": 90,
+                "missed_frames": 0,
+                "flagged": 0,
+                "detections": 90,
+                "followed": 0,
+                "lost": 0,
+            }
+        },
+        "quality": {
+            "region": {"faces": 3, "seam": 0.01, "detail_kept": 0.97, "detail_kept_min": 0.95},
+            "square": {"faces": 3, "seam": 0.8, "detail_kept": 0.4},
+        },
+        "live": {
+            "rate": 30.0,
+            "sent": 90,
+            "guarded": 60,
+            "share": 2 / 3,
+            "latency_ms_p50": 120.0,
+            "latency_ms_p99": 400.0,
+        },
     }
-    text = pipeline.section([row], "python -m bench.pipeline", {
-        "commit": "abc", "machine": "2 CPU cores", "date": "2026-12-07", "gpu_note": "no GPU"})
+    text = pipeline.section(
+        [row],
+        "python -m bench.pipeline",
+        {"commit": "abc", "machine": "2 CPU cores", "date": "2026-12-07", "gpu_note": "no GPU"},
+    )
     assert text.startswith("## Pipeline\n")
     assert "| s.mp4 (1280x720) | 100 | 100.0 | 25.0 | 4.00 |" in text
     assert "| 2.0 | 12.0 |" in text

@@ -25,8 +25,12 @@ def test_section_counts_per_clip_and_all(tmp_path):
     assert "| 0/2 (0.0%) | – |" in b  # nothing disrupted: no recall to give
     total = next(line for line in lines if line.startswith("| **all**"))
     assert "| 150 | 1/150 (0.7%) | 2/150 (1.3%) | 4/5 (80.0%) | 3/4 (75.0%) |" in total
-    text = video.section(rows, "cmd", "default", {"own": {"faces": 200, "flagged": 1},
-                                                  "Blond_Hair=1": {"faces": 200, "flagged": 0}})
+    text = video.section(
+        rows,
+        "cmd",
+        "default",
+        {"own": {"faces": 200, "flagged": 1}, "Blond_Hair=1": {"faces": 200, "flagged": 0}},
+    )
     assert "| edit | own | Blond_Hair=1 |" in text
     assert "| flagged | 1/200 (0.5%) | 0/200 (0.0%) |" in text
     # it replaces its own section of a report and leaves the others

@@ -70,12 +70,14 @@ def daemon_page(tmp_path: Path, tiny_models: dict[str, Path]) -> Iterator[int]:
     zport, web = free_port(), free_port()
     (tmp_path / "token").write_text(TOKEN + "\n")
     body = zmq_source(zport, socket="pull", bind=True) + (
-        f'\n[http]\nenabled = true\nport = {web}\ntoken = "file:{tmp_path / "token"}"\n')
+        f'\n[http]\nenabled = true\nport = {web}\ntoken = "file:{tmp_path / "token"}"\n'
+    )
     models = {**tiny_models, "profile": tiny_models["flag_all"]}
     cfg = write_config(tmp_path / "c.toml", models, body, guard=True, faces="detect")
     with running_daemon(cfg, tmp_path / "daemon.log") as proc:
-        assert wait_until(lambda: api(web, "/api/streams")[0] == 200, 60), \
-            (tmp_path / "daemon.log").read_text()[-3000:]
+        assert wait_until(lambda: api(web, "/api/streams")[0] == 200, 60), (
+            tmp_path / "daemon.log"
+        ).read_text()[-3000:]
         frames = clip_frames(DEMO, every=3)  # real faces, sent as JPEG like a camera's
         # a second stream, whose id is markup, sends one frame
         with Sender(zport, {STREAM: frames, HOSTILE: frames[:1]}, fps=4):
@@ -87,8 +89,9 @@ def test_operator_page(sync_playwright, daemon_page: int, shots: Path):
     web = daemon_page
     url = f"http://127.0.0.1:{web}/"
     # the JSON API lists the ZeroMQ stream with its counters while the daemon runs
-    assert wait_until(lambda: any(s["id"] == STREAM and s["flagged"] > 0
-                                  for s in api(web, "/api/streams")[1]), 60)
+    assert wait_until(
+        lambda: any(s["id"] == STREAM and s["flagged"] > 0 for s in api(web, "/api/streams")[1]), 60
+    )
     with sync_playwright() as p:
         browser = launch(p)
         try:
@@ -97,8 +100,10 @@ def test_operator_page(sync_playwright, daemon_page: int, shots: Path):
                 ctx = browser.new_context(extra_http_headers=headers)
                 assert ctx.new_page().goto(url).status == 401
                 ctx.close()
-            ctx = browser.new_context(extra_http_headers={"Authorization": f"Bearer {TOKEN}"},
-                                      viewport={"width": 1280, "height": 1000})
+            ctx = browser.new_context(
+                extra_http_headers={"Authorization": f"Bearer {TOKEN}"},
+                viewport={"width": 1280, "height": 1000},
+            )
             page = ctx.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
@@ -119,13 +124,16 @@ def test_operator_page(sync_playwright, daemon_page: int, shots: Path):
             def shown_seq() -> int:
                 page.wait_for_function(
                     "() => document.getElementById('frame').complete && "
-                    "document.getElementById('frame').naturalWidth > 0", timeout=30_000)
+                    "document.getElementById('frame').naturalWidth > 0",
+                    timeout=30_000,
+                )
                 return int(frame.get_attribute("src").rsplit("seq=", 1)[1])
 
             first = shown_seq()
             page.wait_for_function(
                 f"() => Number(document.getElementById('frame').src.split('seq=')[1]) > {first}",
-                timeout=30_000)
+                timeout=30_000,
+            )
             assert shown_seq() > first
             assert page.locator("#view-id").text_content() == STREAM
             assert "FLAGGED" in page.locator("#view-verdict").text_content()
@@ -138,9 +146,12 @@ def test_operator_page(sync_playwright, daemon_page: int, shots: Path):
             page.locator("#sidebyside").wait_for(state="visible")
             page.wait_for_function(
                 "() => [...document.querySelectorAll('#sbs-pictures img')]"
-                ".filter(i => i.complete && i.naturalWidth > 0).length === 5", timeout=30_000)
+                ".filter(i => i.complete && i.naturalWidth > 0).length === 5",
+                timeout=30_000,
+            )
             kinds = page.locator("#sbs-pictures img").evaluate_all(
-                "imgs => imgs.map(i => i.dataset.kind)")
+                "imgs => imgs.map(i => i.dataset.kind)"
+            )
             assert kinds == ["input", "output_before", "purified", "output", "regions"]
             assert page.locator("#sbs-chain li").count() >= 1
             assert "S_final" in page.locator("#sbs-title").text_content()

@@ -209,7 +209,5 @@ def test_attack_report_gives_the_guards_verdict(tmp_path, tiny_models, capsys):
     assert len(rows) == 2
     for r in rows:
         assert len(r["flagged"]) == r["faces"] == 1 and isinstance(r["flagged"][0], bool)
-    flagged = sum(
-        f for r in rows for f, m in zip(r["flagged"], r["mse"], strict=True) if m > 0.05
-    )
+    flagged = sum(f for r in rows for f, m in zip(r["flagged"], r["mse"], strict=True) if m > 0.05)
     assert f"{flagged} of them flagged by the guard" in capsys.readouterr().out

@@ -51,8 +51,9 @@ class TestPortraitClip:
         detect = load_detector(g.detector)
         want, names = [], []
         for i in range(0, len(frames), 2):
-            boxes = detect(frames[i], min_size=g.min_face, max_faces=g.max_faces,
-                           max_side=g.detect_side)
+            boxes = detect(
+                frames[i], min_size=g.min_face, max_faces=g.max_faces, max_side=g.detect_side
+            )
             if boxes and align:
                 x = warp_faces(frames[i], point_matrices(boxes, 64, CROP_FRAMING[g.detector]), 64)
             elif boxes:

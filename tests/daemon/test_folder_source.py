@@ -20,8 +20,7 @@ def make_source(tmp_path):
     def make(polling: bool = False, stable_s: float = 0.3, start: bool = True) -> FolderSource:
         sink = FolderSink(FolderSinkConfig(path=str(tmp_path / "outbox")))
         sink.start()
-        cfg = FolderSourceConfig(path=str(tmp_path / "inbox"), polling=polling,
-                                 stable_s=stable_s)
+        cfg = FolderSourceConfig(path=str(tmp_path / "inbox"), polling=polling, stable_s=stable_s)
         src = FolderSource(0, cfg, str(tmp_path / "state"), sink, rescan_s=0.5)
         if start:
             src.start()

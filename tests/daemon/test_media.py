@@ -145,8 +145,9 @@ class TestOverlapped:
             w.write(f.image, f.pts)
         w.close()
         got, tb = read_pts(tmp_path / "o.mp4")
-        np.testing.assert_allclose([float(p * tb) for p in got],
-                                   [float(p * Fraction(1, 12800)) for p in pts], atol=1e-3)
+        np.testing.assert_allclose(
+            [float(p * tb) for p in got], [float(p * Fraction(1, 12800)) for p in pts], atol=1e-3
+        )
 
     def test_encode_behind_reports_an_encoder_error_and_commits_nothing(self, tmp_path):
         src = tmp_path / "src.mp4"

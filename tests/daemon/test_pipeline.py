@@ -280,7 +280,8 @@ def test_region_paste_changes_only_the_edits_regions_and_parses_every_nth_frame(
 def _haar(tmp_path, tiny_models, extra=""):
     text = write_config(tmp_path / "c.toml", tiny_models, faces="detect").read_text()
     (tmp_path / "c.toml").write_text(
-        text.replace("[guard]", f'[guard]\ndetector = "haar"\ndetect_side = 640\n{extra}', 1))
+        text.replace("[guard]", f'[guard]\ndetector = "haar"\ndetect_side = 640\n{extra}', 1)
+    )
     return build_pipeline(load_config(tmp_path / "c.toml"), Metrics())
 
 
@@ -301,8 +302,7 @@ def test_haar_faces_are_aligned_by_dlib_landmarks(tmp_path, tiny_models):
         batcher.close(5)
 
 
-def test_without_the_landmark_model_haar_faces_are_box_cropped(tmp_path, tiny_models,
-                                                               monkeypatch):
+def test_without_the_landmark_model_haar_faces_are_box_cropped(tmp_path, tiny_models, monkeypatch):
     """A Haar machine without dlib's model keeps working: a warning, then the square crops."""
     from structlog.testing import capture_logs
 
@@ -313,8 +313,10 @@ def test_without_the_landmark_model_haar_faces_are_box_cropped(tmp_path, tiny_mo
         _, batcher, pipe = _haar(tmp_path, tiny_models)
     try:
         assert pipe.engine.landmarks is None
-        assert any(e["event"].startswith("face alignment off") and e["log_level"] == "warning"
-                   for e in logs)
+        assert any(
+            e["event"].startswith("face alignment off") and e["log_level"] == "warning"
+            for e in logs
+        )
         frame = _demo_frame()
         crops = pipe.engine.find_faces(frame)
         boxes = locate_faces(frame, max_side=640)
@@ -348,8 +350,9 @@ def test_temporal_rule_reconstructs_a_track_from_its_kth_flagged_frame(tmp_path,
     prof = tmp_path / "p.json"
     flag_all = Profile.load(tiny_models["flag_all"])
     Profile(**{**flag_all.__dict__, "threshold": -1e9}).save(prof)  # every face is above it
-    cfg = load_config(write_config(tmp_path / "c.toml", {**tiny_models, "profile": prof},
-                                   guard=True))
+    cfg = load_config(
+        write_config(tmp_path / "c.toml", {**tiny_models, "profile": prof}, guard=True)
+    )
     cfg.guard.temporal_k, cfg.guard.temporal_n = 2, 3
     cfg.guard.edit_lowpass = 0  # G's own pixels pasted, comparable with a plain pass
     cfg.guard.paste_mask = "window"
@@ -358,6 +361,7 @@ def test_temporal_rule_reconstructs_a_track_from_its_kth_flagged_frame(tmp_path,
     with torch.no_grad():
         plain = pipe.engine.G(crops.x, pipe.engine.default_cond[None])
     try:
+
         def guard(stream):
             return pipe.submit(frame, stream=stream, seq=0, source="t").result(60)
 
@@ -372,4 +376,3 @@ def test_temporal_rule_reconstructs_a_track_from_its_kth_flagged_frame(tmp_path,
         assert not guard("b").verdict["disrupted"]  # a new stream's first frame
     finally:
         batcher.close(5)
-

@@ -33,8 +33,14 @@ LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance():
     """One Ray instance for the module; the engines under test join it."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1", namespace="magdr-guard-tests")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+        namespace="magdr-guard-tests",
+    )
     yield
     ray.shutdown()
 
@@ -69,8 +75,9 @@ def test_verdicts_equal_local_and_name_two_workers(tmp_path, tiny_models):
     make_clip(clip, frames=12)
     got = {}
     for backend in ("local", "ray"):
-        summaries, failures = process_paths(_cfg(tmp_path, tiny_models, backend), [clip],
-                                            tmp_path / backend, bars=False)
+        summaries, failures = process_paths(
+            _cfg(tmp_path, tiny_models, backend), [clip], tmp_path / backend, bars=False
+        )
         assert not failures and summaries[0]["frames"] == 12
         got[backend] = _verdicts(tmp_path / backend / "clip.verdicts.jsonl")
     workers = [v.pop("worker") for v in got["ray"]]
@@ -107,8 +114,10 @@ def test_reloaded_paste_back_keys_reach_the_replicas(tmp_path, tiny_models):
             torch.testing.assert_close(faces, want, atol=1e-4, rtol=0)
             got.append(faces)
         # The three settings paste different pixels (G's output, the input, the low-passed edit).
-        assert all((a - b).abs().max() > 1e-2 for a, b in ((got[0], got[1]), (got[0], got[2]),
-                                                           (got[1], got[2])))
+        assert all(
+            (a - b).abs().max() > 1e-2
+            for a, b in ((got[0], got[1]), (got[0], got[2]), (got[1], got[2]))
+        )
     finally:
         engine.close(10)
 
@@ -167,8 +176,9 @@ def test_file_complete_when_a_replica_dies_while_guarding(tmp_path, tiny_models)
 
     try:
         (tmp_path / "out").mkdir()
-        summary = process_file(clip, "clip", tmp_path / "out", pipe, window=8,
-                               progress=kill_replica_0)
+        summary = process_file(
+            clip, "clip", tmp_path / "out", pipe, window=8, progress=kill_replica_0
+        )
     finally:
         pipe.close(30)
     assert killed and metrics.replica_retries.value(worker=killed[0]) >= 1
@@ -184,8 +194,11 @@ def test_start_up_errors_name_the_cause(tmp_path, tiny_models):
 
     cfg = _cfg(tmp_path, tiny_models, "ray")
     cfg.engine.replicas = 3  # 3 x 1 CPU on a 2-CPU instance could never be placed
-    with pytest.raises(EngineError, match=r"3 replicas x 1 CPU need 3 CPUs; the Ray cluster "
-                                          r"has 2 \(lower \[engine\] replicas or num_cpus"):
+    with pytest.raises(
+        EngineError,
+        match=r"3 replicas x 1 CPU need 3 CPUs; the Ray cluster "
+        r"has 2 \(lower \[engine\] replicas or num_cpus",
+    ):
         RayEngine(cfg, Metrics())
     cfg.engine.replicas, cfg.model.profile = 1, str(tmp_path / "missing.json")
     with pytest.raises(EngineError, match="did not start: .*missing.json"):
@@ -203,22 +216,42 @@ def test_cluster_gone_stops_daemon_and_file_resumes(tmp_path, tiny_models, monke
     head_log = tmp_path / "head.log"
     with open(head_log, "wb") as f:
         head = subprocess.Popen(
-            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-             f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-             "--include-dashboard=false", "--disable-usage-stats"],
-            stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "ray.scripts.scripts",
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                "--num-cpus=1",
+                "--node-ip-address=127.0.0.1",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     try:
-        assert wait_until(lambda: b"Ray runtime started" in head_log.read_bytes(), 60), \
+        assert wait_until(lambda: b"Ray runtime started" in head_log.read_bytes(), 60), (
             head_log.read_text()
+        )
         engine = f'\n[engine]\nbackend = "ray"\naddress = "127.0.0.1:{port}"\n'
-        cfg = write_config(tmp_path / "c.toml", {**tiny_models, "profile": tiny_models["flag_all"]},
-                           folder_io(tmp_path) + engine, guard=True)
+        cfg = write_config(
+            tmp_path / "c.toml",
+            {**tiny_models, "profile": tiny_models["flag_all"]},
+            folder_io(tmp_path) + engine,
+            guard=True,
+        )
         (tmp_path / "inbox").mkdir()
         make_clip(tmp_path / "clip.mp4", frames=200)
         log = tmp_path / "daemon.log"
         with running_daemon(cfg, log) as proc:
-            assert wait_until(lambda: b"ray replicas ready" in log.read_bytes(), 90), \
+            assert wait_until(lambda: b"ray replicas ready" in log.read_bytes(), 90), (
                 log.read_text()
+            )
             (tmp_path / "clip.mp4").rename(tmp_path / "inbox" / "clip.mp4")
             claimed = tmp_path / "state" / "claimed"
             assert wait_until(lambda: list(claimed.rglob("clip.mp4")), 30), log.read_text()
@@ -236,6 +269,7 @@ def test_cluster_gone_stops_daemon_and_file_resumes(tmp_path, tiny_models, monke
     text = (tmp_path / "c.toml").read_text().replace('backend = "ray"', 'backend = "local"')
     (tmp_path / "c.toml").write_text(text)
     with running_daemon(tmp_path / "c.toml", log):
-        assert wait_until(lambda: (tmp_path / "outbox" / "clip.summary.json").exists(), 120), \
+        assert wait_until(lambda: (tmp_path / "outbox" / "clip.summary.json").exists(), 120), (
             log.read_text()
+        )
     assert len(_verdicts(tmp_path / "outbox" / "clip.verdicts.jsonl")) == 200

@@ -262,10 +262,14 @@ def test_reload_applies_the_paste_back_keys_live(service, tmp_path):
     guard = svc.engine.cfg.guard
     assert (guard.publish_purified, guard.edit_lowpass) == (False, 1.5)  # the defaults
     cfg = tmp_path / "c.toml"
-    cfg.write_text(cfg.read_text().replace("[guard]\n", "[guard]\npublish_purified = true\n"
-                                           "edit_lowpass = 0.5\n"))
+    cfg.write_text(
+        cfg.read_text().replace(
+            "[guard]\n", "[guard]\npublish_purified = true\nedit_lowpass = 0.5\n"
+        )
+    )
     svc.reload()
     assert (guard.publish_purified, guard.edit_lowpass) == (True, 0.5)
+
 
 def test_disrupted_faces_are_reconstructed(service, tmp_path):
     """The guard's disrupted path end to end: verdict, chain, and x* pasted when asked."""

@@ -19,8 +19,16 @@ from tests.daemon.helpers import wait_until
 def test_soak_accounts_for_every_frame_with_flat_memory(tmp_path):
     # 3 x 300 fps is several times what the tiny-model guard does on 2 idle cores (~180 fps),
     # so frames are dropped on an idle CI machine too, not only on a busy one.
-    r = run_soak(45, streams=3, fps=300, queue_size=8, batch_size=4, warmup_s=15,
-                 floor_window_s=6, workdir=tmp_path)
+    r = run_soak(
+        45,
+        streams=3,
+        fps=300,
+        queue_size=8,
+        batch_size=4,
+        warmup_s=15,
+        floor_window_s=6,
+        workdir=tmp_path,
+    )
     assert r["daemon_alive"] and r["exit_code"] == 0
     assert r["settled"] and r["all_verdicts_heard"], r
     dropped = 0
@@ -37,13 +45,15 @@ def test_soak_accounts_for_every_frame_with_flat_memory(tmp_path):
         assert r["queue_max"].get(q, 0) <= limit, (q, r["queue_max"])
     slope = r["rss_slope_mib_per_min"]
     growth = r["rss_mib"]["max"] - r["rss_mib"]["after_warmup"]
-    print(f"\nsoak: {r['seconds']} s, {r['streams']} streams, "
-          f"{sum(p['sent'] for p in r['per_stream'].values())} frames sent, "
-          f"{sum(p['verdicts'] for p in r['per_stream'].values())} verdicts, {dropped} dropped "
-          f"(all logged by seq), {r['guarded_fps']:.0f} fps guarded; queue max {r['queue_max']}; "
-          f"RSS {r['rss_mib']['after_warmup']:.0f} -> {r['rss_mib']['end']:.0f} MiB, slope "
-          f"{slope:+.2f} MiB/min after warm-up (floor {r['rss_floor_slope_mib_per_min']:+.2f}), "
-          f"trace {r['rss_trace']}")
+    print(
+        f"\nsoak: {r['seconds']} s, {r['streams']} streams, "
+        f"{sum(p['sent'] for p in r['per_stream'].values())} frames sent, "
+        f"{sum(p['verdicts'] for p in r['per_stream'].values())} verdicts, {dropped} dropped "
+        f"(all logged by seq), {r['guarded_fps']:.0f} fps guarded; queue max {r['queue_max']}; "
+        f"RSS {r['rss_mib']['after_warmup']:.0f} -> {r['rss_mib']['end']:.0f} MiB, slope "
+        f"{slope:+.2f} MiB/min after warm-up (floor {r['rss_floor_slope_mib_per_min']:+.2f}), "
+        f"trace {r['rss_trace']}"
+    )
     # 45 s is short: RSS moves by +-10 MiB between samples; the 30-min bench is the measurement
     assert slope < 30 and growth < 64, (slope, r["rss_trace"])
 
@@ -60,8 +70,9 @@ def test_collector_hears_verdicts_after_a_pause_in_the_drain():
 
     def publish(stream: str, seqs: range) -> None:
         for seq in seqs:
-            pub.send_multipart([f"verdict.{stream}".encode(), json.dumps(
-                {"stream": stream, "seq": seq}).encode()])
+            pub.send_multipart(
+                [f"verdict.{stream}".encode(), json.dumps({"stream": stream, "seq": seq}).encode()]
+            )
 
     try:
         # PUB/SUB joins are asynchronous: a probe gets through once the subscription is in place

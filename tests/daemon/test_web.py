@@ -55,8 +55,9 @@ def send(push: zmq.Socket, stream: str, frames: int, side: int = 32, seed: int =
 
 def test_api_over_a_zmq_stream(service):
     port = free_port()
-    svc = service(zmq_source(port, socket="pull", bind=True) + http_section(), guard=True,
-                  profile="flag_all")
+    svc = service(
+        zmq_source(port, socket="pull", bind=True) + http_section(), guard=True, profile="flag_all"
+    )
     web = svc.http_server.port
     ctx = zmq.Context()
     push = connect(ctx, zmq.PUSH, port)
@@ -69,10 +70,17 @@ def test_api_over_a_zmq_stream(service):
         ctx.term()
     rows = {s["id"]: s for s in get_json(web, "/api/streams")}
     cam = rows["cam"]
-    assert {"id", "source", "frames", "faces", "flagged", "dropped", "fps", "last_verdict"} <= \
-        set(cam)
-    assert (cam["source"], cam["frames"], cam["frames_in"], cam["faces"], cam["flagged"],
-            cam["dropped"]) == ("zmq0", 4, 4, 4, 4, 0)  # the flag-all profile flags every face
+    assert {"id", "source", "frames", "faces", "flagged", "dropped", "fps", "last_verdict"} <= set(
+        cam
+    )
+    assert (
+        cam["source"],
+        cam["frames"],
+        cam["frames_in"],
+        cam["faces"],
+        cam["flagged"],
+        cam["dropped"],
+    ) == ("zmq0", 4, 4, 4, 4, 0)  # the flag-all profile flags every face
     assert cam["last_verdict"]["seq"] == 3 and cam["last_verdict"]["disrupted"] is True
     one = get_json(web, "/api/streams/cam")
     assert [v["seq"] for v in one["verdicts"]] == [0, 1, 2, 3]
@@ -95,9 +103,15 @@ def test_api_over_a_zmq_stream(service):
     assert not np.array_equal(pictures["input"], pictures["output_before"])
     # a hostile id is only a key: percent-encoded, it finds its stream and nothing else
     assert get_json(web, "/api/streams/" + quote(HOSTILE, safe=""))["id"] == HOSTILE
-    for path in ("/api/streams/nope", "/api/streams/cam/flagged/999/input.jpg",
-                 "/api/streams/cam/flagged/0/../../x.jpg", "/api/streams/cam/flagged/0/x.jpg",
-                 "/api/nope", "/static/../config.py", "/etc/passwd"):
+    for path in (
+        "/api/streams/nope",
+        "/api/streams/cam/flagged/999/input.jpg",
+        "/api/streams/cam/flagged/0/../../x.jpg",
+        "/api/streams/cam/flagged/0/x.jpg",
+        "/api/nope",
+        "/static/../config.py",
+        "/etc/passwd",
+    ):
         assert get(web, path)[0] == 404, path
     # the page and /metrics from the same server
     status, headers, page = get(web, "/")
@@ -143,8 +157,9 @@ def test_jobs_serve_only_the_outbox(service, tmp_path):
     (stage / "broken.mkv").write_bytes(b"\x1aE\xdf\xa3 not really matroska")
     for name in ("clip.mp4", "broken.mkv"):
         (stage / name).rename(tmp_path / "inbox" / name)
-    assert wait_until(lambda: {j["state"] for j in get_json(web, "/api/jobs")} ==
-                      {"done", "failed"}, 30)
+    assert wait_until(
+        lambda: {j["state"] for j in get_json(web, "/api/jobs")} == {"done", "failed"}, 30
+    )
     jobs = {j["input"]: j for j in get_json(web, "/api/jobs")}
     done, failed = jobs["clip.mp4"], jobs["broken.mkv"]
     assert done["frames"] == 3 and done["summary"]["frames"] == 3
@@ -153,8 +168,13 @@ def test_jobs_serve_only_the_outbox(service, tmp_path):
     for key, file in done["summary"]["outputs"].items():
         status, _, body = get(web, f"/api/jobs/{done['name']}/{key}")
         assert status == 200 and body == (outbox / file).read_bytes(), key
-    for path in ("/api/jobs/clip/source", "/api/jobs/broken/media", "/api/jobs/nope/media",
-                 "/api/jobs/clip/..%2F..%2Fc.toml", "/api/jobs/clip/media/x"):
+    for path in (
+        "/api/jobs/clip/source",
+        "/api/jobs/broken/media",
+        "/api/jobs/nope/media",
+        "/api/jobs/clip/..%2F..%2Fc.toml",
+        "/api/jobs/clip/media/x",
+    ):
         assert get(web, path)[0] == 404, path
     # an output replaced by a link out of the outbox is not followed
     (outbox / "clip.mp4").unlink()
@@ -170,8 +190,14 @@ def test_deprecated_metrics_section(service):
 
 
 def _guarded(stream: str, seq: int, side: int = 2000) -> Guarded:
-    v = {"stream": stream, "seq": seq, "disrupted": False, "score": 0.1, "threshold": 0.5,
-         "faces": [{"box": [0, 0, 8, 8], "disrupted": False, "score": 0.1, "chain": []}]}
+    v = {
+        "stream": stream,
+        "seq": seq,
+        "disrupted": False,
+        "score": 0.1,
+        "threshold": 0.5,
+        "faces": [{"box": [0, 0, 8, 8], "disrupted": False, "score": 0.1, "chain": []}],
+    }
     return Guarded(np.zeros((side // 2, side, 3), np.uint8), v, source="zmq0")
 
 

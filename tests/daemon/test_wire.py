@@ -18,18 +18,25 @@ def _img(h: int = 16, w: int = 24, seed: int = 0) -> np.ndarray:
 class TestV1:
     def test_rgb24_round_trip(self):
         img = _img()
-        parts = wire.encode_frame("cam1", 7, img, "rgb24", pts=3600, time_base=(1, 90000),
-                                  cond={"Blond_Hair": 1})
+        parts = wire.encode_frame(
+            "cam1", 7, img, "rgb24", pts=3600, time_base=(1, 90000), cond={"Blond_Hair": 1}
+        )
         assert parts[0] == b"frame.cam1"
         m = wire.decode_v1(parts, MAX)
-        assert (m.stream, m.seq, m.pts, m.time_base, m.cond) == \
-            ("cam1", 7, 3600, (1, 90000), {"Blond_Hair": 1.0})
+        assert (m.stream, m.seq, m.pts, m.time_base, m.cond) == (
+            "cam1",
+            7,
+            3600,
+            (1, 90000),
+            {"Blond_Hair": 1.0},
+        )
         np.testing.assert_array_equal(m.image, img)
 
     def test_png_lossless_jpeg_close(self):
         img = _img()
-        np.testing.assert_array_equal(wire.decode_v1(wire.encode_frame("s", 0, img, "png"),
-                                                     MAX).image, img)
+        np.testing.assert_array_equal(
+            wire.decode_v1(wire.encode_frame("s", 0, img, "png"), MAX).image, img
+        )
         smooth = np.full((16, 16, 3), (200, 30, 90), np.uint8)
         out = wire.decode_v1(wire.encode_frame("s", 0, smooth, "jpeg"), MAX).image
         assert np.abs(out.astype(int) - smooth).max() < 8  # RGB order kept through JPEG
@@ -38,22 +45,26 @@ class TestV1:
         parts = wire.encode_frame("s", 1, _img(), "rgb24")
         assert wire.decode_v1(parts[1:], MAX).seq == 1
 
-    @pytest.mark.parametrize("change, reason", [
-        ({"v": 2}, "bad_version"),
-        ({"format": "bmp"}, "bad_header"),
-        ({"seq": -1}, "bad_header"),
-        ({"width": "16"}, "bad_header"),
-        ({"extra": 1}, "bad_header"),
-        ({"time_base": [1]}, "bad_header"),
-        ({"cond": {"a": "x"}}, "bad_header"),
-        ({"stream": ""}, "bad_header"),
-    ])
+    @pytest.mark.parametrize(
+        "change, reason",
+        [
+            ({"v": 2}, "bad_version"),
+            ({"format": "bmp"}, "bad_header"),
+            ({"seq": -1}, "bad_header"),
+            ({"width": "16"}, "bad_header"),
+            ({"extra": 1}, "bad_header"),
+            ({"time_base": [1]}, "bad_header"),
+            ({"cond": {"a": "x"}}, "bad_header"),
+            ({"stream": ""}, "bad_header"),
+        ],
+    )
     def test_bad_headers(self, change, reason):
         topic, header, payload = wire.encode_frame("s", 0, _img(), "rgb24")
         h = {**json.loads(header), **change}
         with pytest.raises(WireError) as e:
-            wire.decode_v1([topic if "stream" not in change else b"", json.dumps(h).encode(),
-                            payload], MAX)
+            wire.decode_v1(
+                [topic if "stream" not in change else b"", json.dumps(h).encode(), payload], MAX
+            )
         assert e.value.reason == reason
 
     def test_missing_key(self):
@@ -77,8 +88,7 @@ class TestV1:
         assert e.value.reason == "bad_topic"
 
     def test_huge_frame_refused_before_decoding(self):
-        h = {"v": 1, "stream": "s", "seq": 0, "format": "rgb24", "width": 100000,
-             "height": 100000}
+        h = {"v": 1, "stream": "s", "seq": 0, "format": "rgb24", "width": 100000, "height": 100000}
         with pytest.raises(WireError) as e:
             wire.decode_v1([b"frame.s", json.dumps(h).encode(), b""], MAX)
         assert e.value.reason == "too_large"
@@ -105,12 +115,15 @@ class TestImagezmq:
         jpg = wire.encode_image(_img(), "jpeg")
         assert wire.decode_imagezmq([b'{"msg": "j"}', jpg], MAX, 0).image.shape == (16, 24, 3)
 
-    @pytest.mark.parametrize("md, reason", [
-        ({"msg": "x", "dtype": "float32", "shape": [2, 2, 3]}, "bad_header"),
-        ({"msg": "x", "dtype": "uint8", "shape": [2, 2, 4]}, "bad_shape"),
-        ({"msg": "x", "dtype": "uint8", "shape": [2, 2, 3]}, "bad_payload"),
-        ({"dtype": "uint8"}, "bad_header"),
-    ])
+    @pytest.mark.parametrize(
+        "md, reason",
+        [
+            ({"msg": "x", "dtype": "float32", "shape": [2, 2, 3]}, "bad_header"),
+            ({"msg": "x", "dtype": "uint8", "shape": [2, 2, 4]}, "bad_shape"),
+            ({"msg": "x", "dtype": "uint8", "shape": [2, 2, 3]}, "bad_payload"),
+            ({"dtype": "uint8"}, "bad_header"),
+        ],
+    )
     def test_wrong_shapes(self, md, reason):
         with pytest.raises(WireError) as e:
             wire.decode_imagezmq([json.dumps(md).encode(), b"\0" * 5], MAX, 0)

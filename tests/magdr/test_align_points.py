@@ -48,8 +48,14 @@ def _face(m_true: np.ndarray) -> FaceBox:
     pts = np.stack([eye_l, eye_r, nose, mouth - 15 * across, mouth + 15 * across])
     centre = pts.mean(0)
     side = 2.2 * np.linalg.norm(eye_r - eye_l)
-    return FaceBox(round(centre[0] - side / 2), round(centre[1] - side / 2), round(side),
-                   round(side), 0.95, pts)
+    return FaceBox(
+        round(centre[0] - side / 2),
+        round(centre[1] - side / 2),
+        round(side),
+        round(side),
+        0.95,
+        pts,
+    )
 
 
 def _with_points(b: FaceBox, pts: np.ndarray) -> FaceBox:
@@ -85,8 +91,9 @@ class TestFivePointMatrices:
             (m,) = align_matrices(anchors, 64, target=target)
             a = _apply(m, anchors[0])
             np.testing.assert_allclose(a[2], target[2] * 64, atol=1e-9)
-            np.testing.assert_allclose((a[0] + a[1]) / 2, (target[0] + target[1]) / 2 * 64,
-                                       atol=1e-9)
+            np.testing.assert_allclose(
+                (a[0] + a[1]) / 2, (target[0] + target[1]) / 2 * 64, atol=1e-9
+            )
         assert align_matrices(np.zeros((0, 3, 2)), 64).shape == (0, 2, 3)
 
     def test_insane_points_fall_back_to_the_framed_box(self):
@@ -130,11 +137,13 @@ class TestBoxFraming:
             for m, (x0, y0, side, _) in zip(mats, crop_rects(boxes, *framing), strict=True):
                 # the square's outer pixel edges go onto the crop's
                 corners = np.array([[x0 - 0.5, y0 - 0.5], [x0 + side - 0.5, y0 + side - 0.5]])
-                np.testing.assert_allclose(_apply(m, corners), [[-0.5, -0.5], [63.5, 63.5]],
-                                           atol=1e-9)
+                np.testing.assert_allclose(
+                    _apply(m, corners), [[-0.5, -0.5], [63.5, 63.5]], atol=1e-9
+                )
         assert not np.allclose(box_matrices(boxes, 64, FRAMING), box_matrices(boxes, 64))
-        np.testing.assert_array_equal(box_matrices(boxes, 64),
-                                      box_matrices(boxes, 64, (CROP_SCALE, CROP_SHIFT)))
+        np.testing.assert_array_equal(
+            box_matrices(boxes, 64), box_matrices(boxes, 64, (CROP_SCALE, CROP_SHIFT))
+        )
 
     def test_framed_warp_cuts_what_crop_faces_cuts(self):
         frame = _smooth(180, 220)
@@ -146,7 +155,7 @@ class TestBoxFraming:
 
 def _crop_area(m: np.ndarray, side: int, shape: tuple[int, int], inset: float) -> np.ndarray:
     """Frame pixels whose centre maps inside the crop, ``inset`` crop pixels from its edge."""
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
     q = _apply(m, np.stack([xx, yy], -1))
     lo, hi = -0.5 + inset, side - 0.5 - inset
     return np.all((q >= lo) & (q <= hi), -1)

@@ -421,4 +421,3 @@ def test_threshold_holds_the_rate_in_every_group():
     t, _ = choose_threshold(neg, pos, fpr=0.05, groups=groups)
     assert t >= 0.8  # no more than 5% of group 1 either: both of its high scores pass
     assert ((neg[groups == 1] > t).float().mean()) <= 0.05
-

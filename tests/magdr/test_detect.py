@@ -290,7 +290,6 @@ class TestDetector:
         with pytest.raises(ShapeError, match="regions"):
             det(x, torch.zeros(2, 5), torch.ones(2, 3, 16, 16), torch.zeros(2, len(REGIONS)))
 
-
     def test_without_regions_only_when_lambda_is_zero(self, small_g, face_parser):
         x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
         c = torch.eye(5)[:3]

@@ -46,7 +46,7 @@ def _two_faces(frame: np.ndarray) -> np.ndarray:
     canvas = np.full((h, w + small.shape[1] + 32, 3), 128, np.uint8)
     canvas[:, :w] = frame
     y0 = (h - small.shape[0]) // 2
-    canvas[y0:y0 + small.shape[0], w + 16:w + 16 + small.shape[1]] = small
+    canvas[y0 : y0 + small.shape[0], w + 16 : w + 16 + small.shape[1]] = small
     return canvas
 
 
@@ -198,8 +198,9 @@ class _StubNet:
 
 def _row(x, y, w, h, score, swap=False):
     """A YuNet output row in detector pixels: box, five points (optionally right-first)."""
-    pts = np.array([x, y]) + np.array([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8],
-                                       [0.65, 0.8]]) * (w, h)
+    pts = np.array([x, y]) + np.array(
+        [[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]]
+    ) * (w, h)
     if swap:
         pts = pts[[1, 0, 2, 4, 3]]
     return np.concatenate([[x, y, w, h], pts.ravel(), [score]]).astype(np.float32)

@@ -129,9 +129,9 @@ class TestResult:
         scores = _guard(small_g, face_parser).detect(x, c).score
         kw = {"threshold": _between(scores)}
         r1 = _guard(small_g, face_parser, **kw)(x, c)
-        r2 = Guard(
-            small_g, face_parser, Profile(**kw), device="cpu", max_batch=3, recnet_chunk=5
-        )(x, c)
+        r2 = Guard(small_g, face_parser, Profile(**kw), device="cpu", max_batch=3, recnet_chunk=5)(
+            x, c
+        )
         assert r1.disrupted.any()  # Rec-Net ran, with other chunks
         for name in ("disrupted", "score", "output", "purified", "score_after"):
             torch.testing.assert_close(getattr(r1, name), getattr(r2, name))

@@ -23,7 +23,7 @@ class TestWindowMask:
         assert m.shape == (1, 1, size, size) and m.dtype == torch.float32
         w = m[0, 0]
         c = size // 2
-        assert torch.all(w[c - 1:c + 1, c - 1:c + 1] > 0.999)
+        assert torch.all(w[c - 1 : c + 1, c - 1 : c + 1] > 0.999)
         assert torch.all(_border(w) == 0)
         assert float(w.min()) >= 0.0 and float(w.max()) <= 1.0
 
@@ -42,7 +42,7 @@ class TestWindowMask:
         ring = (r > 0.3) & (r < 0.45)
         assert torch.all((w[ring] > 0) & (w[ring] < 1))
         # decreasing along a ray from the centre
-        row = w[S // 2, S // 2:]
+        row = w[S // 2, S // 2 :]
         assert torch.all(row[1:] <= row[:-1] + 1e-7)
         assert float(row[0] - row[-1]) > 0.99
 
@@ -85,9 +85,9 @@ class TestRegionMask:
         assert m.shape == (S, S)
         d = self.REACH + 1
         far = torch.ones(S, S, dtype=torch.bool)
-        far[20 - d:56 + d, 30 - d:98 + d] = False
+        far[20 - d : 56 + d, 30 - d : 98 + d] = False
         assert torch.all(m[far] == 0)
-        assert torch.all(m[56 + d:112, 30:98] == 0)  # the skin below, a non-target region
+        assert torch.all(m[56 + d : 112, 30:98] == 0)  # the skin below, a non-target region
         assert float(m[20:56, 30:98].max()) > 0.99  # while the hair itself is pasted
 
     def test_follows_the_targets(self):
@@ -95,17 +95,16 @@ class TestRegionMask:
         m = region_mask(_regions(), _targets("hair", "skin"))[0, 0]
         d = self.REACH + 1
         inside = torch.zeros(S, S, dtype=torch.bool)
-        inside[20 + d:56 - d, 30 + d:98 - d] = True  # hair interior
+        inside[20 + d : 56 - d, 30 + d : 98 - d] = True  # hair interior
         inside &= w > 0.999
         assert inside.sum() > 100
         torch.testing.assert_close(m[inside], torch.ones(int(inside.sum())), atol=1e-5, rtol=0)
         skin = torch.zeros(S, S, dtype=torch.bool)
-        skin[56 + d:112 - d, 30 + d:98 - d] = True
-        skin[66 - d:76 + d, 44 - d:60 + d] = False  # away from the eyes
+        skin[56 + d : 112 - d, 30 + d : 98 - d] = True
+        skin[66 - d : 76 + d, 44 - d : 60 + d] = False  # away from the eyes
         skin &= w > 0.999
         assert skin.sum() > 100
-        torch.testing.assert_close(m[skin], torch.full((int(skin.sum()),), 0.6), atol=1e-5,
-                                   rtol=0)
+        torch.testing.assert_close(m[skin], torch.full((int(skin.sum()),), 0.6), atol=1e-5, rtol=0)
         assert float(m[71, 52]) < 0.05  # the eyes are not a target
         # feathered: the hair's lower edge ramps instead of stepping
         col = m[40:72, 64]
@@ -119,8 +118,10 @@ class TestRegionMask:
         m = region_mask(everywhere, _targets("hair"))
         torch.testing.assert_close(m, w, atol=1e-6, rtol=0)  # the window itself
         assert torch.all(_border(m[0, 0]) == 0)
-        for regions in (_regions(), torch.rand(1, len(REGIONS), S, S,
-                                               generator=torch.Generator().manual_seed(0))):
+        for regions in (
+            _regions(),
+            torch.rand(1, len(REGIONS), S, S, generator=torch.Generator().manual_seed(0)),
+        ):
             m = region_mask(regions, _targets("hair", "skin", "eyes"))
             assert torch.all(m <= w + 1e-7)
             assert float(m.min()) >= 0.0 and float(m.max()) <= 1.0

@@ -62,19 +62,27 @@ class RefStarGAN(nn.Module):
     def __init__(self, conv_dim=64, c_dim=5, repeat_num=6):
         super().__init__()
         layers = []
-        layers.append(nn.Conv2d(3 + c_dim, conv_dim, kernel_size=7, stride=1, padding=3, bias=False))  # noqa: E501
+        layers.append(
+            nn.Conv2d(3 + c_dim, conv_dim, kernel_size=7, stride=1, padding=3, bias=False)
+        )  # noqa: E501
         layers.append(nn.InstanceNorm2d(conv_dim, affine=True, track_running_stats=True))
         layers.append(nn.ReLU(inplace=True))
         curr_dim = conv_dim
         for _ in range(2):
-            layers.append(nn.Conv2d(curr_dim, curr_dim * 2, kernel_size=4, stride=2, padding=1, bias=False))  # noqa: E501
+            layers.append(
+                nn.Conv2d(curr_dim, curr_dim * 2, kernel_size=4, stride=2, padding=1, bias=False)
+            )  # noqa: E501
             layers.append(nn.InstanceNorm2d(curr_dim * 2, affine=True, track_running_stats=True))
             layers.append(nn.ReLU(inplace=True))
             curr_dim = curr_dim * 2
         for _ in range(repeat_num):
             layers.append(RefStarGANResidualBlock(dim_in=curr_dim, dim_out=curr_dim))
         for _ in range(2):
-            layers.append(nn.ConvTranspose2d(curr_dim, curr_dim // 2, kernel_size=4, stride=2, padding=1, bias=False))  # noqa: E501
+            layers.append(
+                nn.ConvTranspose2d(
+                    curr_dim, curr_dim // 2, kernel_size=4, stride=2, padding=1, bias=False
+                )
+            )  # noqa: E501
             layers.append(nn.InstanceNorm2d(curr_dim // 2, affine=True, track_running_stats=True))
             layers.append(nn.ReLU(inplace=True))
             curr_dim = curr_dim // 2
@@ -112,19 +120,27 @@ class RefGANimation(nn.Module):
     def __init__(self, conv_dim=64, c_dim=5, repeat_num=6):
         super().__init__()
         layers = []
-        layers.append(nn.Conv2d(3 + c_dim, conv_dim, kernel_size=7, stride=1, padding=3, bias=False))  # noqa: E501
+        layers.append(
+            nn.Conv2d(3 + c_dim, conv_dim, kernel_size=7, stride=1, padding=3, bias=False)
+        )  # noqa: E501
         layers.append(nn.InstanceNorm2d(conv_dim, affine=True))
         layers.append(nn.ReLU(inplace=True))
         curr_dim = conv_dim
         for _ in range(2):
-            layers.append(nn.Conv2d(curr_dim, curr_dim * 2, kernel_size=4, stride=2, padding=1, bias=False))  # noqa: E501
+            layers.append(
+                nn.Conv2d(curr_dim, curr_dim * 2, kernel_size=4, stride=2, padding=1, bias=False)
+            )  # noqa: E501
             layers.append(nn.InstanceNorm2d(curr_dim * 2, affine=True))
             layers.append(nn.ReLU(inplace=True))
             curr_dim = curr_dim * 2
         for _ in range(repeat_num):
             layers.append(RefGANimationResidualBlock(dim_in=curr_dim, dim_out=curr_dim))
         for _ in range(2):
-            layers.append(nn.ConvTranspose2d(curr_dim, curr_dim // 2, kernel_size=4, stride=2, padding=1, bias=False))  # noqa: E501
+            layers.append(
+                nn.ConvTranspose2d(
+                    curr_dim, curr_dim // 2, kernel_size=4, stride=2, padding=1, bias=False
+                )
+            )  # noqa: E501
             layers.append(nn.InstanceNorm2d(curr_dim // 2, affine=True))
             layers.append(nn.ReLU(inplace=True))
             curr_dim = curr_dim // 2
@@ -175,13 +191,17 @@ class RefRuizGANimation(nn.Module):
     def __init__(self, conv_dim=64, c_dim=5, repeat_num=6):
         super().__init__()
         layers = []
-        layers.append(nn.Conv2d(3 + c_dim, conv_dim, kernel_size=7, stride=1, padding=3, bias=False))  # noqa: E501
+        layers.append(
+            nn.Conv2d(3 + c_dim, conv_dim, kernel_size=7, stride=1, padding=3, bias=False)
+        )  # noqa: E501
         layers.append(nn.InstanceNorm2d(conv_dim, affine=True, track_running_stats=True))
         layers.append(nn.ReLU(inplace=True))
         self.debug1 = nn.Sequential(*layers)
         curr_dim = conv_dim
         for _ in range(2):
-            layers.append(nn.Conv2d(curr_dim, curr_dim * 2, kernel_size=4, stride=2, padding=1, bias=False))  # noqa: E501
+            layers.append(
+                nn.Conv2d(curr_dim, curr_dim * 2, kernel_size=4, stride=2, padding=1, bias=False)
+            )  # noqa: E501
             layers.append(nn.InstanceNorm2d(curr_dim * 2, affine=True, track_running_stats=True))
             layers.append(nn.ReLU(inplace=True))
             curr_dim = curr_dim * 2
@@ -190,7 +210,11 @@ class RefRuizGANimation(nn.Module):
             layers.append(RefRuizResidualBlock(dim_in=curr_dim, dim_out=curr_dim))
         self.debug3 = nn.Sequential(*layers)
         for _ in range(2):
-            layers.append(nn.ConvTranspose2d(curr_dim, curr_dim // 2, kernel_size=4, stride=2, padding=1, bias=False))  # noqa: E501
+            layers.append(
+                nn.ConvTranspose2d(
+                    curr_dim, curr_dim // 2, kernel_size=4, stride=2, padding=1, bias=False
+                )
+            )  # noqa: E501
             layers.append(nn.InstanceNorm2d(curr_dim // 2, affine=True, track_running_stats=True))
             layers.append(nn.ReLU(inplace=True))
             curr_dim = curr_dim // 2
@@ -226,20 +250,29 @@ class RefResnetBlock(nn.Module):
 
     def __init__(self, dim, padding_type, norm_layer, use_dropout, use_bias):
         super().__init__()
-        self.conv_block = self.build_conv_block(dim, padding_type, norm_layer, use_dropout, use_bias)  # noqa: E501
+        self.conv_block = self.build_conv_block(
+            dim, padding_type, norm_layer, use_dropout, use_bias
+        )  # noqa: E501
 
     def build_conv_block(self, dim, padding_type, norm_layer, use_dropout, use_bias):
         conv_block = []
         p = 0
         if padding_type == "reflect":
             conv_block += [nn.ReflectionPad2d(1)]
-        conv_block += [nn.Conv2d(dim, dim, kernel_size=3, padding=p, bias=use_bias), norm_layer(dim), nn.ReLU(True)]  # noqa: E501
+        conv_block += [
+            nn.Conv2d(dim, dim, kernel_size=3, padding=p, bias=use_bias),
+            norm_layer(dim),
+            nn.ReLU(True),
+        ]  # noqa: E501
         if use_dropout:
             conv_block += [nn.Dropout(0.5)]
         p = 0
         if padding_type == "reflect":
             conv_block += [nn.ReflectionPad2d(1)]
-        conv_block += [nn.Conv2d(dim, dim, kernel_size=3, padding=p, bias=use_bias), norm_layer(dim)]  # noqa: E501
+        conv_block += [
+            nn.Conv2d(dim, dim, kernel_size=3, padding=p, bias=use_bias),
+            norm_layer(dim),
+        ]  # noqa: E501
         return nn.Sequential(*conv_block)
 
     def forward(self, x):
@@ -250,24 +283,64 @@ class RefResnetBlock(nn.Module):
 class RefResnetGenerator(nn.Module):
     """junyanz/pytorch-CycleGAN-and-pix2pix models/networks.py ResnetGenerator."""
 
-    def __init__(self, input_nc, output_nc, ngf=64, norm_layer=nn.BatchNorm2d, use_dropout=False, n_blocks=6, padding_type="reflect"):  # noqa: E501
+    def __init__(
+        self,
+        input_nc,
+        output_nc,
+        ngf=64,
+        norm_layer=nn.BatchNorm2d,
+        use_dropout=False,
+        n_blocks=6,
+        padding_type="reflect",
+    ):  # noqa: E501
         assert n_blocks >= 0
         super().__init__()
         if type(norm_layer) == functools.partial:  # noqa: E721
             use_bias = norm_layer.func == nn.InstanceNorm2d
         else:
             use_bias = norm_layer == nn.InstanceNorm2d
-        model = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, kernel_size=7, padding=0, bias=use_bias), norm_layer(ngf), nn.ReLU(True)]  # noqa: E501
+        model = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(input_nc, ngf, kernel_size=7, padding=0, bias=use_bias),
+            norm_layer(ngf),
+            nn.ReLU(True),
+        ]  # noqa: E501
         n_downsampling = 2
         for i in range(n_downsampling):
             mult = 2**i
-            model += [nn.Conv2d(ngf * mult, ngf * mult * 2, kernel_size=3, stride=2, padding=1, bias=use_bias), norm_layer(ngf * mult * 2), nn.ReLU(True)]  # noqa: E501
+            model += [
+                nn.Conv2d(
+                    ngf * mult, ngf * mult * 2, kernel_size=3, stride=2, padding=1, bias=use_bias
+                ),
+                norm_layer(ngf * mult * 2),
+                nn.ReLU(True),
+            ]  # noqa: E501
         mult = 2**n_downsampling
         for _ in range(n_blocks):
-            model += [RefResnetBlock(ngf * mult, padding_type=padding_type, norm_layer=norm_layer, use_dropout=use_dropout, use_bias=use_bias)]  # noqa: E501
+            model += [
+                RefResnetBlock(
+                    ngf * mult,
+                    padding_type=padding_type,
+                    norm_layer=norm_layer,
+                    use_dropout=use_dropout,
+                    use_bias=use_bias,
+                )
+            ]  # noqa: E501
         for i in range(n_downsampling):
             mult = 2 ** (n_downsampling - i)
-            model += [nn.ConvTranspose2d(ngf * mult, int(ngf * mult / 2), kernel_size=3, stride=2, padding=1, output_padding=1, bias=use_bias), norm_layer(int(ngf * mult / 2)), nn.ReLU(True)]  # noqa: E501
+            model += [
+                nn.ConvTranspose2d(
+                    ngf * mult,
+                    int(ngf * mult / 2),
+                    kernel_size=3,
+                    stride=2,
+                    padding=1,
+                    output_padding=1,
+                    bias=use_bias,
+                ),
+                norm_layer(int(ngf * mult / 2)),
+                nn.ReLU(True),
+            ]  # noqa: E501
         model += [nn.ReflectionPad2d(3)]
         model += [nn.Conv2d(ngf, output_nc, kernel_size=7, padding=0)]
         model += [nn.Tanh()]
@@ -279,7 +352,9 @@ class RefResnetGenerator(nn.Module):
 
 def ref_cyclegan(ngf=8, n_blocks=2, use_dropout=False, running_stats=False):
     norm = functools.partial(nn.InstanceNorm2d, affine=False, track_running_stats=running_stats)
-    return RefResnetGenerator(3, 3, ngf, norm_layer=norm, use_dropout=use_dropout, n_blocks=n_blocks)  # noqa: E501
+    return RefResnetGenerator(
+        3, 3, ngf, norm_layer=norm, use_dropout=use_dropout, n_blocks=n_blocks
+    )  # noqa: E501
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,11 +600,13 @@ class TestRegistry:
         sd = stargan_sd()
         x, c = images(1), conds(1, 5)
         want = load_generator(save(sd, tmp_path, "a.ckpt"))(x, c)
-        for i, obj in enumerate([
-            {"state_dict": sd, "epoch": 3},
-            {"G": {f"module.{k}": v for k, v in sd.items()}},
-            {f"module.{k}": v for k, v in sd.items()},
-        ]):
+        for i, obj in enumerate(
+            [
+                {"state_dict": sd, "epoch": 3},
+                {"G": {f"module.{k}": v for k, v in sd.items()}},
+                {f"module.{k}": v for k, v in sd.items()},
+            ]
+        ):
             G = load_generator(save(obj, tmp_path, f"w{i}.pth"))
             assert torch.equal(G(x, c), want)
         with pytest.raises(CheckpointError, match="exactly one"):

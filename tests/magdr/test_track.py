@@ -88,13 +88,18 @@ class TestSchedule:
 
     def test_calls_made(self):
         det = FakeDetector({k: [_box(80 + k, 60, 48)] for k in (1, 2)})
-        follow = FaceFollower(det, every=3, min_size=20, max_faces=4, max_side=320,
-                              window=2.0, window_side=150)
+        follow = FaceFollower(
+            det, every=3, min_size=20, max_faces=4, max_side=320, window=2.0, window_side=150
+        )
         follow(_frame(1))
         follow(_frame(2))
         full, window = det.calls
         assert (full.shape, full.max_side, full.max_faces, full.min_size) == (
-            (200, 240, 3), 320, 4, 20)
+            (200, 240, 3),
+            320,
+            4,
+            20,
+        )
         # a window of 2 box sides around the frame-1 box (81, 60, 48, 48), at window_side
         assert window.origin == (57, 36) and window.shape == (96, 96, 3)
         assert (window.max_side, window.max_faces, window.min_size) == (150, None, 20)
@@ -187,8 +192,17 @@ class TestIdentity:
         windows = det.calls[1:3]
         for c in windows:  # the test's premise: each window holds both faces
             (x0, y0), (h, w) = c.origin, c.shape[:2]
-            assert len(det(_frame(2)[y0:y0 + h, x0:x0 + w], min_size=32, max_faces=None,
-                           max_side=160)) == 2
+            assert (
+                len(
+                    det(
+                        _frame(2)[y0 : y0 + h, x0 : x0 + w],
+                        min_size=32,
+                        max_faces=None,
+                        max_side=160,
+                    )
+                )
+                == 2
+            )
 
     def test_tracks_keep_their_filter_across_detections(self):
         a1, b1 = _box(30, 70, 40), _box(120, 60, 56)
@@ -222,8 +236,10 @@ class TestSmoothing:
     def test_smoothing_on_followed_points(self):
         rng = np.random.default_rng(0)
         base = _box(60, 40, 96).points
-        world = {k: [FaceBox(60, 40, 96, 96, 0.95, base + rng.normal(0, 1, (5, 2)))]
-                 for k in range(1, 41)}
+        world = {
+            k: [FaceBox(60, 40, 96, 96, 0.95, base + rng.normal(0, 1, (5, 2)))]
+            for k in range(1, 41)
+        }
         raw, smooth = [], []
         follow = FaceFollower(FakeDetector(world), every=5, smooth=0.05)
         for k in range(1, 41):
