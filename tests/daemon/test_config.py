@@ -193,9 +193,9 @@ class TestSecretsAndPaths:
         )
 
     def test_unreadable_file(self, tmp_path):
-        assert (
-            _err(self._zmq(f"file:{tmp_path / 'nope'}"))
-            == f"sinks[0].curve_secret_key: cannot read {tmp_path / 'nope'}: No such file or directory"
+        missing = tmp_path / "nope"
+        assert _err(self._zmq(f"file:{missing}")) == (
+            f"sinks[0].curve_secret_key: cannot read {missing}: No such file or directory"
         )
 
     def test_bad_key_length(self):
