@@ -7,9 +7,13 @@
     python -m bench.demo_frames --report bench/results/REPORT.md   # and its "Demo frames" section
 
 One row per frame the demo attacked (its ``*.report.jsonl``), four columns: the bundled clip's
-frame; G's own pixels pasted back (``[guard] edit_lowpass = 0``, the default G's checkerboard on
-this face); the demo's cleaned output of the clean clip; the demo's cleaned output of the
-PGD-disrupted copy. The clip is MIT-licensed, so the sheet may be committed.
+frame; G's own pixels pasted back the way the daemon did before 2026-12 (``edit_lowpass = 0``,
+``paste_mask = "square"``: the default G's checkerboard and the crop's square on this face); the
+demo's cleaned output of the clean clip; the demo's cleaned output of the PGD-disrupted copy.
+Under each pasted frame, measured against the clip's frame (:func:`bench.pipeline.paste_quality`):
+the *seam* along the crop's square border (0 = untouched) and the share of the input's
+high-frequency detail kept in the eyes-to-mouth area, which the hair edit does not target. The
+clip is MIT-licensed, so the sheet may be committed.
 """
 
 from __future__ import annotations
@@ -26,7 +30,12 @@ import numpy as np
 from daemon import media
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ("clip frame", "G's pixels pasted", "cleaned, clean clip", "cleaned, disrupted copy")
+COLUMNS = (
+    "clip frame",
+    "G's pixels, square (before)",
+    "cleaned, clean clip",
+    "cleaned, disrupted copy",
+)
 
 
 def attacked_frames(demo_dir: Path) -> list[int]:
@@ -47,7 +56,7 @@ def g_pixels(frames: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     from daemon.engine import Engine
 
     cfg = load_config(ROOT / "config" / "default.toml")
-    cfg.guard.enabled, cfg.guard.edit_lowpass = False, 0.0
+    cfg.guard.enabled, cfg.guard.edit_lowpass, cfg.guard.paste_mask = False, 0.0, "square"
     engine = Engine(cfg)
     out = {}
     for i, frame in frames.items():
@@ -62,11 +71,36 @@ def g_pixels(frames: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     return out
 
 
-def sheet(rows: list[list[np.ndarray]], side: int = 256) -> np.ndarray:
-    """RGB rows of frames as one image, each frame resized to ``side`` px high, titled columns."""
+def measures(frame: np.ndarray, pasted: np.ndarray) -> str:
+    """``seam S, detail D%`` of ``pasted`` against ``frame`` (its faces found afresh)."""
+    from bench.pipeline import paste_quality
+    from daemon.config import Config
+    from daemon.framing import Framing
+
+    framing = Framing(Config(), 128)
+    boxes = framing.locate(frame)
+    crops = framing.crop(frame, boxes)
+    if not boxes or crops.matrices is None:
+        return "no face"
+    seams, kept = paste_quality(frame, pasted, crops, boxes, 128)
+    return f"seam {np.mean(seams):.3f}, detail {100 * np.mean(kept):.0f}%"
+
+
+def sheet(
+    rows: list[list[np.ndarray]], side: int = 256, notes: list[list[str]] | None = None
+) -> np.ndarray:
+    """RGB rows of frames as one image, each frame resized to ``side`` px high, titled columns;
+    ``notes[r][c]``, when given, is written under cell ``c`` of row ``r``."""
     title_h = 28
     cells = [[cv2.resize(f, (round(f.shape[1] * side / f.shape[0]), side)) for f in r]
              for r in rows]  # fmt: skip
+    for r, row_notes in enumerate(notes or []):
+        for c, note in enumerate(row_notes):
+            if note:
+                cell = cells[r][c] = cells[r][c].copy()
+                cv2.rectangle(cell, (0, side - 22), (cell.shape[1], side), (255, 255, 255), -1)
+                cv2.putText(cell, note, (6, side - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                            (0, 0, 0), 1, cv2.LINE_AA)  # fmt: skip
     body = np.concatenate([np.concatenate(r, 1) for r in cells], 0)
     head = np.full((title_h, body.shape[1], 3), 255, np.uint8)
     x = 0
@@ -87,8 +121,9 @@ def render(demo_dir: Path, clip: Path, out: Path) -> Path:
     adv = _frames(adv_path, want)
     plain = g_pixels(src)
     rows = [[src[i], plain[i], clean[i], adv[i]] for i in sorted(want)]
+    notes = [[""] + [measures(r[0], pasted) for pasted in r[1:]] for r in rows]
     out.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(out), sheet(rows)[..., ::-1])
+    cv2.imwrite(str(out), sheet(rows, notes=notes)[..., ::-1])
     return out
 
 
@@ -118,8 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: D103
             "daemon, `config/default.toml`), then `python -m bench.demo_frames` at commit "
             f"`{commit()}`: "
             "per attacked frame, left to right: " + " | ".join(COLUMNS)
-            + " (`[guard] edit_lowpass` pastes the edit low-passed onto the face; G's own pixels "
-            "carry its checkerboard).",
+            + " (the daemon adds the edit, low-passed, inside the regions it targets; G's own "
+            "pixels in a square carry its checkerboard and wash out the face's detail). Under "
+            "each pasted frame: the seam along the crop's square border (0 = untouched) and the "
+            "share of the input's high-frequency detail kept between the eyes and the mouth.",
             "", f"![{rel}]({rel})",
         ]))  # fmt: skip
     return 0

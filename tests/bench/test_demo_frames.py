@@ -25,3 +25,16 @@ def test_sheet_of_a_demo_directory(tmp_path):
     img = cv2.imread(str(out))
     # two rows of 256 px under a title strip, four frames of 64×48 scaled to 256 px high each
     assert img.shape[0] == 28 + 2 * 256 and img.shape[1] == len(COLUMNS) * round(64 * 256 / 48)
+
+
+def test_notes_are_written_under_their_cells():
+    import numpy as np
+
+    from bench.demo_frames import sheet
+
+    frames = [[np.full((48, 64, 3), 40, np.uint8)] * 2]
+    plain = sheet(frames)
+    noted = sheet(frames, notes=[["", "seam 0.000, detail 100%"]])
+    w = round(64 * 256 / 48)
+    assert np.array_equal(plain[:, :w], noted[:, :w])  # no note: the cell is untouched
+    assert (noted[-22:, w:] == 255).mean() > 0.5 and not np.array_equal(plain, noted)
