@@ -10,7 +10,8 @@ this module is the first step. Two detectors share one call::
 - ``"yunet"`` (the default): OpenCV's ``cv2.FaceDetectorYN`` with YuNet (Wu et al., 2023; MIT),
   whose ONNX file ships in ``magdr/models/weights/`` (provenance and digest in its model card).
   It gives each face's five landmarks (eyes, nose tip, mouth corners), so faces are aligned
-  without dlib. A 1280×720 frame scaled to 320 px costs about 4 ms on one core.
+  without dlib. On a 1280×720 frame scaled to 320 px it costs a fraction of the Haar cascade
+  (``python -m bench.detectors``; REPORT, "Face detectors").
 - ``"haar"``: OpenCV's Haar cascade (:func:`magdr.faces.locate.locate_faces`); no landmarks, so
   alignment needs dlib's 68-point model (:class:`magdr.faces.align.LandmarkLocator`).
 
@@ -44,7 +45,7 @@ POINT_NAMES = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
 Detector = Callable[..., list[FaceBox]]
 
 
-def _scaled(frame: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+def downscaled(frame: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     """The frame area-downscaled so that its longer side is at most ``max_side``, and the scale."""
     h, w = frame.shape[:2]
     k = min(1.0, max_side / max(h, w))
@@ -117,7 +118,7 @@ class YuNet:
         frame = check_frame(frame)
         if min(frame.shape[:2]) == 0:
             return []
-        small, k = _scaled(frame, max_side)
+        small, k = downscaled(frame, max_side)
         bgr = cv2.cvtColor(small, cv2.COLOR_RGB2BGR)  # YuNet was trained on BGR input
         _, rows = self._net(bgr.shape[1], bgr.shape[0]).detect(bgr)
         if rows is None:
@@ -151,8 +152,9 @@ DETECTORS: dict[str, Callable[[], Detector]] = {"yunet": YuNet, "haar": lambda: 
 #: Per detector, the CelebA-like square around its box: side in box sides (the larger of width
 #: and height) and upward shift of the centre in box heights
 #: (:func:`magdr.faces.locate.crop_rects`).
-#: YuNet's: medians over 800 CelebA train crops (every 4th of ``000001``-``003200``; 10th-90th
-#: percentile 1.42-1.66 and 0.11-0.18), ``python -m bench.detectors --celeba-anchor``. Used for
+#: YuNet's: medians over the 1,928 CelebA train crops of every 4th of ``000001``-``008000``
+#: (10th-90th percentile 1.44-1.66 and 0.11-0.18), ``python -m bench.detectors
+#: --celeba-anchor``. Used for
 #: faces whose landmarks are not sane, and with ``align`` off.
 CROP_FRAMING: dict[str, tuple[float, float]] = {
     "yunet": (1.54, 0.14),
