@@ -496,6 +496,12 @@ def section(results: dict[str, Any]) -> str:
         if sha
         else ""
     )
+    # the timings share the CPU with whatever else ran: say so when it was busy
+    busy = (
+        " (a busy machine: timings are noisy)"
+        if results["load_avg"] > 0.75 * results["cpus"]
+        else ""
+    )
     head = (
         f"Every {results['every']}th frame of the {results['clips']} shared clips "
         f"({any_det['frames']} frames, one person in each: a frame without a box is *missed*, "
@@ -508,8 +514,8 @@ def section(results: dict[str, Any]) -> str:
         "dlib's inter-ocular distance, median over the faces counted. *ms*: mean wall time of "
         f"one call (haar+dlib: with dlib's landmarks) on the {timed} sampled frames of the clips "
         f"with a shorter side ≥ {TIMED_SIDE}, one thread (OpenCV and torch), "
-        f"{results['cpus']}-core CPU, load average {results['load_avg']:.1f} at the end "
-        f"(a busy machine: timings are noisy).{retina} Made by `{results['command']}` at commit "
+        f"{results['cpus']}-core CPU, load average {results['load_avg']:.1f} at the end"
+        f"{busy}.{retina} Made by `{results['command']}` at commit "
         f"`{results['commit']}`."
     )
     lines = [
