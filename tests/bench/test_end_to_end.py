@@ -1,0 +1,76 @@
+"""``python -m bench.end_to_end``: the whole-guard attack, its counts and its section."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench import end_to_end as E
+
+
+class _Profile:
+    threshold = 0.5
+
+
+class _FakeGuard(nn.Module):
+    """score = mean of x (so the gate is known), purifier halves x."""
+
+    def __init__(self):
+        super().__init__()
+        self.profile = _Profile()
+        self.purifier = lambda x: 0.5 * x
+
+    def score(self, x, c):
+        return x.flatten(1).mean(1)
+
+
+class _Tint(nn.Module):
+    def forward(self, x, c):
+        return torch.tanh(2 * x + c[:, :1, None, None])
+
+
+def test_published_is_the_gated_mix_of_the_two_roads():
+    G, guard = _Tint(), _FakeGuard()
+    attack = E.GuardPGD(G, guard, temperature=0.2)
+    x = torch.linspace(-1, 1, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    c = torch.ones(2, 5)
+    gate = torch.sigmoid((x.flatten(1).mean(1) - 0.5) / (0.2 * 0.5)).reshape(-1, 1, 1, 1)
+    want = (1 - gate) * G(x, c) + gate * G(0.5 * x, c)
+    torch.testing.assert_close(attack.published(x, c), want)
+
+
+def test_attack_stays_in_the_ball_and_moves_the_published_output():
+    G, guard = _Tint(), _FakeGuard()
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.4 - 0.2
+    c = torch.zeros(3, 5)
+    attack = E.GuardPGD(G, guard, eps=0.1, step=0.02, steps=10)
+    x_adv = attack(x, c, generator=torch.Generator().manual_seed(1))
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.abs().max() <= 1
+    with torch.no_grad():
+        before = E._mse(attack.published(x, c), G(x, c))
+        after = E._mse(attack.published(x_adv, c), G(x, c))
+    assert (after > before).all()
+
+
+def test_strongest_keeps_each_faces_furthest_published_output():
+    a = {"published": np.array([0.1, 0.9]), "flagged": np.array([True, False])}
+    b = {"published": np.array([0.5, 0.2]), "flagged": np.array([False, True])}
+    best = E.strongest([a, b])
+    np.testing.assert_array_equal(best["published"], [0.5, 0.9])
+    np.testing.assert_array_equal(best["flagged"], [False, False])
+
+
+def test_summary_counts_and_section_row():
+    att = {"published": np.array([0.2, 0.01, 0.0, 0.3]), "plain": np.array([0.3, 0.2, 0.0, 0.4]),
+           "flagged": np.array([True, True, False, False]),
+           "score": np.array([2.0, 3.0, 0.1, 0.2])}  # fmt: skip
+    s = E.summary(np.array([0.1, 0.2, 0.3, 0.4]), 1.0, att)
+    assert (s["through"], s["flagged"], s["disrupting"], s["disrupting_unflagged"]) == (2, 2, 3, 1)
+    assert s["f1"] == 2 * 2 / (2 * 2 + 0 + 1)
+    s["seconds"] = 12.0
+    text = E.section({"command": "python -m bench.end_to_end", "commit": "abc",
+                      "machine": "2 CPU cores", "attack": "GuardPGD.", "clean_flagged": 0,
+                      "clean": 4, "eps": {"0.1": s}})  # fmt: skip
+    assert text.startswith("## Adaptive attacker\n")
+    assert "| 0.1 | 4 | 2/4 (50.0%) | 2/4 | 3/4 | 1 | 0.80 |" in text
