@@ -317,7 +317,8 @@ def test_yunet_followed_matches_detecting_every_frame(demo_frames):
     for k, frame in enumerate(demo_frames):
         (got,) = follow(frame)
         (ref,) = det(frame, max_side=320)
-        assert np.abs(np.subtract(got.as_list(), ref.as_list())).max() <= 5, k
+        # YuNet on a window and on the whole frame: a few % of the face apart, not more
+        assert np.abs(np.subtract(got.as_list(), ref.as_list())).max() <= 0.08 * ref.w, k
         assert np.abs(got.points - ref.points).max() <= 0.08 * ref.w, k
         if k % 5 == 0:
             assert got.as_list() == ref.as_list()
