@@ -304,7 +304,8 @@ class Engine:
             from magdr.faces.mask import region_mask
 
             c = self.default_cond if c is None else c
-            targets = self.G.target_regions(c.reshape(-1, c.shape[-1])[:1], batch=1).cpu()
+            one = c[None] if c.dim() == 1 else c[:1]  # the frame's condition (c_dim may be 0)
+            targets = self.G.target_regions(one, batch=1).cpu()
             mask = region_mask(
                 self._regions.get(self._parse, crops, stream, g.region_every),
                 targets.expand(len(crops.boxes), -1),

@@ -376,3 +376,26 @@ def test_temporal_rule_reconstructs_a_track_from_its_kth_flagged_frame(tmp_path,
         assert not guard("b").verdict["disrupted"]  # a new stream's first frame
     finally:
         batcher.close(5)
+
+
+def test_an_unconditional_generator_is_pasted_inside_its_task_region(tmp_path, tiny_models):
+    """CycleGAN-style G (no condition, c_dim 0): the region paste takes the task's region."""
+    import torch
+
+    from magdr.models.cyclegan import CycleGAN
+
+    torch.manual_seed(0)
+    G = CycleGAN(ngf=4, n_blocks=1, image_size=32)
+    torch.save({k: v.detach() for k, v in G.state_dict().items()}, tmp_path / "cyc.pt")
+    models = {**tiny_models, "G": tmp_path / "cyc.pt"}
+    cfg = load_config(write_config(tmp_path / "c.toml", models, faces="detect"))
+    cfg.model.kind, cfg.model.condition = "cyclegan", {}
+    engine, batcher, pipe = build_pipeline(cfg, Metrics())
+    try:
+        assert engine.default_cond.shape == (0,)
+        frame = _demo_frame()
+        g = pipe.submit(frame, stream="cyc", seq=0, source="t").result(10)
+        assert len(g.verdict["faces"]) == 1 and g.image.shape == frame.shape
+        assert (g.image != frame).any()
+    finally:
+        batcher.close(5)
