@@ -167,13 +167,21 @@ def run(G: nn.Module, guard: Any, x: torch.Tensor, c: torch.Tensor, eps_list: Se
     return {"clean_flagged": int((clean > tau).sum()), "clean": len(x), "eps": rows}
 
 
+def _num(v: float, digits: int) -> str:
+    """A number, or – where it is undefined (F1 and AUROC need a disruption of plain G)."""
+    return "–" if v != v else f"{v:.{digits}f}"
+
+
 def section(res: dict[str, Any]) -> str:
     """The report's "Adaptive attacker" section."""
     lines = [
         "## Adaptive attacker",
         "",
         f"`{res['command']}` — commit `{res['commit']}`, {res['machine']}. {res['attack']} "
-        f"Clean faces flagged: {res['clean_flagged']}/{res['clean']}.",
+        f"Clean faces flagged: {res['clean_flagged']}/{res['clean']}. *Through*: the real "
+        "guard's published output still more than 0.05 MSE from G(x, c); F1 and AUROC (the "
+        "paper's, over clean faces and attacks that disrupt plain G) are undefined when none "
+        "does.",
         "",
         "| ε | faces | published output disrupted (through) | flagged | disrupting plain G | "
         "of those unflagged | F1 | AUROC | seconds |",
@@ -184,7 +192,7 @@ def section(res: dict[str, Any]) -> str:
         lines.append(
             f"| {eps} | {n} | {r['through']}/{n} ({100 * r['through'] / n:.1f}%) | "
             f"{r['flagged']}/{n} | {r['disrupting']}/{n} | {r['disrupting_unflagged']} | "
-            f"{r['f1']:.2f} | {r['auroc']:.3f} | {r['seconds']:.0f} |"
+            f"{_num(r['f1'], 2)} | {_num(r['auroc'], 3)} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
