@@ -31,7 +31,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from magdr.attacks import PGD, SUCCESS_MSE, _linf_ascent, _mse
+from magdr.attacks import PGD, SUCCESS_MSE, _mse
 from magdr.calibrate import auroc
 
 
@@ -86,16 +86,10 @@ class GuardPGD(PGD):
             return passed
         return (1 - gate) * passed + gate * self.G(self.guard.purifier(x_adv), c)
 
-    def _run(
-        self,
-        x: torch.Tensor,
-        c: torch.Tensor | None,
-        r: torch.Tensor,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        start, probe = self._start(x, generator)
-        objective = lambda x_adv: _mse(self.published(x_adv, c), r)  # noqa: E731
-        return _linf_ascent(x, start, objective, self.eps, self.step, self.steps, probe)
+    def _objective(
+        self, c: torch.Tensor | None, r: torch.Tensor
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x_adv: _mse(self.published(x_adv, c), r)
 
 
 @torch.no_grad()
