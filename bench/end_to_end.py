@@ -41,6 +41,7 @@ from torch import nn
 
 from magdr.attacks import PGD, SUCCESS_MSE, _mse
 from magdr.calibrate import auroc
+from magdr.purifier import STEP_NAME
 
 
 class GuardPGD(PGD):
@@ -96,8 +97,12 @@ class GuardPGD(PGD):
 def outcome(
     G: nn.Module, guard: Any, x: torch.Tensor, x_adv: torch.Tensor, c: torch.Tensor, batch: int = 16
 ) -> dict[str, np.ndarray]:
-    """Per face: the real guard on ``x_adv``: published MSE to G(x, c), flag, score, plain MSE."""
-    out: dict[str, list[np.ndarray]] = {"published": [], "plain": [], "flagged": [], "score": []}
+    """Per face: the real guard on ``x_adv``: published MSE to G(x, c), flag, score, plain MSE,
+    and the road its output took (:data:`ROADS`: passed, cured by P alone, or Rec-Net's search).
+    """
+    out: dict[str, list[np.ndarray]] = {
+        "published": [], "plain": [], "flagged": [], "score": [], "road": []
+    }  # fmt: skip
     for i in range(0, len(x), batch):
         xb, ab, cb = x[i : i + batch], x_adv[i : i + batch], c[i : i + batch]
         ref = G(xb, cb)
@@ -106,7 +111,20 @@ def outcome(
         out["plain"].append(_mse(G(ab, cb), ref).cpu().numpy())
         out["flagged"].append(r.disrupted.cpu().numpy())
         out["score"].append(r.score.cpu().numpy())
+        flags = r.disrupted.tolist()
+        out["road"].append(np.array([_road(f, ch) for f, ch in zip(flags, r.chains, strict=True)]))
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+#: Where a face's published output came from.
+ROADS = ("passed", "purifier", "recnet")
+
+
+def _road(flagged: bool, chain: list[dict[str, Any]]) -> int:
+    """Index into :data:`ROADS` of one face's output."""
+    if not flagged:
+        return 0
+    return 1 if all(step.get("name") == STEP_NAME for step in chain) else 2
 
 
 def strongest(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -126,6 +144,10 @@ def summary(clean_scores: np.ndarray, threshold: float, att: dict[str, np.ndarra
     return {
         "faces": n,
         "through": int((att["published"] > SUCCESS_MSE).sum()),
+        "through_by_road": {
+            road: int(((att["published"] > SUCCESS_MSE) & (att["road"] == i)).sum())
+            for i, road in enumerate(ROADS)
+        },
         "flagged": int(att["flagged"].sum()),
         "disrupting": int(disrupting.sum()),
         "disrupting_unflagged": fn,
@@ -177,14 +199,16 @@ def section(res: dict[str, Any]) -> str:
         "paper's, over clean faces and attacks that disrupt plain G) are undefined when none "
         "does.",
         "",
-        "| ε | faces | published output disrupted (through) | flagged | disrupting plain G | "
-        "of those unflagged | F1 | AUROC | seconds |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ε | faces | published output disrupted (through) | through: passed / purifier / "
+        "Rec-Net | flagged | disrupting plain G | of those unflagged | F1 | AUROC | seconds |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for eps, r in res["eps"].items():
         n = r["faces"]
+        by_road = r.get("through_by_road")  # runs before the road was recorded have none
+        roads = " / ".join(str(by_road[k]) for k in ROADS) if by_road else "–"
         lines.append(
-            f"| {eps} | {n} | {r['through']}/{n} ({100 * r['through'] / n:.1f}%) | "
+            f"| {eps} | {n} | {r['through']}/{n} ({100 * r['through'] / n:.1f}%) | {roads} | "
             f"{r['flagged']}/{n} | {r['disrupting']}/{n} | {r['disrupting_unflagged']} | "
             f"{_num(r['f1'], 2)} | {_num(r['auroc'], 3)} | {r['seconds']:.0f} |"
         )

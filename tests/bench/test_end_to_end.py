@@ -64,13 +64,20 @@ def test_strongest_keeps_each_faces_furthest_published_output():
 def test_summary_counts_and_section_row():
     att = {"published": np.array([0.2, 0.01, 0.0, 0.3]), "plain": np.array([0.3, 0.2, 0.0, 0.4]),
            "flagged": np.array([True, True, False, False]),
-           "score": np.array([2.0, 3.0, 0.1, 0.2])}  # fmt: skip
+           "score": np.array([2.0, 3.0, 0.1, 0.2]), "road": np.array([1, 2, 0, 0])}  # fmt: skip
     s = E.summary(np.array([0.1, 0.2, 0.3, 0.4]), 1.0, att)
     assert (s["through"], s["flagged"], s["disrupting"], s["disrupting_unflagged"]) == (2, 2, 3, 1)
     assert s["f1"] == 2 * 2 / (2 * 2 + 0 + 1)
+    assert s["through_by_road"] == {"passed": 1, "purifier": 1, "recnet": 0}
     s["seconds"] = 12.0
     text = E.section({"command": "python -m bench.end_to_end", "commit": "abc",
                       "machine": "2 CPU cores", "attack": "GuardPGD.", "clean_flagged": 0,
                       "clean": 4, "eps": {"0.1": s}})  # fmt: skip
     assert text.startswith("## Adaptive attacker\n")
-    assert "| 0.1 | 4 | 2/4 (50.0%) | 2/4 | 3/4 | 1 | 0.80 |" in text
+    assert "| 0.1 | 4 | 2/4 (50.0%) | 1 / 1 / 0 | 2/4 | 3/4 | 1 | 0.80 |" in text
+
+
+def test_road_of_a_face():
+    assert E._road(False, []) == 0
+    assert E._road(True, [{"name": "purifier"}]) == 1
+    assert E._road(True, [{"name": "purifier"}, {"name": "jpeg", "region": "hair"}]) == 2
