@@ -34,8 +34,7 @@ import torch
 
 from daemon import media
 from daemon.config import Config
-from daemon.engine import landmark_locator
-from daemon.face_crops import Framing
+from daemon.framing import Framing, landmark_locator
 from daemon.tracks import Tracker
 
 #: (k, n) rules the temporal measurement compares; (1, 1) is every frame on its own.

@@ -29,7 +29,8 @@ from daemon.tracks import iou
 if TYPE_CHECKING:
     import torch
 
-    from daemon.engine import Crops, Engine
+    from daemon.engine import Engine
+    from daemon.framing import Crops
 
 #: Box overlap (IoU) above which a face found on the attacked frame is the clean frame's face.
 MATCH_IOU = 0.3

@@ -21,7 +21,7 @@ import structlog
 import torch
 
 from daemon.config import Config
-from daemon.framing import Crops, Framing, landmark_locator  # noqa: F401 - re-exported
+from daemon.framing import Crops, Framing
 from daemon.tracks import Track
 from magdr.checkpoints import resolve_device
 from magdr.purifier import STEP_NAME as PURIFIER_STEP  # noqa: F401 - verdicts' chain step name
