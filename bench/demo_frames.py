@@ -19,10 +19,12 @@ clip is MIT-licensed, so the sheet may be committed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -71,13 +73,20 @@ def g_pixels(frames: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     return out
 
 
-def measures(frame: np.ndarray, pasted: np.ndarray) -> str:
-    """``seam S, detail D%`` of ``pasted`` against ``frame`` (its faces found afresh)."""
-    from bench.pipeline import paste_quality
+@functools.cache
+def _framing() -> Any:
+    """The daemon's face path with the documented defaults (its detector loaded once)."""
     from daemon.config import Config
     from daemon.framing import Framing
 
-    framing = Framing(Config(), 128)
+    return Framing(Config(), 128)
+
+
+def measures(frame: np.ndarray, pasted: np.ndarray) -> str:
+    """``seam S, detail D%`` of ``pasted`` against ``frame`` (its faces found afresh)."""
+    from bench.pipeline import paste_quality
+
+    framing = _framing()
     boxes = framing.locate(frame)
     crops = framing.crop(frame, boxes)
     if not boxes or crops.matrices is None:

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -275,12 +274,6 @@ def quality(engine: Any, clip: Path, every: int) -> dict[str, Any]:
     return out
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def live(clip: Path, tmp: Path, seconds: float = 30.0, fmt: str = "jpeg") -> dict[str, Any]:
     """``magdr-guard run`` fed ``clip`` at its frame rate on ZeroMQ: share guarded, latency.
 
@@ -289,12 +282,14 @@ def live(clip: Path, tmp: Path, seconds: float = 30.0, fmt: str = "jpeg") -> dic
     """
     import zmq
 
+    from bench.soak import _port
     from daemon import wire
 
     info = media.probe(clip)
     rate = float(info.rate or 30)
-    images = [wire.encode_image(f.image, fmt) for f in _frames(clip, 0)]
-    h, w = _frames(clip, 1)[0].image.shape[:2]
+    frames = _frames(clip, 0)
+    images = [wire.encode_image(f.image, fmt) for f in frames]
+    h, w = frames[0].image.shape[:2]
     port_in, port_out = _port(), _port()
     cfg = tmp / f"live-{clip.stem}.toml"
     cfg.write_text(f"""
