@@ -19,6 +19,12 @@ EoT pool: in each of R rounds, ``--adv-faces`` pool faces are attacked by PGD (`
 for ``--steps``/R steps with the loss above, so the perturbations P let through are the ones it
 learns to undo (measured in ``MODEL_CARD.md``, detector purifier, Limits).
 
+``--robust SHARE`` trains P for a guard that publishes G(P(x̂)) for every face: that share of
+each attacked batch is made afresh by PGD through G∘P against the current P (Madry et al.,
+ICLR 2018), at a radius drawn from ``--robust-eps`` with ``--robust-steps`` steps of 2.5 ε /
+steps, so P learns to undo the perturbations that beat *it*, not only those made against G
+alone. The rest of the batch still comes from the pool.
+
 ``--teacher PATH`` distils instead: a (smaller) P learns to give what a trained purifier T gives,
 L1(P(x̂), T(x̂)) + ``--gamma`` × L1(P(x), T(x)), on the same pool. No pass of G per step, so
 it trains in minutes; the guard's detector runs such a P on every face (the profile's
@@ -30,6 +36,7 @@ Usage::
     python -m training.purifier --G path/G.pt --device cuda --faces 2048 --steps 3000
     python -m training.purifier --width 12 --teacher default --out P12.pt   # distil
     python -m training.purifier --init detector --adversarial 3 --out Pd.pt   # harden
+    python -m training.purifier --init default --robust 0.5 --out P.pt   # PGD through G∘P
     python -m training.purifier --smoke                # 2 steps on fabricated faces, temp dir
 
 ``magdr-guard calibrate --purifier ...`` runs the same :func:`main`. The result is a checkpoint
@@ -156,6 +163,34 @@ def adaptive_pool(
         for i in tqdm(range(0, len(x), chunk), desc="adaptive pool")
     ]
     return torch.cat(out)
+
+
+class Purified(torch.nn.Module):
+    """G on P's output, ``G(P(x), c)``: what a guard that purifies every face publishes."""
+
+    def __init__(self, G: torch.nn.Module, P: torch.nn.Module) -> None:
+        super().__init__()
+        self.G, self.P = G, P
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.G(self.P(x), c)
+
+
+def robust_attack(
+    G: torch.nn.Module,
+    P: torch.nn.Module,
+    x: torch.Tensor,
+    c: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``--robust``'s attacked faces: PGD from a random start maximising MSE(G(P(x̂), c), y)."""
+    from magdr.attacks import PGD
+
+    attack = PGD(Purified(G, P), eps=eps, step=2.5 * eps / steps, steps=steps)
+    return attack(x, c, reference=y, generator=generator)
 
 
 def _adversarial_round(
@@ -320,16 +355,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         "--adv-profile", default="default",
         help="the profile whose threshold τ the attacker aims under ('default' or a JSON path)",
     )  # fmt: skip
+    ap.add_argument(
+        "--robust", type=float, default=0.0, metavar="SHARE",
+        help="share of each attacked batch made online by PGD through G∘P (0: none)",
+    )  # fmt: skip
+    ap.add_argument("--robust-eps", default="0.03,0.05,0.1", help="radii drawn per step")
+    ap.add_argument("--robust-steps", type=int, default=5, help="PGD iterations per batch")
     ap.add_argument("--smoke", action="store_true", help="2 steps on fabricated faces, temp dir")
     a = ap.parse_args(argv)
-    if a.adversarial and a.teacher is not None:
-        ap.error("--adversarial trains against G: it does not combine with --teacher")
+    if (a.adversarial or a.robust) and a.teacher is not None:
+        ap.error("--adversarial and --robust train against G: not with --teacher")
+    if not 0 <= a.robust <= 1:
+        ap.error(f"--robust: a share in [0, 1], got {a.robust}")
     torch.set_num_threads(a.threads)
     if a.smoke:
         a.run_dir = Path(tempfile.mkdtemp(prefix="magdr-purifier-"))
         a.steps, a.faces, a.batch, a.clean_batch, a.attack_steps, a.cw_steps = 2, 8, 2, 2, 1, 1
         a.width, a.log_every = 4, 1
-        a.adv_faces, a.adv_steps = min(a.adv_faces, 4), 1
+        a.adv_faces, a.adv_steps, a.robust_steps = min(a.adv_faces, 4), 1, 1
     out = a.out or a.run_dir / "purifier.pt"
     setup_logging(a.run_dir)
     rng = seed_all(a.seed)
@@ -399,6 +442,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
 
         threshold = load_profile(a.adv_profile).threshold
         hinge = DetectorHinge(G, P, threshold, 1.0)
+    robust_eps = [float(e) for e in a.robust_eps.split(",")]
+    gen = torch.Generator(device=dev)
     step = 0
     bar = tqdm(range(a.steps), desc="purifier")
     for step in bar:  # noqa: B007 - the step reached is reported after the loop
@@ -414,8 +459,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
                 P.train()
         for g in opt.param_groups:
             g["lr"] = _cosine(a.lr, budget.fraction(step))
-        ia = torch.from_numpy(rng.choice(len(x_adv), a.batch, replace=False))
+        n_online = round(a.batch * a.robust)
+        ia = torch.from_numpy(rng.choice(len(x_adv), a.batch - n_online, replace=False))
         fa = face_of[ia]
+        x_att = x_adv[ia].to(dev)
+        if n_online:
+            io = torch.from_numpy(rng.choice(len(x), n_online, replace=False))
+            gen.manual_seed(int(rng.integers(2**31)))
+            online = robust_attack(G, P, x[io].to(dev), c[io].to(dev), y[io].to(dev),
+                                   float(rng.choice(robust_eps)), a.robust_steps, gen)  # fmt: skip
+            x_att, fa = torch.cat([x_att, online]), torch.cat([fa, io])
         ic = torch.from_numpy(rng.choice(len(x), a.clean_batch, replace=False))
         # No flip augmentation: G(flip(x)) is not flip(G(x)), and a flipped perturbation is no
         # longer the one that disrupts G.
@@ -427,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         else:
             terms = purifier_loss(
                 P, G,
-                x_adv[ia].to(dev), c[fa].to(dev), y[fa].to(dev), x[fa].to(dev),
+                x_att, c[fa].to(dev), y[fa].to(dev), x[fa].to(dev),
                 x[ic].to(dev), c[ic].to(dev), y[ic].to(dev),
                 a.beta, a.gamma, a.ssim,
             )  # fmt: skip
@@ -455,6 +508,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:  # noqa: D103
         adversarial=None if hinge is None else {
             "rounds": rounds, "faces": a.adv_faces, "eps": a.adv_eps, "steps": a.adv_steps,
             "evade_weight": a.adv_evade, "threshold": hinge.threshold,
+        },
+        robust=None if not a.robust else {
+            "share": a.robust, "eps": robust_eps, "steps": a.robust_steps,
         },
     )  # fmt: skip
     log.info("wrote %s", out)

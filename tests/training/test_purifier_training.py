@@ -13,7 +13,14 @@ from magdr.profile import load_profile
 from magdr.purifier import Purifier, load_purifier
 from magdr.transforms import apply
 from tests.conftest import synthetic_conditions, synthetic_faces
-from training.purifier import DetectorHinge, adaptive_pool, distill_loss, purifier_loss
+from training.purifier import (
+    DetectorHinge,
+    Purified,
+    adaptive_pool,
+    distill_loss,
+    purifier_loss,
+    robust_attack,
+)
 from training.purifier import main as train_main
 
 
@@ -98,6 +105,34 @@ def test_adversarial_training_command_smoke(tmp_path):
     assert adv["threshold"] == load_profile("default").threshold
     with pytest.raises(SystemExit):  # the teacher's loss has no G to attack through
         train_main(["--smoke", "--adversarial", "1", "--teacher", str(out), "--out", str(out)])
+
+
+def test_robust_training_command_smoke(tmp_path):
+    """``--robust``: online attacks through G∘P, their settings in P's metadata."""
+    out = tmp_path / "p.pt"
+    train_main(["--smoke", "--robust", "0.5", "--robust-eps", "0.05", "--out", str(out)])
+    assert load_purifier(out).meta["robust"] == {"share": 0.5, "eps": [0.05], "steps": 1}
+    for bad in (["--robust", "2"], ["--robust", "0.5", "--teacher", str(out)]):
+        with pytest.raises(SystemExit):
+            train_main(["--smoke", *bad, "--out", str(tmp_path / "q.pt")])
+
+
+def test_robust_attack_beats_the_purifier_not_g_alone(tiny_stargan):
+    """``--robust``'s faces move G(P(x̂)) away from G(x), within ε, with P's weights untouched
+    and still trainable."""
+    G = tiny_stargan
+    g = torch.Generator().manual_seed(31)
+    x, c = synthetic_faces(4, g), synthetic_conditions(4, g)
+    P = _Blur()
+    with torch.no_grad():
+        y = G(x, c)
+    x_adv = robust_attack(G, P, x, c, y, eps=0.05, steps=5, generator=torch.Generator())
+    assert (x_adv - x).abs().max() <= 0.05 + 1e-6 and not x_adv.requires_grad
+    with torch.no_grad():
+        assert ((Purified(G, P)(x_adv, c) - y) ** 2).mean() > ((G(P(x), c) - y) ** 2).mean()
+    Q = Purifier(width=4)
+    robust_attack(G, Q, x, c, y, eps=0.05, steps=1, generator=torch.Generator())
+    assert all(q.requires_grad for q in Q.parameters()) and Q.training
 
 
 class _Blur(torch.nn.Module):
