@@ -6,7 +6,8 @@ Per batch of faces x̂ and conditions c::
     M = regions(parser(x̂))            19 soft classes -> N attribute regions (with λ = 0 only
                                        where a hint or Rec-Net's search needs region patches)
     S_final = λ·S_dist + S_cons        Eq. 4-7, 9  -> disrupted?
-    if disrupted: x* = P(x̂)           the learned purifier (magdr.purifier), when G has one;
+    if disrupted: x* = P(x̂)           the learned purifier (magdr.purifier), when G has one
+                                       (with ``purify_all``: x* = P(x̂) for every face);
                   x* = RecNet(x*)     Algorithm 1 per region patch, if S_final(x*) is still high;
                   y* = G(x*, c)       check again
 """
@@ -36,6 +37,11 @@ log = logging.getLogger(__name__)
 def _rows(v: Any, index: Any) -> Any:
     """``v[index]``, or None for an absent ``v`` (no condition, no hints)."""
     return None if v is None else v[index]
+
+
+def _purifier_step() -> dict[str, Any]:
+    """The chain entry of a face given to the learned purifier (whole face, one layer)."""
+    return {"name": STEP_NAME, "params": {}, "region": "all", "layer": 0}
 
 
 class _Regions:
@@ -92,11 +98,13 @@ class GuardResult:
             only items whose reconstruction needed their region patches (a hint, Rec-Net's
             search) are parsed: NaN elsewhere.
         s_cons: S_cons (Eq. 7), :math:`(B,)`.
-        output: :math:`(B, 3, H, W)`, G(purified, c); equals G(x, c) where not disrupted.
+        output: :math:`(B, 3, H, W)`, G(purified, c); equals G(x, c) where not disrupted
+            (G(P(x), c) there when the guard purifies every face, ``Guard(purify_all=True)``).
         purified: :math:`(B, 3, H, W)`, the input given to G for ``output``.
         chains: per item, the transforms applied (``name``, ``params``, ``region``, ``layer``).
         threshold: the profile's threshold on S_final.
-        score_after: S_final of ``purified`` :math:`(B,)` (== ``score`` where not disrupted).
+        score_after: S_final of ``purified`` :math:`(B,)`; ``score`` where not disrupted (also
+            under ``purify_all``: a face that passed is not scored again).
         flags: V_i (Eq. 5), bool :math:`(B, N)` over ``magdr.faces.regions.REGIONS``.
         reused: bool :math:`(B,)`, the item's chain is the ``hints`` chain it was given (no
             Rec-Net search ran for it).
@@ -148,6 +156,10 @@ class Guard(nn.Module):
             (:mod:`magdr.purifier`): a module, a checkpoint path, ``"auto"`` (the shipped one
             when it was trained against this G's weights, else none) or ``None`` (Rec-Net
             alone, as the paper).
+        purify_all: publish G(P(x̂), c) for every face, not only for the flagged ones, so that
+            no face's output hangs on the flag alone: an attacker must then beat P itself
+            (``bench.end_to_end``). Costs a pass of P and of G per face that passes; needs a
+            purifier.
 
     Example:
         >>> import magdr  # doctest: +SKIP
@@ -165,6 +177,7 @@ class Guard(nn.Module):
         max_batch: int = 64,
         recnet_chunk: int | None = None,
         purifier: nn.Module | str | None = "auto",
+        purify_all: bool = False,
     ) -> None:
         super().__init__()
         self.device = resolve_device(device)
@@ -179,6 +192,12 @@ class Guard(nn.Module):
         self.max_batch = max_batch
         self.recnet_chunk = recnet_chunk or (256 if self.device.type == "cuda" else 32)
         self.purifier = purifier_for(self.G, purifier, self.device)
+        if purify_all and self.purifier is None:
+            raise ValueError(
+                "purify_all: the guard has no purifier (purifier=None, or 'auto' for a "
+                "generator the shipped one was not trained against)"
+            )
+        self.purify_all = bool(purify_all)
         self._purifier_k = self._purifier_in_detector()
         #: The detector's consistency runs a learned purifier (this one or a distilled copy).
         self._detector_purifies = any(
@@ -316,7 +335,7 @@ class Guard(nn.Module):
         for j, i in enumerate(todo.tolist()):
             if better[j]:
                 purified[i], output[i], score_after[i] = x_p[j], again.output[j], again.score[j]
-                chains[i].append({"name": STEP_NAME, "params": {}, "region": "all", "layer": 0})
+                chains[i].append(_purifier_step())
         if self._detector_purifies:
             # A purifier is the detector's transform, and a purifier's consistency cannot vouch
             # for a purifier's output: P is not idempotent, and one more pass moves G's output
@@ -326,6 +345,29 @@ class Guard(nn.Module):
             # where it did not.
             return todo[~better]
         return todo[~(better & ~again.disrupted)]
+
+    def _purify_passed(
+        self,
+        x: torch.Tensor,
+        det: Detection,
+        c: torch.Tensor | None,
+        purified: torch.Tensor,
+        output: torch.Tensor,
+        chains: list[list[dict[str, Any]]],
+    ) -> None:
+        """``purify_all``: the faces that passed get P(x̂) and G(P(x̂), c) too (in place)."""
+        idx = (~det.disrupted).nonzero().flatten()
+        if idx.numel() == 0:
+            return
+        k = self._purifier_k
+        if k is None:
+            x_p = self.purifier(x[idx])
+            y_p = self.G(x_p, _rows(c, idx))
+        else:  # the detector ran P already
+            x_p, y_p = det.inputs_k[idx, k], det.outputs_k[idx, k]
+        purified[idx], output[idx] = x_p, y_p
+        for i in idx.tolist():
+            chains[i] = [_purifier_step()]
 
     # ---- the guard ----------------------------------------------------------------------
     def forward(
@@ -396,6 +438,8 @@ class Guard(nn.Module):
         reused = torch.zeros(b, dtype=torch.bool, device=x.device)
         names = ["+".join(patch) for patch in p.recnet.patches]
         search_transforms = p.consistency[: max(1, p.recnet.score_transforms)]
+        if self.purify_all:
+            self._purify_passed(x, det, c, purified, output, chains)
         todo = det.disrupted.nonzero().flatten()
         tried = [i for i in todo.tolist() if hints is not None and hints[i]]
         if tried:

@@ -115,9 +115,9 @@ class TestInTheGuard:
         return {"G": G, "parser": face_parser, "profile": profile,
                 "x": x[32:], "c": c[32:], "x_adv": x_adv[32:]}  # fmt: skip
 
-    def _guard(self, s, purifier):
+    def _guard(self, s, purifier, **kw):
         return Guard(s["G"], parser=s["parser"], profile=s["profile"], device="cpu",
-                     purifier=purifier)  # fmt: skip
+                     purifier=purifier, **kw)  # fmt: skip
 
     def test_a_curing_purifier_replaces_the_search(self, setup):
         s = setup
@@ -145,6 +145,27 @@ class TestInTheGuard:
         r = self._guard(s, _Oracle(s["x_adv"], s["x"]))(s["x"], s["c"])
         assert not r.disrupted.any() and not any(r.chains)
         assert torch.equal(r.purified, s["x"])
+
+    def test_purify_all_gives_every_face_g_of_p(self, setup):
+        """``purify_all``: faces that pass are published as G(P(x̂)) too; flags unchanged."""
+        s = setup
+        P = Purifier(width=4)
+        torch.nn.init.normal_(P.head.weight, std=0.01)  # a P that moves faces a little
+        x = torch.cat([s["x"][:3], s["x_adv"][:3]])
+        c = torch.cat([s["c"][:3], s["c"][:3]])
+        flagged = self._guard(s, P)(x, c)
+        every = self._guard(s, P, purify_all=True)(x, c)
+        assert torch.equal(every.disrupted, flagged.disrupted)
+        passed = ~every.disrupted
+        assert passed.any()
+        with torch.no_grad():
+            torch.testing.assert_close(every.purified[passed], P(x[passed]))
+            torch.testing.assert_close(every.output[passed], s["G"](P(x[passed]), c[passed]))
+        step = {"name": STEP_NAME, "params": {}, "region": "all", "layer": 0}
+        assert all(every.chains[i] == [step] for i in passed.nonzero().flatten().tolist())
+        torch.testing.assert_close(every.output[~passed], flagged.output[~passed])
+        with pytest.raises(ValueError, match="purify_all"):
+            self._guard(s, None, purify_all=True)
 
     def test_a_purifier_chain_is_reused_as_a_hint(self, setup):
         s = setup
