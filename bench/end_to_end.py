@@ -59,6 +59,9 @@ class GuardPGD(PGD):
         steps: iterations.
         temperature: T of the gate, in units of the threshold τ (small: a hard gate).
         random_start: start from a uniform point in the ε-ball.
+        road: ``"gate"`` the soft mix above; ``"purifier"`` G(P(x̂), c) alone, the attacker
+            betting that the face will be flagged (the gate starts near 0 on a clean face, so
+            the mix spends its first steps on G and finds P's weak points late).
     """
 
     def __init__(
@@ -70,15 +73,20 @@ class GuardPGD(PGD):
         steps: int = 200,
         temperature: float = 0.25,
         random_start: bool = True,
+        road: str = "gate",
     ) -> None:
         super().__init__(G, eps=eps, step=step, steps=steps, random_start=random_start)
-        self.guard, self.temperature = guard, float(temperature)
+        if road not in ("gate", "purifier"):
+            raise ValueError(f"road: expected 'gate' or 'purifier', got {road!r}")
+        self.guard, self.temperature, self.road = guard, float(temperature), road
 
     def _modules(self) -> list[object]:
         return [self.G, self.guard]
 
     def published(self, x_adv: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         """The soft model of the guard's output for ``x_adv`` (differentiable)."""
+        if self.guard.purifier is not None and (self.guard.purify_all or self.road == "purifier"):
+            return self.G(self.guard.purifier(x_adv), c)  # no gate: purified, flagged or not
         tau = float(self.guard.profile.threshold)
         gate = torch.sigmoid((self.guard.score(x_adv, c) - tau) / (self.temperature * tau))
         gate = gate.reshape(-1, 1, 1, 1)
@@ -157,30 +165,68 @@ def summary(clean_scores: np.ndarray, threshold: float, att: dict[str, np.ndarra
     }  # fmt: skip
 
 
+def attacks_of(guard: Any, roads: Sequence[str], temperatures: Sequence[float]) -> list[dict]:
+    """The attack settings each face is tried with: the soft gate at each temperature, and the
+    purifier's road; a guard that purifies every face has no gate, only that road."""
+    if guard.purifier is None:
+        return [{"road": "gate", "temperature": 1.0}]  # no purifier: G(x̂) is published
+    if guard.purify_all:
+        return [{"road": "purifier", "temperature": 1.0}]
+    return [{"road": road, "temperature": t} for road in roads
+            for t in (temperatures if road == "gate" else [1.0])]  # fmt: skip
+
+
+@torch.no_grad()
+def clean_path(G: nn.Module, guard: Any, x: torch.Tensor, c: torch.Tensor, batch: int = 16
+               ) -> dict[str, Any]:  # fmt: skip
+    """The guard on the clean faces: S_final, flags, its output's PSNR to G(x, c) and its time
+    per face against plain G's (one pass over ``x`` each, after a warm-up batch)."""
+    parts = [slice(i, i + batch) for i in range(0, len(x), batch)]
+    G(x[parts[0]], c[parts[0]])
+    guard(x[parts[0]], c[parts[0]])
+    t0 = time.perf_counter()
+    refs = [G(x[s], c[s]) for s in parts]
+    t_plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results = [guard(x[s], c[s]) for s in parts]
+    t_guard = time.perf_counter() - t0
+    mse = torch.cat([_mse(r.output, ref) for r, ref in zip(results, refs, strict=True)])
+    psnr = 10 * torch.log10(4 / mse.clamp_min(1e-12))  # peak-to-peak 2 in [-1, 1]
+    return {
+        "scores": torch.cat([r.score for r in results]).cpu().numpy(),
+        "psnr_db": float(psnr.mean()),
+        "psnr_min_db": float(psnr.min()),
+        "ms_per_face": 1000 * t_guard / len(x),
+        "times_plain_g": t_guard / t_plain,
+    }
+
+
 def run(G: nn.Module, guard: Any, x: torch.Tensor, c: torch.Tensor, eps_list: Sequence[float],
         steps: int, step: float, restarts: int, temperatures: Sequence[float], batch: int = 16,
-        seed: int = 0, log: Any = print) -> dict[str, Any]:  # fmt: skip
-    """Every ε: the strongest of ``restarts × temperatures`` attacks per face, counted."""
-    with torch.no_grad():
-        clean = np.concatenate([guard.detect(x[i : i + batch], c[i : i + batch]).score.cpu()
-                                .numpy() for i in range(0, len(x), batch)])  # fmt: skip
+        seed: int = 0, log: Any = print, roads: Sequence[str] = ("gate", "purifier"),
+        ) -> dict[str, Any]:  # fmt: skip
+    """Every ε: the strongest of ``restarts`` × :func:`attacks_of` attacks per face, counted;
+    and the clean path (:func:`clean_path`)."""
+    clean = clean_path(G, guard, x, c, batch)
+    scores = clean.pop("scores")
     tau = float(guard.profile.threshold)
     rows = {}
     for eps in eps_list:
         runs = []
         t0 = time.monotonic()
-        for t in temperatures:
+        for setting in attacks_of(guard, roads, temperatures):
             for k in range(restarts):
-                attack = GuardPGD(G, guard, eps=eps, step=step, steps=steps, temperature=t)
+                attack = GuardPGD(G, guard, eps=eps, step=step, steps=steps, **setting)
                 g = torch.Generator().manual_seed(seed + 1000 * k)
                 x_adv = torch.cat([attack(x[i : i + batch], c[i : i + batch], generator=g)
                                    for i in range(0, len(x), batch)])  # fmt: skip
                 runs.append(outcome(G, guard, x, x_adv, c, batch))
-                log(f"eps {eps} T {t} restart {k}: through "
+                log(f"eps {eps} {setting} restart {k}: through "
                     f"{int((runs[-1]['published'] > SUCCESS_MSE).sum())}/{len(x)}")  # fmt: skip
-        rows[str(eps)] = summary(clean, tau, strongest(runs))
+        rows[str(eps)] = summary(scores, tau, strongest(runs))
         rows[str(eps)]["seconds"] = time.monotonic() - t0
-    return {"clean_flagged": int((clean > tau).sum()), "clean": len(x), "eps": rows}
+    return {"clean_flagged": int((scores > tau).sum()), "clean": len(x), "clean_path": clean,
+            "eps": rows}  # fmt: skip
 
 
 def _num(v: float, digits: int) -> str:
@@ -188,31 +234,66 @@ def _num(v: float, digits: int) -> str:
     return "–" if v != v else f"{v:.{digits}f}"
 
 
-def section(res: dict[str, Any]) -> str:
-    """The report's "Adaptive attacker" section."""
+def section(results: dict[str, dict[str, Any]]) -> str:
+    """The report's "Adaptive attacker" section: a row per defence configuration and ε."""
     lines = [
         "## Adaptive attacker",
         "",
-        f"`{res['command']}` — commit `{res['commit']}`, {res['machine']}. {res['attack']} "
-        f"Clean faces flagged: {res['clean_flagged']}/{res['clean']}. *Through*: the real "
-        "guard's published output still more than 0.05 MSE from G(x, c); F1 and AUROC (the "
-        "paper's, over clean faces and attacks that disrupt plain G) are undefined when none "
-        "does.",
+        "*Through*: the real guard's published output still more than 0.05 MSE from G(x, c) "
+        "(roads: the face passed, was cured by the purifier alone, went to Rec-Net's search); "
+        "F1 and AUROC (the paper's, over clean faces and attacks that disrupt plain G) are "
+        "undefined when none does. Clean path: the same faces unattacked, the guard's output "
+        "against G(x, c) and its time against plain G's, in the same run.",
         "",
-        "| ε | faces | published output disrupted (through) | through: passed / purifier / "
-        "Rec-Net | flagged | disrupting plain G | of those unflagged | F1 | AUROC | seconds |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for eps, r in res["eps"].items():
-        n = r["faces"]
-        by_road = r.get("through_by_road")  # runs before the road was recorded have none
-        roads = " / ".join(str(by_road[k]) for k in ROADS) if by_road else "–"
-        lines.append(
-            f"| {eps} | {n} | {r['through']}/{n} ({100 * r['through'] / n:.1f}%) | {roads} | "
-            f"{r['flagged']}/{n} | {r['disrupting']}/{n} | {r['disrupting_unflagged']} | "
-            f"{_num(r['f1'], 2)} | {_num(r['auroc'], 3)} | {r['seconds']:.0f} |"
-        )
+    for name, res in results.items():
+        lines.append(f"- **{name}**: `{res['command']}` — commit `{res['commit'][:12]}`, "
+                     f"{res['machine']}. {res['attack']}")  # fmt: skip
+    lines += [
+        "",
+        "| defence | ε | faces | published output disrupted (through) | through: passed / "
+        "purifier / Rec-Net | flagged | disrupting plain G | of those unflagged | F1 | AUROC | "
+        "seconds |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, res in results.items():
+        for eps, r in res["eps"].items():
+            n = r["faces"]
+            by_road = r.get("through_by_road")  # runs before the road was recorded have none
+            roads = " / ".join(str(by_road[k]) for k in ROADS) if by_road else "–"
+            lines.append(
+                f"| {name} | {eps} | {n} | {r['through']}/{n} ({100 * r['through'] / n:.1f}%) | "
+                f"{roads} | {r['flagged']}/{n} | {r['disrupting']}/{n} | "
+                f"{r['disrupting_unflagged']} | {_num(r['f1'], 2)} | {_num(r['auroc'], 3)} | "
+                f"{r['seconds']:.0f} |"
+            )
+    lines += [
+        "",
+        "| defence | clean faces flagged | clean output vs G(x, c): mean / min PSNR | guard "
+        "ms per face | × plain G |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, res in results.items():
+        cp = res.get("clean_path")  # runs before it was measured have none
+        cost = (f"{cp['psnr_db']:.1f} / {cp['psnr_min_db']:.1f} dB | {cp['ms_per_face']:.1f} | "
+                f"{cp['times_plain_g']:.2f}") if cp else "– | – | –"  # fmt: skip
+        lines.append(f"| {name} | {res['clean_flagged']}/{res['clean']} | {cost} |")
     return "\n".join(lines) + "\n"
+
+
+def load_results(path: Path | None) -> dict[str, dict[str, Any]]:
+    """The defence configurations measured so far in ``path`` (``{}`` when there is none).
+
+    A file of one run, written before runs were kept per configuration, is the shipped guard's.
+    """
+    if path is None or not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {SHIPPED: data} if "eps" in data else data
+
+
+#: The label of the guard as shipped (``magdr.Guard(G)``).
+SHIPPED = "shipped"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,10 +306,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--step", type=float, default=0.01)
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--temperatures", default="0.1,1", help="gate temperatures, in units of τ")
+    ap.add_argument(
+        "--roads", default="gate,purifier", help="what the attack aims at: the gate, the purifier"
+    )
+    ap.add_argument("--purifier", default="auto", help="the guard's purifier: auto | none | path")
+    ap.add_argument("--purify-all", action="store_true", help="the guard purifies every face")
+    ap.add_argument("--label", default=None,
+                    help="the defence configuration's name in the JSON and the report "
+                    "(default: 'shipped', or the purifier and --purify-all)")  # fmt: skip
     ap.add_argument("--edit", default="Blond_Hair=1", help="the condition attacked")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--json", type=Path, default=None, help="results by defence; this run's added or replaced"
+    )
     ap.add_argument("--report", type=Path, default=None, help="write '## Adaptive attacker'")
     a = ap.parse_args(argv)
     import magdr
@@ -236,28 +327,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     from magdr.celeba import CELEBA_VAL, load_celeba, to_tensor
     from magdr.checkpoints import resolve_device
 
+    roads = [r.strip() for r in a.roads.split(",") if r.strip()]
+    if unknown := sorted(set(roads) - {"gate", "purifier"}):
+        ap.error(f"--roads: unknown {', '.join(unknown)}; expected gate, purifier")
+    shipped = a.purifier == "auto" and not a.purify_all
+    every = ", every face" if a.purify_all else ""
+    label = a.label or (SHIPPED if shipped else f"purifier {a.purifier}{every}")
     device = resolve_device(a.device)
     G = magdr.load_generator("default", device=device)
-    guard = magdr.Guard(G, device=device)
+    guard = magdr.Guard(G, device=device, purifier=a.purifier, purify_all=a.purify_all)
     data = load_celeba()
     x = to_tensor(data["images"][CELEBA_VAL.start - 1 : CELEBA_VAL.start - 1 + a.n]).to(device)
     attr, value = a.edit.split("=")
     c = magdr.condition(G, {attr: float(value)}, batch=len(x)).to(device)
     res = run(G, guard, x, c, [float(e) for e in a.eps.split(",")], a.steps, a.step, a.restarts,
-              [float(t) for t in a.temperatures.split(",")], a.batch)  # fmt: skip
+              [float(t) for t in a.temperatures.split(",")], a.batch, roads=roads)  # fmt: skip
     m = machine(device)
+    settings = attacks_of(guard, roads, [float(t) for t in a.temperatures.split(",")])
+    aims = ", ".join(s["road"] if s["road"] == "purifier" else f"gate T {s['temperature']} τ"
+                     for s in settings)  # fmt: skip
     res |= {
         "command": " ".join(["python -m bench.end_to_end", *(argv or sys.argv[1:])]),
         "commit": commit(),
         "machine": m.get("gpu") or f"{m['cpu_count']} CPU cores",
-        "attack": f"GuardPGD: {a.steps} steps of {a.step}, {a.restarts} random starts × gate "
-        f"temperatures {a.temperatures} (× τ), the strongest per face; edit {a.edit}; CelebA "
-        f"validation faces from 008001.",
+        "attack": f"GuardPGD: {a.steps} steps of {a.step}, {a.restarts} random starts × "
+        f"({aims}), the strongest per face; edit {a.edit}; CelebA validation faces from 008001.",
     }  # fmt: skip
-    text = section(res)
+    results = load_results(a.json) | {label: res}
+    text = section(results)
     print(text)
     if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+        a.json.write_text(json.dumps(results, indent=1))
     if a.report:
         from bench.report import put_section
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -20,6 +23,7 @@ class _FakeGuard(nn.Module):
         super().__init__()
         self.profile = _Profile()
         self.purifier = lambda x: 0.5 * x
+        self.purify_all = False
 
     def score(self, x, c):
         return x.flatten(1).mean(1)
@@ -38,6 +42,24 @@ def test_published_is_the_gated_mix_of_the_two_roads():
     gate = torch.sigmoid((x.flatten(1).mean(1) - 0.5) / (0.2 * 0.5)).reshape(-1, 1, 1, 1)
     want = (1 - gate) * G(x, c) + gate * G(0.5 * x, c)
     torch.testing.assert_close(attack.published(x, c), want)
+
+
+def test_the_purifiers_road_and_purify_all_drop_the_gate():
+    G, guard = _Tint(), _FakeGuard()
+    x = torch.linspace(-1, 1, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    c = torch.ones(2, 5)
+    torch.testing.assert_close(E.GuardPGD(G, guard, road="purifier").published(x, c), G(0.5 * x, c))
+    guard.purify_all = True
+    torch.testing.assert_close(E.GuardPGD(G, guard).published(x, c), G(0.5 * x, c))
+    assert E.attacks_of(guard, ["gate", "purifier"], [0.1, 1]) == [
+        {"road": "purifier", "temperature": 1.0}
+    ]
+    guard.purify_all = False
+    assert [a["road"] for a in E.attacks_of(guard, ["gate", "purifier"], [0.1, 1])] == [
+        "gate", "gate", "purifier"
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="road"):
+        E.GuardPGD(G, guard, road="evade")
 
 
 def test_attack_stays_in_the_ball_and_moves_the_published_output():
@@ -70,11 +92,24 @@ def test_summary_counts_and_section_row():
     assert s["f1"] == 2 * 2 / (2 * 2 + 0 + 1)
     assert s["through_by_road"] == {"passed": 1, "purifier": 1, "recnet": 0}
     s["seconds"] = 12.0
-    text = E.section({"command": "python -m bench.end_to_end", "commit": "abc",
-                      "machine": "2 CPU cores", "attack": "GuardPGD.", "clean_flagged": 0,
-                      "clean": 4, "eps": {"0.1": s}})  # fmt: skip
+    run = {"command": "python -m bench.end_to_end", "commit": "abc", "machine": "2 CPU cores",
+           "attack": "GuardPGD.", "clean_flagged": 0, "clean": 4, "eps": {"0.1": s},
+           "clean_path": {"psnr_db": 50.0, "psnr_min_db": 40.0, "ms_per_face": 20.0,
+                          "times_plain_g": 2.5}}  # fmt: skip
+    text = E.section({"shipped": run, "every face": {**run, "clean_path": None}})
     assert text.startswith("## Adaptive attacker\n")
-    assert "| 0.1 | 4 | 2/4 (50.0%) | 1 / 1 / 0 | 2/4 | 3/4 | 1 | 0.80 |" in text
+    assert "| shipped | 0.1 | 4 | 2/4 (50.0%) | 1 / 1 / 0 | 2/4 | 3/4 | 1 | 0.80 |" in text
+    assert "| shipped | 0/4 | 50.0 / 40.0 dB | 20.0 | 2.50 |" in text
+    assert "| every face | 0/4 | – | – | – |" in text
+
+
+def test_results_of_one_run_are_the_shipped_guards(tmp_path):
+    old = {"eps": {}, "clean": 1}
+    (tmp_path / "r.json").write_text(json.dumps(old))
+    assert E.load_results(tmp_path / "r.json") == {E.SHIPPED: old}
+    (tmp_path / "r.json").write_text(json.dumps({"a": old}))
+    assert E.load_results(tmp_path / "r.json") == {"a": old}
+    assert E.load_results(tmp_path / "none.json") == {}
 
 
 def test_road_of_a_face():
