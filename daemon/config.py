@@ -86,6 +86,11 @@ class ModelConfig(Section):
     purifier: str = Field(
         "auto", description="'auto' (the shipped one, for the default generator) | 'none' | path"
     )
+    purify: Literal["flagged", "all"] = Field(
+        "flagged",
+        description="faces the purifier cleans: the flagged ones, or every face (an attacker "
+        "must then beat P itself; a pass of P and G more per face that passes)",
+    )
     image_size: int = Field(
         0, ge=0, description="face crop side; 0 = the generator's own image_size"
     )

@@ -218,6 +218,7 @@ class Engine:
                 profile=None if m.profile == "none" else m.profile,
                 device=self.device,
                 purifier=m.purifier,
+                purify_all=m.purify == "all",
             )
             self.profile_name = str(getattr(self.guard.profile, "name", "") or m.profile)
             self.purifier_name = "off" if self.guard.purifier is None else m.purifier

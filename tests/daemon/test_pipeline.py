@@ -158,7 +158,8 @@ def test_a_stream_reuses_the_chain_that_cured_its_previous_frame(tmp_path, tiny_
 
 def test_a_configured_purifier_is_loaded_and_named_in_the_summary(tmp_path, tiny_models):
     """[model] purifier: a path (relative to the config file) is loaded into the guard; 'auto'
-    finds none for a generator the shipped purifier was not trained against."""
+    finds none for a generator the shipped purifier was not trained against. purify = "all"
+    sends every face through it."""
     from magdr.purifier import Purifier, save_purifier
 
     save_purifier(Purifier(width=4), tmp_path / "p.pt")
@@ -180,6 +181,20 @@ def test_a_configured_purifier_is_loaded_and_named_in_the_summary(tmp_path, tiny
             batcher.close(5)
         want = str(tmp_path / "p.pt") if loaded else "off"
         assert s["purifier"] == want and s["purified_faces"] == 0 and s["frames"] == 2
+    # purify = "all": every face goes through the purifier, flagged or not.
+    text = write_config(tmp_path / "c.toml", tiny_models, guard=True).read_text()
+    (tmp_path / "c.toml").write_text(
+        text.replace("[guard]", 'purifier = "p.pt"\npurify = "all"\n\n[guard]', 1)
+    )
+    _, batcher, pipe = build_pipeline(load_config(tmp_path / "c.toml"), Metrics())
+    try:
+        assert pipe.engine.guard.purify_all
+        out = tmp_path / "out-all"
+        out.mkdir()
+        s = process_file(clip, "clip", out, pipe)
+    finally:
+        batcher.close(5)
+    assert s["faces"] > 0 and s["purified_faces"] == s["faces"]
 
 
 def test_each_stream_settles_in_the_order_it_was_submitted():
