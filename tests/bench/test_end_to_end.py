@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from bench import end_to_end as E
+from magdr.metrics import psnr
 
 
 class _Profile:
@@ -95,12 +97,40 @@ def test_summary_counts_and_section_row():
     run = {"command": "python -m bench.end_to_end", "commit": "abc", "machine": "2 CPU cores",
            "attack": "GuardPGD.", "clean_flagged": 0, "clean": 4, "eps": {"0.1": s},
            "clean_path": {"psnr_db": 50.0, "psnr_min_db": 40.0, "ms_per_face": 20.0,
-                          "times_plain_g": 2.5}}  # fmt: skip
+                          "times_plain_g": 2.5, "reconstruction": {"PGD": {
+                              "faces": 3, "guard_db": 30.0, "blur_db": 22.5,
+                              "still_disrupted": 0}}}}  # fmt: skip
     text = E.section({"shipped": run, "every face": {**run, "clean_path": None}})
     assert text.startswith("## Adaptive attacker\n")
     assert "| shipped | 0.1 | 4 | 2/4 (50.0%) | 1 / 1 / 0 | 2/4 | 3/4 | 1 | 0.80 |" in text
-    assert "| shipped | 0/4 | 50.0 / 40.0 dB | 20.0 | 2.50 |" in text
-    assert "| every face | 0/4 | – | – | – |" in text
+    assert (
+        "| shipped | 0/4 | 50.0 / 40.0 dB | 20.0 | 2.50 | 3, 30.0 / 22.5 dB (+7.5), 0 | – |" in text
+    )
+    assert "| every face | 0/4 | – | – | – | – | – |" in text
+
+
+class _Steep(nn.Module):
+    def forward(self, x, c):
+        return torch.tanh(20 * x + c[:, :1, None, None])
+
+
+def test_reconstruction_scores_the_guard_on_the_faces_pgd_disrupts():
+    """Item 3's check: PGD disrupts every face of a steep G; a guard that publishes G(0) is
+    scored on all of them against G(x, c), beside the blur baseline."""
+    G = _Steep()
+    x = (torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) - 0.5) * 0.02
+    c = torch.zeros(4, 5)
+
+    def guard(a, cc):
+        return SimpleNamespace(output=G(torch.zeros_like(a), cc))
+
+    rec = E.reconstruction(G, guard, x, c, batch=2)
+    assert set(rec) == set(E.STANDARD_EPS)
+    with torch.no_grad():
+        want = float(psnr(G(torch.zeros_like(x), c), G(x, c)).mean())
+    for r in rec.values():
+        assert r["faces"] == 4 and r["still_disrupted"] == 0
+        assert abs(r["guard_db"] - want) < 1e-4 and r["blur_db"] == r["blur_db"]
 
 
 def test_results_of_one_run_are_the_shipped_guards(tmp_path):
