@@ -97,7 +97,7 @@ def test_summary_counts_and_section_row():
     run = {"command": "python -m bench.end_to_end", "commit": "abc", "machine": "2 CPU cores",
            "attack": "GuardPGD.", "clean_flagged": 0, "clean": 4, "eps": {"0.1": s},
            "clean_path": {"psnr_db": 50.0, "psnr_min_db": 40.0, "ms_per_face": 20.0,
-                          "times_plain_g": 2.5, "reconstruction": {"PGD": {
+                          "times_plain_g": 2.5, "reconstruction": {"PGD ε 0.05": {
                               "faces": 3, "guard_db": 30.0, "blur_db": 22.5,
                               "still_disrupted": 0}}}}  # fmt: skip
     text = E.section({"shipped": run, "every face": {**run, "clean_path": None}})
