@@ -146,3 +146,10 @@ def test_road_of_a_face():
     assert E._road(False, []) == 0
     assert E._road(True, [{"name": "purifier"}]) == 1
     assert E._road(True, [{"name": "purifier"}, {"name": "jpeg", "region": "hair"}]) == 2
+
+
+def test_figure_draws_every_configuration(tmp_path):
+    row = {"faces": 16, "through": 2}
+    res = {"a": {"eps": {"0.05": row, "0.1": {**row, "through": 8}}}, "b": {"eps": {"0.1": row}}}
+    E.figure(res, tmp_path / E.FIGURE)
+    assert (tmp_path / E.FIGURE).stat().st_size > 1000
