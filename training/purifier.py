@@ -19,11 +19,12 @@ EoT pool: in each of R rounds, ``--adv-faces`` pool faces are attacked by PGD (`
 for ``--steps``/R steps with the loss above, so the perturbations P let through are the ones it
 learns to undo (measured in ``MODEL_CARD.md``, detector purifier, Limits).
 
-``--robust SHARE`` trains P for a guard that publishes G(P(x̂)) for every face: that share of
-each attacked batch is made afresh by PGD through G∘P against the current P (Madry et al.,
-ICLR 2018), at a radius drawn from ``--robust-eps`` with ``--robust-steps`` steps of 2.5 ε /
-steps, so P learns to undo the perturbations that beat *it*, not only those made against G
-alone. The rest of the batch still comes from the pool.
+``--robust SHARE`` trains P against an attacker who aims at what the guard publishes for a
+purified face, G(P(x̂)) (``bench.end_to_end``): that share of each attacked batch is made
+afresh by PGD through G∘P against the current P (Madry et al., ICLR 2018), at a radius drawn
+from ``--robust-eps`` with ``--robust-steps`` steps of 2.5 ε / steps, so P learns to undo the
+perturbations that beat *it*, not only those made against G alone. The rest of the batch
+still comes from the pool.
 
 ``--teacher PATH`` distils instead: a (smaller) P learns to give what a trained purifier T gives,
 L1(P(x̂), T(x̂)) + ``--gamma`` × L1(P(x), T(x)), on the same pool. No pass of G per step, so

@@ -300,13 +300,11 @@ def test_the_shipped_purifier_holds_against_pgd_through_it():
     P = load_purifier("default")
     assert P.meta["robust"] and P.meta["generator_digest"] == weights_digest(G)
 
-    class Purified(torch.nn.Module):
-        def forward(self, z, cc):
-            return G(P(z), cc)
+    from training.purifier import Purified
 
     with torch.no_grad():
         y = G(x, c)
-    x_adv = attacks.PGD(Purified(), eps=0.05, step=0.0125, steps=20)(
+    x_adv = attacks.PGD(Purified(G, P), eps=0.05, step=0.0125, steps=20)(
         x, c, reference=y, generator=torch.Generator().manual_seed(0)
     )
     with torch.no_grad():
