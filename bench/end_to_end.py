@@ -221,28 +221,33 @@ def reconstruction(
     G(x, c) against the blur baseline's, and how many outputs stay disrupted."""
     from magdr.attacks import PGD
 
+    parts = [slice(i, i + batch) for i in range(0, len(x), batch)]
     out = {}
     for name, eps in STANDARD_EPS.items():
         g = torch.Generator().manual_seed(seed)
         attack = PGD(G, eps=eps, step=0.01, steps=10)
-        parts = [slice(i, i + batch) for i in range(0, len(x), batch)]
         x_adv = torch.cat([attack(x[s], c[s], generator=g) for s in parts])
         guard_db, blur_db, still = [], [], 0
         with torch.no_grad():
-            for i in range(0, len(x), batch):
-                xb, ab, cb = x[i : i + batch], x_adv[i : i + batch], c[i : i + batch]
-                ref = G(xb, cb)
-                hit = _mse(G(ab, cb), ref) > SUCCESS_MSE
+            for s in parts:
+                ref = G(x[s], c[s])
+                hit = _mse(G(x_adv[s], c[s]), ref) > SUCCESS_MSE
                 if not hit.any():
                     continue
-                r = guard(ab[hit], cb[hit])
+                a, cc = x_adv[s][hit], c[s][hit]
+                r = guard(a, cc)
                 guard_db.append(psnr_db(r.output, ref[hit]))
-                blur_db.append(psnr_db(G(blur_baseline(ab[hit]), cb[hit]), ref[hit]))
+                blur_db.append(psnr_db(G(blur_baseline(a), cc), ref[hit]))
                 still += int((_mse(r.output, ref[hit]) > SUCCESS_MSE).sum())
-        n = int(sum(len(v) for v in guard_db))
-        mean = (lambda v: float(torch.cat(v).mean())) if n else (lambda v: float("nan"))
-        out[name] = {"faces": n, "guard_db": mean(guard_db), "blur_db": mean(blur_db),
-                     "still_disrupted": still}  # fmt: skip
+        guard_db = torch.cat(guard_db) if guard_db else torch.zeros(0)
+        blur_db = torch.cat(blur_db) if blur_db else torch.zeros(0)
+        n = len(guard_db)
+        out[name] = {
+            "faces": n,
+            "guard_db": float(guard_db.mean()) if n else float("nan"),
+            "blur_db": float(blur_db.mean()) if n else float("nan"),
+            "still_disrupted": still,
+        }
     return out
 
 
