@@ -207,21 +207,16 @@ def clean_path(G: nn.Module, guard: Any, x: torch.Tensor, c: torch.Tensor, batch
 STANDARD_EPS = {"PGD ε 0.05": 0.05, "PGD ε 0.08": 0.08}
 
 
-def blur_baseline(x: torch.Tensor) -> torch.Tensor:
-    """Table 2's best baseline on every attack: Gaussian blur σ 1.5, 11 taps (Ruiz et al.)."""
-    from magdr import transforms as T
-
-    return T.gaussian_blur(x, 1.5, 11).clamp(-1, 1)
-
-
 def reconstruction(
     G: nn.Module, guard: Any, x: torch.Tensor, c: torch.Tensor, batch: int = 16, seed: int = 0
 ) -> dict[str, dict[str, float]]:
     """Per :data:`STANDARD_EPS` attack, on the faces it disrupts: the guard's output PSNR to
     G(x, c) against the blur baseline's, and how many outputs stay disrupted."""
-    from magdr.attacks import PGD
+    from bench.baselines import ruiz_blur
 
     parts = [slice(i, i + batch) for i in range(0, len(x), batch)]
+    with torch.no_grad():
+        refs = [G(x[s], c[s]) for s in parts]
     out = {}
     for name, eps in STANDARD_EPS.items():
         g = torch.Generator().manual_seed(seed)
@@ -229,15 +224,14 @@ def reconstruction(
         x_adv = torch.cat([attack(x[s], c[s], generator=g) for s in parts])
         guard_db, blur_db, still = [], [], 0
         with torch.no_grad():
-            for s in parts:
-                ref = G(x[s], c[s])
+            for s, ref in zip(parts, refs, strict=True):
                 hit = _mse(G(x_adv[s], c[s]), ref) > SUCCESS_MSE
                 if not hit.any():
                     continue
                 a, cc = x_adv[s][hit], c[s][hit]
                 r = guard(a, cc)
                 guard_db.append(psnr_db(r.output, ref[hit]))
-                blur_db.append(psnr_db(G(blur_baseline(a), cc), ref[hit]))
+                blur_db.append(psnr_db(G(ruiz_blur(a), cc), ref[hit]))
                 still += int((_mse(r.output, ref[hit]) > SUCCESS_MSE).sum())
         guard_db = torch.cat(guard_db) if guard_db else torch.zeros(0)
         blur_db = torch.cat(blur_db) if blur_db else torch.zeros(0)
@@ -261,11 +255,12 @@ def run(G: nn.Module, guard: Any, x: torch.Tensor, c: torch.Tensor, eps_list: Se
     scores = clean.pop("scores")
     clean["reconstruction"] = reconstruction(G, guard, x, c, batch, seed)
     tau = float(guard.profile.threshold)
+    settings = attacks_of(guard, roads, temperatures)
     rows = {}
     for eps in eps_list:
         runs = []
         t0 = time.monotonic()
-        for setting in attacks_of(guard, roads, temperatures):
+        for setting in settings:
             for k in range(restarts):
                 attack = GuardPGD(G, guard, eps=eps, step=step, steps=steps, **setting)
                 g = torch.Generator().manual_seed(seed + 1000 * k)
@@ -277,7 +272,7 @@ def run(G: nn.Module, guard: Any, x: torch.Tensor, c: torch.Tensor, eps_list: Se
         rows[str(eps)] = summary(scores, tau, strongest(runs))
         rows[str(eps)]["seconds"] = time.monotonic() - t0
     return {"clean_flagged": int((scores > tau).sum()), "clean": len(x), "clean_path": clean,
-            "eps": rows}  # fmt: skip
+            "attacks": settings, "eps": rows}  # fmt: skip
 
 
 def _num(v: float, digits: int) -> str:
@@ -430,9 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = run(G, guard, x, c, [float(e) for e in a.eps.split(",")], a.steps, a.step, a.restarts,
               [float(t) for t in a.temperatures.split(",")], a.batch, roads=roads)  # fmt: skip
     m = machine(device)
-    settings = attacks_of(guard, roads, [float(t) for t in a.temperatures.split(",")])
     aims = ", ".join(s["road"] if s["road"] == "purifier" else f"gate T {s['temperature']} τ"
-                     for s in settings)  # fmt: skip
+                     for s in res["attacks"])  # fmt: skip
     res |= {
         "command": shlex.join(["python", "-m", "bench.end_to_end", *(argv or sys.argv[1:])]),
         "commit": commit(),
