@@ -199,10 +199,6 @@ class Guard(nn.Module):
             )
         self.purify_all = bool(purify_all)
         self._purifier_k = self._purifier_in_detector()
-        #: The detector's consistency runs a learned purifier (this one or a distilled copy).
-        self._detector_purifies = any(
-            t["name"] == STEP_NAME for t in self.detector.applied_transforms()[0]
-        )
 
     def _purifier_in_detector(self) -> int | None:
         """Where the detector already runs this guard's purifier (``Detection.inputs_k``).
@@ -231,28 +227,66 @@ class Guard(nn.Module):
         idx = [[REGIONS.index(r) for r in patch] for patch in self.profile.recnet.patches]
         return torch.stack([regions[:, i].sum(1) for i in idx], dim=1)
 
-    def _apply_hint(
-        self, x: torch.Tensor, patches: torch.Tensor, names: list[str], chain: list[dict[str, Any]]
+    def _run_chain(
+        self,
+        x: torch.Tensor,
+        patches: torch.Tensor,
+        names: list[str],
+        chain: list[dict[str, Any]],
+        differentiable: bool = False,
     ) -> torch.Tensor:
         """One face ``(3, S, S)`` through a chain, each step inside its region patch.
 
-        A chain that names a patch or transform this profile does not have (it was built under
-        another profile, or with a purifier this guard lacks) leaves the face unchanged, so the
-        search runs for it.
+        Raises ``KeyError``/``ValueError`` for a step this guard cannot take (a patch or
+        transform this profile does not have, a purifier it lacks).
+        """
+        out = x[None]
+        for step in chain:
+            if step["name"] == STEP_NAME:
+                if self.purifier is None:
+                    raise KeyError(STEP_NAME)
+                out = self.purifier(out)
+                continue
+            mask = patches[names.index(step["region"])][None, None]
+            out = apply_chain(out, [step], mask, differentiable)
+        return out[0]
+
+    def _apply_hint(
+        self, x: torch.Tensor, patches: torch.Tensor, names: list[str], chain: list[dict[str, Any]]
+    ) -> torch.Tensor:
+        """A hint's chain on one face.
+
+        A chain built under another profile, or with a purifier this guard lacks, leaves the
+        face unchanged, so the search runs for it.
         """
         try:
-            out = x[None]
-            for step in chain:
-                if step["name"] == STEP_NAME:
-                    if self.purifier is None:
-                        raise KeyError(STEP_NAME)
-                    out = self.purifier(out)
-                    continue
-                mask = patches[names.index(step["region"])][None, None]
-                out = apply_chain(out, [step], mask)
-            return out[0]
+            return self._run_chain(x, patches, names, chain)
         except (KeyError, ValueError, TypeError):
             return x
+
+    def replay(
+        self, x: torch.Tensor, chains: list[list[dict[str, Any]]], differentiable: bool = False
+    ) -> torch.Tensor:
+        """The purified faces x* that ``chains`` (``GuardResult.chains``) make of faces x.
+
+        ``guard.replay(x, guard(x, c).chains)`` is ``purified`` again; with ``differentiable``
+        the result has a gradient w.r.t. x (BPDA through the steps without one, the region
+        patches parsed from x without gradient, as the guard does): an adaptive attacker's
+        model of Rec-Net's search, whose choice of chain has no gradient (``bench.end_to_end``).
+        """
+        x = self._faces(x, detach=not differentiable)
+        if len(chains) != x.shape[0]:
+            raise ValueError(f"chains: expected {x.shape[0]} entries, got {len(chains)}")
+        names = ["+".join(patch) for patch in self.profile.recnet.patches]
+        patches = x.new_zeros(x.shape[0], len(names), *x.shape[2:])
+        idx = [i for i, ch in enumerate(chains) if any(st["name"] != STEP_NAME for st in ch)]
+        if idx:
+            with torch.no_grad():
+                patches[idx] = self._patches(self.regions(x[idx].detach()))
+        return torch.stack(
+            [self._run_chain(x[i], patches[i], names, ch, differentiable)
+             for i, ch in enumerate(chains)]
+        )  # fmt: skip
 
     def detect(self, x: torch.Tensor, c: torch.Tensor | None = None) -> Detection:
         """Run only the detectors (no reconstruction)."""
@@ -271,9 +305,8 @@ class Guard(nn.Module):
             regions = self.regions(x.detach())
         return self.detector(x, c, regions, self._targets(c, x.shape[0]), differentiable=True).score
 
-    def _prepare(
-        self, x: torch.Tensor, c: torch.Tensor | None, detach: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _faces(self, x: torch.Tensor, detach: bool = True) -> torch.Tensor:
+        """Faces x checked (shape, range, G's size) and moved to the guard's device."""
         check_images(x)
         size = getattr(self.G, "image_size", None)
         if size and tuple(x.shape[2:]) != (size, size):
@@ -281,8 +314,12 @@ class Guard(nn.Module):
                 f"x: expected faces of {size}x{size} (G.image_size), got {list(x.shape[2:])}"
             )
         x = x.to(self.device, torch.float32)
-        if detach:
-            x = x.detach()
+        return x.detach() if detach else x
+
+    def _prepare(
+        self, x: torch.Tensor, c: torch.Tensor | None, detach: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self._faces(x, detach)
         c_dim = getattr(self.G, "c_dim", 0)
         if c_dim:
             if c is None or c.shape != (x.shape[0], c_dim):
@@ -322,7 +359,11 @@ class Guard(nn.Module):
         """The learned purifier on the flagged items ``todo``; returns those still disrupted.
 
         Every item takes P's output where it lowers S_final (Eq. 9), so Rec-Net's search, when
-        still needed, starts from the purified face; the regions of x̂ are kept.
+        still needed, starts from the purified face; the regions of x̂ are kept. The search
+        runs wherever S_final of P's output is still above the threshold: an attacker who
+        beats P leaves a face that the detector still flags (``bench.end_to_end``: 8 of 16
+        faces at ε 0.1 were published as a disrupted G(P(x̂)) while P was trusted wherever it
+        merely lowered S_final).
         """
         k = self._purifier_k
         if k is None:
@@ -336,14 +377,6 @@ class Guard(nn.Module):
             if better[j]:
                 purified[i], output[i], score_after[i] = x_p[j], again.output[j], again.score[j]
                 chains[i].append(_purifier_step())
-        if self._detector_purifies:
-            # A purifier is the detector's transform, and a purifier's consistency cannot vouch
-            # for a purifier's output: P is not idempotent, and one more pass moves G's output
-            # on a purified face by 1-5x the threshold (23 PGD faces: 13 stayed "disrupted"
-            # after P, at PSNR(O) 28.9 dB, and Rec-Net's search then cost ~190 passes of G
-            # each). The purified face is kept where P lowered S_final; the search runs only
-            # where it did not.
-            return todo[~better]
         return todo[~(better & ~again.disrupted)]
 
     def _purify_passed(

@@ -343,7 +343,10 @@ def bpda_apply(name: str, x: torch.Tensor, **params: Any) -> torch.Tensor:
 
 
 def apply_chain(
-    x: torch.Tensor, chain: list[dict[str, Any]], mask: torch.Tensor | None = None
+    x: torch.Tensor,
+    chain: list[dict[str, Any]],
+    mask: torch.Tensor | None = None,
+    differentiable: bool = False,
 ) -> torch.Tensor:
     """Apply ``[{"name", "params"}, …]`` in order, each blended in through a soft ``mask``.
 
@@ -352,9 +355,12 @@ def apply_chain(
         chain: the transforms, in order.
         mask: :math:`(B, 1, H, W)` in [0, 1]; the transform acts where it is 1 (region patches
             of Rec-Net) and leaves the image where it is 0. ``None`` means everywhere.
+        differentiable: BPDA through the steps without a gradient (:func:`bpda_apply`), for an
+            attacker who replays the chain a search chose.
     """
+    f = bpda_apply if differentiable else apply
     for step in chain:
-        y = apply(step["name"], x, **step.get("params", {}))
+        y = f(step["name"], x, **step.get("params", {}))
         x = y if mask is None else mask * y + (1 - mask) * x
     return x
 

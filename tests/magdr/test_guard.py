@@ -354,6 +354,24 @@ class TestEndToEnd:
         assert (r.score_after < r.score).all()
         assert all(r.chains)
 
+    def test_replay_remakes_the_purified_faces_from_their_chains(self, run):
+        guard = run["guard"]
+        x = torch.cat([run["x"][:2], run["x_adv"]])
+        r = guard(x, torch.cat([run["c"][:2], run["c"]]))
+        assert any(st["name"] != "purifier" for ch in r.chains for st in ch)  # Rec-Net's steps
+        torch.testing.assert_close(guard.replay(x, r.chains), r.purified, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="chains"):
+            guard.replay(x, r.chains[:1])
+
+    def test_replay_has_a_gradient_through_every_step(self, run):
+        """BPDA: steps without a gradient (median, JPEG, …) pass it straight through."""
+        guard, x_adv, first = run["guard"], run["x_adv"], run["attacked"]
+        x = x_adv.clone().requires_grad_(True)
+        out = guard.replay(x, first.chains, differentiable=True)
+        torch.testing.assert_close(out.detach(), first.purified, atol=1e-5, rtol=0)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        assert (grad.flatten(1).abs().sum(1) > 0).all()
+
 
 @pytest.mark.slow
 class TestHints:

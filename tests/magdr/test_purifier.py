@@ -233,11 +233,12 @@ class TestAsConsistencyTransform:
             torch.testing.assert_close(getattr(r, name), getattr(r2, name))
         assert n_shared == n_apart - len(x), (n_shared, n_apart)
 
-    def test_a_detector_purifier_keeps_another_purifiers_output(
+    def test_the_search_runs_after_a_purifier_that_leaves_the_face_flagged(
         self, tiny_stargan, face_parser, trained
     ):
         """With a (distilled) purifier as the detector's transform and the guard's own P apart
-        from it, P's output is kept wherever it lowers S_final, flagged or not: no search."""
+        from it, P's output is where Rec-Net's search starts wherever it lowers S_final, and the
+        search still runs while the face stays flagged: a beaten P is never trusted alone."""
         from magdr.profile import Profile
 
         spec = {"name": "purifier", "params": {"path": str(trained)}}
@@ -249,13 +250,15 @@ class TestAsConsistencyTransform:
         lower = attacks.pgd(tiny_stargan, x, c, generator=torch.Generator().manual_seed(5))
         guard = Guard(tiny_stargan, parser=face_parser, profile=profile, device="cpu",
                       purifier=_Oracle(x, lower))  # fmt: skip
-        assert guard._purifier_k is None and guard._detector_purifies
+        assert guard._purifier_k is None
         assert (guard.detect(lower, c).score < guard.detect(x, c).score).all()
         r = guard(x, c)
-        assert r.disrupted.all() and (r.score_after >= r.threshold).all()  # still "disrupted"
+        assert r.disrupted.all()
         step = {"name": STEP_NAME, "params": {}, "region": "all", "layer": 0}
-        assert r.chains == [[step]] * len(x)  # P's output kept, and no search after it
-        torch.testing.assert_close(r.purified, lower)
+        for chain in r.chains:  # P first, then Rec-Net's layers on its output
+            assert chain[0] == step and len(chain) > 1
+            assert all(st["name"] != STEP_NAME for st in chain[1:])
+        torch.testing.assert_close(guard.replay(x, r.chains), r.purified, atol=1e-5, rtol=0)
 
     @pytest.mark.slow
     def test_shipped_purifier_separates_pgd_from_clean_faces(self):
