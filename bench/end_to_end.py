@@ -14,9 +14,11 @@ ascends the MSE to G(x, c) of the soft mix
     (1 − g) · G(x̂, c) + g · G(P(x̂), c),     g = sigmoid((S_final(x̂) − τ) / T)
 
 and wins either by evading the detector or by beating the purifier, whichever road is open.
-The guard's transforms are all networks here (no BPDA needed); Rec-Net's search, which runs
-when P leaves a face flagged, has no gradient and is not modelled: its effect is in the count,
-which runs the real guard on every attacked face. Restarts (``--restarts``, random starts) are
+The detector's and the purifier's transforms are networks (no BPDA needed). Rec-Net's search,
+which runs when P leaves a face flagged, has no gradient: the third road (``replay``) runs the
+real guard every few steps and ascends through the chain it chose for each face, held fixed
+between runs, with BPDA through its filters. The count runs the real guard on every attacked
+face. Restarts (``--restarts``, random starts) are
 run for each gate temperature (``--temperatures``, in units of τ) and each face keeps its
 strongest attack: the one whose published output is furthest from G(x, c).
 
@@ -45,6 +47,9 @@ from magdr.calibrate import auroc
 from magdr.metrics import psnr as psnr_db
 from magdr.purifier import STEP_NAME
 
+#: What :class:`GuardPGD` can aim at (its ``road``).
+ATTACK_ROADS = ("gate", "purifier", "replay")
+
 
 class GuardPGD(PGD):
     r"""L∞ PGD on the guard's published output (torchattacks' shape: ``attack(x, c)``).
@@ -63,7 +68,12 @@ class GuardPGD(PGD):
         random_start: start from a uniform point in the ε-ball.
         road: ``"gate"`` the soft mix above; ``"purifier"`` G(P(x̂), c) alone, the attacker
             betting that the face will be flagged (the gate starts near 0 on a clean face, so
-            the mix spends its first steps on G and finds P's weak points late).
+            the mix spends its first steps on G and finds P's weak points late); ``"replay"``
+            the real guard's road: every ``refresh`` steps the guard is run on x̂ and its chain
+            per face (none for a face that passed, P, Rec-Net's search) is replayed
+            differentiably, ``G(guard.replay(x̂, chains), c)`` with BPDA through the steps that
+            have no gradient (Rec-Net's choice of chain has none: it is held between refreshes).
+        refresh: steps between the real guard's runs on the ``"replay"`` road.
     """
 
     def __init__(
@@ -76,11 +86,15 @@ class GuardPGD(PGD):
         temperature: float = 0.25,
         random_start: bool = True,
         road: str = "gate",
+        refresh: int = 10,
     ) -> None:
         super().__init__(G, eps=eps, step=step, steps=steps, random_start=random_start)
-        if road not in ("gate", "purifier"):
-            raise ValueError(f"road: expected 'gate' or 'purifier', got {road!r}")
+        if road not in ATTACK_ROADS:
+            raise ValueError(f"road: expected one of {', '.join(ATTACK_ROADS)}, got {road!r}")
+        if refresh < 1:
+            raise ValueError(f"refresh: expected ≥ 1 step, got {refresh}")
         self.guard, self.temperature, self.road = guard, float(temperature), road
+        self.refresh = int(refresh)
 
     def _modules(self) -> list[object]:
         return [self.G, self.guard]
@@ -100,7 +114,18 @@ class GuardPGD(PGD):
     def _objective(
         self, c: torch.Tensor | None, r: torch.Tensor
     ) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda x_adv: _mse(self.published(x_adv, c), r)
+        if self.road != "replay":
+            return lambda x_adv: _mse(self.published(x_adv, c), r)
+        calls, chains = 0, []
+
+        def replayed(x_adv: torch.Tensor) -> torch.Tensor:
+            nonlocal calls, chains
+            if calls % self.refresh == 0:
+                chains = self.guard(x_adv.detach(), c).chains
+            calls += 1
+            return _mse(self.G(self.guard.replay(x_adv, chains, differentiable=True), c), r)
+
+        return replayed
 
 
 @torch.no_grad()
@@ -168,12 +193,14 @@ def summary(clean_scores: np.ndarray, threshold: float, att: dict[str, np.ndarra
 
 
 def attacks_of(guard: Any, roads: Sequence[str], temperatures: Sequence[float]) -> list[dict]:
-    """The attack settings each face is tried with: the soft gate at each temperature, and the
-    purifier's road; a guard that purifies every face has no gate, only that road."""
+    """The attack settings each face is tried with: the soft gate at each temperature, the
+    purifier's road and the replayed guard's, of those in ``roads``. A guard without a
+    purifier publishes G(x̂) or Rec-Net's; one that purifies every face has no gate."""
     if guard.purifier is None:
-        return [{"road": "gate", "temperature": 1.0}]  # no purifier: G(x̂) is published
-    if guard.purify_all:
-        return [{"road": "purifier", "temperature": 1.0}]
+        roads = [r for r in roads if r != "purifier"] or ["gate"]
+        temperatures = [1.0]  # no mix: the gate's road is plain G(x̂)
+    elif guard.purify_all:
+        roads = [r for r in roads if r != "gate"] or ["purifier"]
     return [{"road": road, "temperature": t} for road in roads
             for t in (temperatures if road == "gate" else [1.0])]  # fmt: skip
 
@@ -247,7 +274,7 @@ def reconstruction(
 
 def run(G: nn.Module, guard: Any, x: torch.Tensor, c: torch.Tensor, eps_list: Sequence[float],
         steps: int, step: float, restarts: int, temperatures: Sequence[float], batch: int = 16,
-        seed: int = 0, log: Any = print, roads: Sequence[str] = ("gate", "purifier"),
+        seed: int = 0, log: Any = print, roads: Sequence[str] = ATTACK_ROADS, refresh: int = 10,
         ) -> dict[str, Any]:  # fmt: skip
     """Every ε: the strongest of ``restarts`` × :func:`attacks_of` attacks per face, counted;
     and the clean path (:func:`clean_path`)."""
@@ -262,7 +289,8 @@ def run(G: nn.Module, guard: Any, x: torch.Tensor, c: torch.Tensor, eps_list: Se
         t0 = time.monotonic()
         for setting in settings:
             for k in range(restarts):
-                attack = GuardPGD(G, guard, eps=eps, step=step, steps=steps, **setting)
+                attack = GuardPGD(G, guard, eps=eps, step=step, steps=steps, refresh=refresh,
+                                  **setting)  # fmt: skip
                 g = torch.Generator().manual_seed(seed + 1000 * k)
                 x_adv = torch.cat([attack(x[i : i + batch], c[i : i + batch], generator=g)
                                    for i in range(0, len(x), batch)])  # fmt: skip
@@ -389,8 +417,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--temperatures", default="0.1,1", help="gate temperatures, in units of τ")
     ap.add_argument(
-        "--roads", default="gate,purifier", help="what the attack aims at: the gate, the purifier"
+        "--roads",
+        default=",".join(ATTACK_ROADS),
+        help="what the attack aims at: the gate, the purifier, the replayed guard",
     )
+    ap.add_argument("--refresh", type=int, default=10,
+                    help="replay road: steps between runs of the real guard")  # fmt: skip
     ap.add_argument("--purifier", default="auto", help="the guard's purifier: auto | none | path")
     ap.add_argument("--purify-all", action="store_true", help="the guard purifies every face")
     ap.add_argument("--label", default=None,
@@ -410,8 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from magdr.checkpoints import resolve_device
 
     roads = [r.strip() for r in a.roads.split(",") if r.strip()]
-    if unknown := sorted(set(roads) - {"gate", "purifier"}):
-        ap.error(f"--roads: unknown {', '.join(unknown)}; expected gate, purifier")
+    if unknown := sorted(set(roads) - set(ATTACK_ROADS)):
+        ap.error(f"--roads: unknown {', '.join(unknown)}; expected {', '.join(ATTACK_ROADS)}")
     shipped = a.purifier == "auto" and not a.purify_all
     every = ", every face" if a.purify_all else ""
     label = a.label or (SHIPPED if shipped else f"purifier {a.purifier}{every}")
@@ -423,9 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     attr, value = a.edit.split("=")
     c = magdr.condition(G, {attr: float(value)}, batch=len(x)).to(device)
     res = run(G, guard, x, c, [float(e) for e in a.eps.split(",")], a.steps, a.step, a.restarts,
-              [float(t) for t in a.temperatures.split(",")], a.batch, roads=roads)  # fmt: skip
+              [float(t) for t in a.temperatures.split(",")], a.batch, roads=roads,
+              refresh=a.refresh)  # fmt: skip
     m = machine(device)
-    aims = ", ".join(s["road"] if s["road"] == "purifier" else f"gate T {s['temperature']} τ"
+    aims = ", ".join(f"gate T {s['temperature']} τ" if s["road"] == "gate" else s["road"]
                      for s in res["attacks"])  # fmt: skip
     res |= {
         "command": shlex.join(["python", "-m", "bench.end_to_end", *(argv or sys.argv[1:])]),

@@ -30,6 +30,15 @@ class _FakeGuard(nn.Module):
     def score(self, x, c):
         return x.flatten(1).mean(1)
 
+    def forward(self, x, c):
+        """The real guard's roads: faces whose mean is above the threshold get P (halved)."""
+        self.runs = getattr(self, "runs", 0) + 1
+        return SimpleNamespace(chains=[[{"name": "purifier"}] if s > 0.5 else []
+                                       for s in self.score(x, c)])  # fmt: skip
+
+    def replay(self, x, chains, differentiable=False):
+        return torch.stack([0.5 * xi if ch else xi for xi, ch in zip(x, chains, strict=True)])
+
 
 class _Tint(nn.Module):
     def forward(self, x, c):
@@ -56,12 +65,36 @@ def test_the_purifiers_road_and_purify_all_drop_the_gate():
     assert E.attacks_of(guard, ["gate", "purifier"], [0.1, 1]) == [
         {"road": "purifier", "temperature": 1.0}
     ]
+    assert [a["road"] for a in E.attacks_of(guard, E.ATTACK_ROADS, [0.1, 1])] == [
+        "purifier", "replay"
+    ]  # fmt: skip
     guard.purify_all = False
     assert [a["road"] for a in E.attacks_of(guard, ["gate", "purifier"], [0.1, 1])] == [
         "gate", "gate", "purifier"
     ]  # fmt: skip
+    guard.purifier = None  # G(x̂) or Rec-Net's output: no mix to weigh, no P to aim at
+    assert E.attacks_of(guard, E.ATTACK_ROADS, [0.1, 1]) == [
+        {"road": "gate", "temperature": 1.0}, {"road": "replay", "temperature": 1.0}
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="road"):
         E.GuardPGD(G, guard, road="evade")
+    with pytest.raises(ValueError, match="refresh"):
+        E.GuardPGD(G, guard, road="replay", refresh=0)
+
+
+def test_the_replay_road_runs_the_real_guard_every_refresh_steps():
+    """Faces above the threshold are halved by the guard: the replayed objective is G of that,
+    with the guard's roads re-read at steps 0, 3 and 6 of 7."""
+    G, guard = _Tint(), _FakeGuard()
+    x = torch.stack([torch.full((3, 4, 4), 0.9), torch.full((3, 4, 4), -0.2)])
+    c = torch.zeros(2, 5)
+    attack = E.GuardPGD(G, guard, eps=0.05, step=0.01, steps=7, road="replay", refresh=3)
+    x_adv = attack(x, c, generator=torch.Generator().manual_seed(0))
+    assert guard.runs == 3
+    assert (x_adv - x).abs().max() <= 0.05 + 1e-6
+    want = G(torch.stack([0.5 * x_adv[0], x_adv[1]]), c)
+    objective = attack._objective(c, G(x, c))
+    torch.testing.assert_close(objective(x_adv), E._mse(want, G(x, c)))
 
 
 def test_attack_stays_in_the_ball_and_moves_the_published_output():
