@@ -308,8 +308,14 @@ def _num(v: float, digits: int) -> str:
     return "–" if v != v else f"{v:.{digits}f}"
 
 
+def _shipped_first(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return dict(sorted(results.items(), key=lambda kv: kv[0] != SHIPPED))
+
+
 def section(results: dict[str, dict[str, Any]]) -> str:
-    """The report's "Adaptive attacker" section: a row per defence configuration and ε."""
+    """The report's "Adaptive attacker" section: a row per defence configuration and ε, the
+    shipped guard's first; a configuration's ``note`` follows its command."""
+    results = _shipped_first(results)
     lines = [
         "## Adaptive attacker",
         "",
@@ -321,8 +327,9 @@ def section(results: dict[str, dict[str, Any]]) -> str:
         "",
     ]
     for name, res in results.items():
+        note = f" {res['note']}" if res.get("note") else ""
         lines.append(f"- **{name}**: `{res['command']}` — commit `{res['commit'][:12]}`, "
-                     f"{res['machine']}. {res['attack']}")  # fmt: skip
+                     f"{res['machine']}. {res['attack']}{note}")  # fmt: skip
     lines += [
         "",
         "| defence | ε | faces | published output disrupted (through) | through: passed / "
@@ -376,7 +383,7 @@ def figure(results: dict[str, dict[str, Any]], path: Path) -> None:
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for name, res in results.items():
+    for name, res in _shipped_first(results).items():
         eps = sorted(res["eps"], key=float)
         share = [100 * res["eps"][e]["through"] / res["eps"][e]["faces"] for e in eps]
         ax.plot([float(e) for e in eps], share, "-o", ms=4, label=name)
@@ -435,7 +442,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--json", type=Path, default=None, help="results by defence; this run's added or replaced"
     )
     ap.add_argument("--report", type=Path, default=None, help="write '## Adaptive attacker'")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the report's section and figure from --json")  # fmt: skip
     a = ap.parse_args(argv)
+    if a.render:
+        if not (a.json and a.report):
+            ap.error("--render: needs --json and --report")
+        _write_report(load_results(a.json), a.report)
+        return 0
     import magdr
     from bench.run_info import commit, machine
     from magdr.celeba import CELEBA_VAL, load_celeba, to_tensor
@@ -473,11 +487,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
     if a.report:
-        from bench.report import put_section
-
-        figure(results, a.report.parent / FIGURE)
-        put_section(a.report, "## Adaptive attacker", f"{text}\n![end to end]({FIGURE})\n")
+        _write_report(results, a.report)
     return 0
+
+
+def _write_report(results: dict[str, dict[str, Any]], report: Path) -> None:
+    from bench.report import put_section
+
+    figure(results, report.parent / FIGURE)
+    put_section(report, "## Adaptive attacker", f"{section(results)}\n![end to end]({FIGURE})\n")
 
 
 if __name__ == "__main__":

@@ -133,8 +133,11 @@ def test_summary_counts_and_section_row():
                           "times_plain_g": 2.5, "reconstruction": {"PGD ε 0.05": {
                               "faces": 3, "guard_db": 30.0, "blur_db": 22.5,
                               "still_disrupted": 0}}}}  # fmt: skip
-    text = E.section({"shipped": run, "every face": {**run, "clean_path": None}})
+    text = E.section({"every face": {**run, "clean_path": None, "note": "Relabelled."},
+                      "shipped": run})  # fmt: skip
     assert text.startswith("## Adaptive attacker\n")
+    assert text.index("| shipped | 0.1 |") < text.index("| every face | 0.1 |")  # shipped first
+    assert "GuardPGD. Relabelled.\n" in text and "GuardPGD.\n" in text
     assert "| shipped | 0.1 | 4 | 2/4 (50.0%) | 1 / 1 / 0 | 2/4 | 3/4 | 1 | 0.80 |" in text
     assert (
         "| shipped | 0/4 | 50.0 / 40.0 dB | 20.0 | 2.50 | 3, 30.0 / 22.5 dB (+7.5), 0 | – |" in text
@@ -173,6 +176,24 @@ def test_results_of_one_run_are_the_shipped_guards(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"a": old}))
     assert E.load_results(tmp_path / "r.json") == {"a": old}
     assert E.load_results(tmp_path / "none.json") == {}
+
+
+def test_render_rewrites_the_section_from_the_json_alone(tmp_path):
+    row = {"faces": 4, "through": 1, "through_by_road": {"passed": 0, "purifier": 1, "recnet": 0},
+           "flagged": 4, "disrupting": 0, "disrupting_unflagged": 0, "f1": float("nan"),
+           "auroc": float("nan"), "seconds": 3.0}  # fmt: skip
+    run = {"command": "python -m bench.end_to_end", "commit": "abc", "machine": "2 CPU cores",
+           "attack": "GuardPGD.", "clean_flagged": 0, "clean": 4, "eps": {"0.1": row}}  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps({"shipped": run}))
+    report = tmp_path / "REPORT.md"
+    report.write_text("# Report\n\n## Adaptive attacker\n\nold\n")
+    argv = ["--render", "--json", str(tmp_path / "r.json"), "--report", str(report)]
+    assert E.main(argv) == 0
+    text = report.read_text()
+    assert "old" not in text and "| shipped | 0.1 | 4 | 1/4 (25.0%) | 0 / 1 / 0 |" in text
+    assert (tmp_path / E.FIGURE).is_file()
+    with pytest.raises(SystemExit):
+        E.main(["--render", "--json", str(tmp_path / "r.json")])
 
 
 def test_road_of_a_face():
