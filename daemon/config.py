@@ -442,6 +442,8 @@ def _check(cfg: Config) -> None:
     if g.temporal_k and cfg.engine.backend != "local":
         # tracks hear their faces' verdicts in frame order, in this process
         raise ConfigError("guard.temporal_k: the temporal rule needs [engine] backend = 'local'")
+    if cfg.model.purify == "all" and cfg.model.purifier == "none":
+        raise ConfigError("model.purify: 'all' needs a purifier, got purifier = 'none'")
     folders_in = [i for i, s in enumerate(cfg.sources) if s.kind == "folder"]
     folder_sinks = [i for i, s in enumerate(cfg.sinks) if s.kind == "folder"]
     if len(folder_sinks) > 1:

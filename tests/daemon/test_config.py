@@ -83,6 +83,11 @@ class TestErrors:
         msg = _err({"guard": {"temporal_k": 1, "temporal_n": 2}, "engine": {"backend": "ray"}})
         assert msg == "guard.temporal_k: the temporal rule needs [engine] backend = 'local'"
 
+    def test_purifying_every_face_needs_a_purifier(self):
+        msg = _err({"model": {"purify": "all", "purifier": "none"}})
+        assert msg == "model.purify: 'all' needs a purifier, got purifier = 'none'"
+        assert parse_config({"model": {"purify": "flagged", "purifier": "none"}}).model.purify
+
     def test_align_is_a_boolean(self):
         assert _err({"guard": {"align": "yes"}}) == "guard.align: expected a boolean, got 'yes'"
 
