@@ -81,7 +81,7 @@ VARIANTS: dict[str, tuple[str, bool, Callable[..., Variant]]] = {
         True,
         lambda P, Q, g: _resize_pad(P, g),
     ),  # fmt: skip
-    "mean(P, Q)": (
+    "mean of P and Q": (
         "mean of P's and the second purifier's outputs",
         False,
         lambda P, Q, g: lambda x: 0.5 * (P(x) + Q(x)),
