@@ -18,9 +18,9 @@ The detector's and the purifier's transforms are networks (no BPDA needed). Rec-
 which runs when P leaves a face flagged, has no gradient: the third road (``replay``) runs the
 real guard every few steps and ascends through the chain it chose for each face, held fixed
 between runs, with BPDA through its filters. The count runs the real guard on every attacked
-face. Restarts (``--restarts``, random starts) are
-run for each gate temperature (``--temperatures``, in units of τ) and each face keeps its
-strongest attack: the one whose published output is furthest from G(x, c).
+face. Restarts (``--restarts``, random starts) are run for each road and gate temperature
+(``--temperatures``, in units of τ), and each face keeps its strongest attack: the one whose
+published output is furthest from G(x, c).
 
 Counted per ε on CelebA validation faces (``008001`` on): the share whose published output is
 still more than 0.05 MSE from G(x, c) (*through*), the share the guard flags, the share that

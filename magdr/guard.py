@@ -360,10 +360,9 @@ class Guard(nn.Module):
 
         Every item takes P's output where it lowers S_final (Eq. 9), so Rec-Net's search, when
         still needed, starts from the purified face; the regions of x̂ are kept. The search
-        runs wherever S_final of P's output is still above the threshold: an attacker who
-        beats P leaves a face that the detector still flags (``bench.end_to_end``: 8 of 16
-        faces at ε 0.1 were published as a disrupted G(P(x̂)) while P was trusted wherever it
-        merely lowered S_final).
+        runs wherever S_final of P's output is still above the threshold, also when the
+        detector's own transform is a purifier: trusting P wherever it merely lowered S_final
+        published a disrupted G(P(x̂)) for 8 of 16 faces at ε 0.1 (``bench.end_to_end``).
         """
         k = self._purifier_k
         if k is None:

@@ -15,9 +15,8 @@ so that G's output on the purified face matches G's output on the clean one,
 the last term keeping clean faces as they are, so that a false alarm costs nothing
 (``training.purifier`` trains it). :class:`magdr.Guard` tries P on a flagged face before
 Rec-Net's search and keeps it when S_final of the purified face falls below the threshold
-(the paper's check, Eq. 9); otherwise the search runs from P's output. When P is also the
-detector's consistency transform, P's output is kept wherever it lowers S_final (P cannot
-check itself: see :meth:`magdr.Guard._purify`).
+(the paper's check, Eq. 9); otherwise the search runs from P's output (where it lowered
+S_final) or from the flagged face.
 
 P is a two-level residual U-Net: it predicts a correction that is added to its input, and its
 last convolution starts at zero, so an untrained P is the identity.
