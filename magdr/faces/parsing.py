@@ -54,6 +54,13 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == size:
         return x
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    if shrink and x.dtype not in (torch.float32, torch.float64):
+        # The CPU's antialiased kernel has no bfloat16 (the daemon's parser under autocast on
+        # AVX-512 BF16 machines): resize those probabilities in float32.
+        y = F.interpolate(
+            x.float(), size=size, mode="bilinear", align_corners=False, antialias=True
+        )
+        return y.to(x.dtype)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 

@@ -168,6 +168,17 @@ class TestParseNetParser:
         P.train()
         assert P.__dict__["_folded"] is None  # training changes the weights: fold again later
 
+    def test_bfloat16_autocast_shrinks_the_probabilities_back(self, parsenet_sd):
+        """The daemon runs the parser under bfloat16 autocast where the CPU has it; the
+        antialiased shrink back to a smaller crop then runs in float32 (no bf16 kernel)."""
+        P = ParseNetParser.from_state_dict(parsenet_sd).eval()
+        x = _images(2, 96, 96)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            p = P(x)
+        assert p.shape == (2, 19, 96, 96)
+        with torch.no_grad():
+            torch.testing.assert_close(p.float(), P(x), atol=0.05, rtol=0)
+
     def test_differentiable_wrt_input(self, parsenet_sd):
         P = ParseNetParser.from_state_dict(parsenet_sd).eval()
         x = _images(1, 32, 32).requires_grad_(True)
