@@ -88,8 +88,13 @@ def write_config(
     work: Path | None = None,
     batch_timeout_ms: int = 20,
     max_frame_pixels: int | None = None,
+    precision: str = "float32",
 ) -> Path:
-    """A config file for tests: tiny models, 'frame' faces, small batches, short timers."""
+    """A config file for tests: tiny models, 'frame' faces, small batches, short timers.
+
+    ``precision`` is float32 unless asked: tests compare the daemon's faces with float32 passes
+    of G, and ``"auto"`` would pick bfloat16 on a CPU with AVX-512 BF16.
+    """
     pixels = "" if max_frame_pixels is None else f"max_frame_pixels = {max_frame_pixels}\n"
     text = (
         f"""
@@ -99,6 +104,7 @@ parser = "{models["parser"]}"
 profile = "{models["profile"]}"
 device = "cpu"
 threads = 1
+precision = "{precision}"
 
 [guard]
 {pixels}enabled = {str(guard).lower()}

@@ -250,6 +250,27 @@ def test_what_is_pasted_back(service, guard):
     torch.testing.assert_close(engine.guard_faces(x, c)[0], x)
 
 
+def test_bfloat16_precision_hands_back_float32_faces_close_to_float32s(service):
+    """``[model] precision = "bfloat16"``: G and the parser run under autocast inside the guard
+    (emulated where the CPU has no BF16), hand back float32, and stay near the float32 faces;
+    outside the guard G runs in float32 as before."""
+    import torch
+
+    svc = service(zmq_source(free_port(), socket="pull", bind=True), guard=True,
+                  precision="bfloat16")  # fmt: skip
+    engine = svc.engine
+    engine.cfg.guard.edit_lowpass = 0.0  # G's own pixels
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    c = engine.default_cond.expand(2, -1)
+    with torch.no_grad():
+        y = engine.G(x, c)
+    assert y.dtype == torch.float32
+    out = engine.guard_faces(x, c)[0]
+    assert out.dtype == torch.float32
+    assert not torch.equal(out, y)  # bfloat16 arithmetic ran
+    torch.testing.assert_close(out, y, atol=0.05, rtol=0)
+
+
 def test_reload_applies_the_paste_back_keys_live(service, tmp_path):
     """SIGHUP's reload sets every ``PASTE_KEYS`` entry on the running engine, and names them
     applied (not "needs a restart"); the Ray replicas are sent the same keys per batch."""
