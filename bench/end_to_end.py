@@ -451,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write_report(load_results(a.json), a.report)
         return 0
     import magdr
-    from bench.run_info import commit, machine
+    from bench.run_info import commit, machine_label
     from magdr.celeba import CELEBA_VAL, load_celeba, to_tensor
     from magdr.checkpoints import resolve_device
 
@@ -471,13 +471,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = run(G, guard, x, c, [float(e) for e in a.eps.split(",")], a.steps, a.step, a.restarts,
               [float(t) for t in a.temperatures.split(",")], a.batch, roads=roads,
               refresh=a.refresh)  # fmt: skip
-    m = machine(device)
     aims = ", ".join(f"gate T {s['temperature']} τ" if s["road"] == "gate" else s["road"]
                      for s in res["attacks"])  # fmt: skip
     res |= {
         "command": shlex.join(["python", "-m", "bench.end_to_end", *(argv or sys.argv[1:])]),
         "commit": commit(),
-        "machine": m.get("gpu") or f"{m['cpu_count']} CPU cores",
+        "machine": machine_label(device),
         "attack": f"GuardPGD: {a.steps} steps of {a.step}, {a.restarts} random starts × "
         f"({aims}), the strongest per face; edit {a.edit}; CelebA validation faces from 008001.",
     }  # fmt: skip

@@ -80,12 +80,12 @@ VARIANTS: dict[str, tuple[str, bool, Callable[..., Variant]]] = {
         "random shrink to 80-100 % and pad, P, undo",
         True,
         lambda P, Q, g: _resize_pad(P, g),
-    ),  # fmt: skip
+    ),
     "mean of P and Q": (
         "mean of P's and the second purifier's outputs",
         False,
         lambda P, Q, g: lambda x: 0.5 * (P(x) + Q(x)),
-    ),  # fmt: skip
+    ),
     "P or Q": ("P or the second purifier, at random", True, lambda P, Q, g: _choice(P, Q, g)),
 }
 
@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown := [v for v in names if v not in VARIANTS]:
         ap.error(f"--variants: unknown {', '.join(unknown)}; expected of {', '.join(VARIANTS)}")
     import magdr
-    from bench.run_info import commit, machine
+    from bench.run_info import commit, machine_label
     from magdr.celeba import CELEBA_VAL, load_celeba, to_tensor
     from magdr.purifier import load_purifier
 
@@ -205,11 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         res["variants"][name] = run_variant(G, make(P, Q, g), random, x, c, eps_list, a.steps,
                                             a.step, a.eot, a.draws)  # fmt: skip
         print(name, json.dumps(res["variants"][name]), flush=True)
-    m = machine(torch.device("cpu"))
     res |= {
         "command": shlex.join(["python", "-m", "bench.purifier_variants", *(argv or sys.argv[1:])]),
         "commit": commit(),
-        "machine": m.get("gpu") or f"{m['cpu_count']} CPU cores",
+        "machine": machine_label(torch.device("cpu")),
         "attack": f"PGD through G∘T: {a.steps} steps of {a.step} from one random start, "
         f"EoT over {a.eot} draws per step for a random T, {a.draws} draws counted; second "
         f"purifier Q = {a.second}; edit {a.edit}; {a.n} CelebA validation faces from 008001.",

@@ -38,6 +38,12 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def machine_label(device: torch.device) -> str:
+    """A run's machine in a few words: the GPU's name, else the CPU cores."""
+    m = machine(device)
+    return m.get("gpu") or f"{m['cpu_count']} CPU cores"
+
+
 def commit() -> str:
     """The checkout's commit, ``+dirty`` when tracked code under bench/ or magdr/ differs (not
     bench/results/, which a measurement run before this one may have rewritten)."""

@@ -223,6 +223,11 @@ class Guard(nn.Module):
     def _targets(self, c: torch.Tensor | None, b: int) -> torch.Tensor:
         return self.G.target_regions(c, batch=b).to(self.device)
 
+    @property
+    def _patch_names(self) -> list[str]:
+        """The names chains give Rec-Net's region patches (``"hair"``, ``"eyes+brows"``…)."""
+        return ["+".join(patch) for patch in self.profile.recnet.patches]
+
     def _patches(self, regions: torch.Tensor) -> torch.Tensor:
         idx = [[REGIONS.index(r) for r in patch] for patch in self.profile.recnet.patches]
         return torch.stack([regions[:, i].sum(1) for i in idx], dim=1)
@@ -277,7 +282,7 @@ class Guard(nn.Module):
         x = self._faces(x, detach=not differentiable)
         if len(chains) != x.shape[0]:
             raise ValueError(f"chains: expected {x.shape[0]} entries, got {len(chains)}")
-        names = ["+".join(patch) for patch in self.profile.recnet.patches]
+        names = self._patch_names
         patches = x.new_zeros(x.shape[0], len(names), *x.shape[2:])
         idx = [i for i, ch in enumerate(chains) if any(st["name"] != STEP_NAME for st in ch)]
         if idx:
@@ -468,7 +473,7 @@ class Guard(nn.Module):
         purified, output, score_after = x.clone(), det.output.clone(), det.score.clone()
         chains: list[list[dict[str, Any]]] = [[] for _ in range(b)]
         reused = torch.zeros(b, dtype=torch.bool, device=x.device)
-        names = ["+".join(patch) for patch in p.recnet.patches]
+        names = self._patch_names
         search_transforms = p.consistency[: max(1, p.recnet.score_transforms)]
         if self.purify_all:
             self._purify_passed(x, det, c, purified, output, chains)
